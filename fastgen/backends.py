@@ -1,0 +1,163 @@
+"""Which implementation of an op runs: the backend registry and its selection rules.
+
+Backends a user can name:
+  reference  the eager composition (`<op>_ref`), the spec;
+  composite  an algebraic rewrite in plain aten ops: the XLA/TPU path, and the CPU fast path;
+  cpu        C++ CPU kernels in fastgen._C (ops that have them);
+  cuda       CUDA C++ kernels in fastgen._C;
+  triton     Triton kernels (CPU tensors only under TRITON_INTERPRET=1);
+  auto       the fastest available for the tensor's device (XLA tensors always take composite).
+
+The choice comes from, first to last: the op's `backend=` keyword, the innermost
+`fastgen.use_backend(name)` block, the environment variable FASTGEN_BACKEND (read at import), "auto".
+Asking for a backend that cannot run raises; nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger("fastgen")
+
+NAMES = ("reference", "composite", "cpu", "cuda", "triton")
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _probe_extension() -> tuple[bool, bool, str]:
+    """(extension loaded, built with CUDA, why not)."""
+    try:
+        from fastgen import _C  # noqa: F401  (runs the TORCH_LIBRARY registrations)
+    except ImportError as e:
+        return False, False, f"fastgen._C is not built ({e})"
+    cuda = torch._C._dispatch_has_kernel_for_dispatch_key("fastgen::_upsample_conv2d_fused", "CUDA")
+    return True, cuda, "" if cuda else "fastgen._C was built without CUDA (see README: building)"
+
+
+def _probe_triton() -> str:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"triton is not installed ({e})"
+    return ""
+
+
+_EXT, _EXT_CUDA, _EXT_WHY = _probe_extension()
+_TRITON_WHY = _probe_triton()
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    available: bool
+    reason: str  # why not available, or on which devices it runs
+
+    def __str__(self) -> str:
+        return f"{self.name:10s} {'yes' if self.available else 'no ':4s} {self.reason}"
+
+
+def backends() -> dict[str, Backend]:
+    """Every backend, whether this install can run it, and why (not)."""
+    has_gpu = torch.cuda.is_available()
+    triton_where = "CUDA tensors" if has_gpu else ""
+    if _INTERPRET:
+        triton_where = (triton_where + " and " if triton_where else "") + "CPU tensors (interpreter)"
+    triton_why = _TRITON_WHY or (
+        "" if triton_where else "no CUDA device; set TRITON_INTERPRET=1 to run it on CPU tensors"
+    )
+    table = [
+        Backend("reference", True, "all devices"),
+        Backend("composite", True, "all devices (the XLA path)"),
+        Backend("cpu", _EXT, "CPU tensors" if _EXT else _EXT_WHY),
+        Backend("cuda", _EXT_CUDA, ("CUDA tensors" if has_gpu else "CUDA tensors (no GPU here)") if _EXT_CUDA else _EXT_WHY),
+        Backend("triton", not triton_why, triton_where if not triton_why else triton_why),
+    ]
+    return {b.name: b for b in table}
+
+
+_stack: list[str] = []
+_env_default = os.environ.get("FASTGEN_BACKEND", "auto").strip() or "auto"
+
+
+def _validate_name(name: str, argname: str = "backend") -> str:
+    if not isinstance(name, str) or (name not in NAMES and name != "auto"):
+        raise ValueError(f"{argname} must be one of {('auto',) + NAMES}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the fastgen ops inside this block with backend `name` (an op's own backend= wins)."""
+    _stack.append(_validate_name(name))
+    try:
+        yield
+    finally:
+        _stack.pop()
+
+
+def requested(backend: str | None) -> str:
+    if backend is not None:
+        return _validate_name(backend)
+    if _stack:
+        return _stack[-1]
+    return _validate_name(_env_default, "FASTGEN_BACKEND")
+
+
+def _unavailable(name: str, device: torch.device) -> str:
+    """Why backend `name` cannot run on `device` ('' when it can)."""
+    kind = device.type
+    if name in ("reference", "composite"):
+        return ""
+    if name == "cpu":
+        return _EXT_WHY if not _EXT else ("" if kind == "cpu" else f"it runs on CPU tensors, not {kind}")
+    if name == "cuda":
+        return _EXT_WHY if not _EXT_CUDA else ("" if kind == "cuda" else f"it runs on CUDA tensors, not {kind}")
+    if _TRITON_WHY:
+        return _TRITON_WHY
+    if kind == "cuda" or (kind == "cpu" and _INTERPRET):
+        return ""
+    if kind == "cpu":
+        return "Triton runs on CPU tensors only under TRITON_INTERPRET=1 (set before importing torch)"
+    return f"Triton does not run on {kind} tensors"
+
+
+_warned: set[tuple[str, str, str]] = set()
+
+
+def select(op: str, device: torch.device, backend: str | None, kernels: frozenset[str],
+           auto_order: dict[str, tuple[str, ...]]) -> str:
+    """The backend op `op` runs on a tensor on `device`.
+
+    kernels:    the backends op implements (reference and composite always);
+    auto_order: per device type, the op's backends fastest first, measured (benchmarks/NOTES.md).
+    """
+    name = requested(backend)
+    if name != "auto":
+        if name not in kernels:
+            raise NotImplementedError(f"{op} has no '{name}' backend; it has {sorted(kernels)}")
+        why = _unavailable(name, device)
+        if why:
+            raise RuntimeError(f"{op}: backend '{name}' is not available: {why}")
+        return name
+    kind = device.type
+    if kind == "xla":
+        return "composite"
+    order = auto_order.get(kind, ("composite",))
+    for choice in order:
+        if choice in kernels and not _unavailable(choice, device):
+            if choice != order[0]:
+                key = (op, kind, choice)
+                if key not in _warned:  # an explicit, logged fallback, once per op and device
+                    _warned.add(key)
+                    log.warning("fastgen: %s on %s: '%s' is unavailable (%s); auto uses '%s'",
+                                op, kind, order[0], _unavailable(order[0], device), choice)
+            return choice
+    return "composite"
+
+
+def summary() -> str:
+    return "fastgen backends:\n" + "\n".join(f"  {b}" for b in backends().values())

@@ -1,0 +1,5 @@
+"""Drop-in layers: the constructor arguments and state_dict keys of the torch layers they replace."""
+
+from fastgen.nn.upsample_conv import UpsampleConv2d
+
+__all__ = ["UpsampleConv2d"]

@@ -1,0 +1,22 @@
+"""Small helpers shared by the op files."""
+
+import torch
+
+
+def memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout an op's output keeps: channels_last when the input is (strictly) in it."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def check_tensor(name: str, t, dim: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    if dim is not None and t.dim() != dim:
+        raise RuntimeError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+
+
+def check_floating(name: str, t: torch.Tensor) -> None:
+    if not t.is_floating_point():
+        raise RuntimeError(f"{name} must be a floating-point tensor, got {t.dtype}")

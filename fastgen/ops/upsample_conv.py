@@ -1,0 +1,292 @@
+"""fastgen::upsample_conv2d: nearest or bilinear upsampling followed by a convolution, fused.
+
+Public function, reference (the spec), checks, the composite rewrite, kernel launchers, fake,
+autograd and registration, top to bottom. Kernels: kernels/upsample_conv.py (Triton),
+csrc/upsample_conv.cu (CUDA).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastgen.backends import _INTERPRET, select
+from fastgen.ops._util import check_floating, check_tensor, memory_format
+
+SCALES = {"nearest": (2, 3, 4), "bilinear": (2,)}
+_KERNELS = frozenset({"reference", "composite", "cuda", "triton"})
+# fastest first, per device type (benchmarks/NOTES.md)
+_AUTO = {"cpu": ("composite",), "cuda": ("cuda", "triton", "composite")}
+
+
+def upsample_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, scale_factor=2,
+                    mode: str = "nearest", padding: Optional[int] = None,
+                    backend: Optional[str] = None) -> Tensor:
+    """conv2d(interpolate(x, scale_factor, mode), weight, bias, padding), without ever
+    materializing the upsampled image. See `upsample_conv2d_ref` for the exact semantics;
+    `backend` picks the implementation (fastgen.backends)."""
+    scale, pad = _check_upsample_conv2d(x, weight, bias, scale_factor, mode, padding)
+    name = select("upsample_conv2d", x.device, backend, _KERNELS, _AUTO)
+    if name == "reference":
+        return upsample_conv2d_ref(x, weight, bias, scale_factor=scale, mode=mode, padding=pad)
+    return torch.ops.fastgen.upsample_conv2d(x, weight, bias, scale, mode, pad, name)
+
+
+def upsample_conv2d_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
+                        scale_factor=2, mode: str = "nearest",
+                        padding: Optional[int] = None) -> Tensor:
+    """Upsample then convolve, the way a user writes the unfused layers.
+
+    1. xu = F.interpolate(x, scale_factor=scale_factor, mode=mode)   (bilinear: align_corners=False)
+    2. y  = F.conv2d(xu, weight, bias, padding=padding)               (stride 1, groups 1)
+
+    Args:
+        x:            (N, C, H, W) floating point, NCHW or channels_last.
+        weight:       (CO, C, k, k), k odd; x's dtype and device.
+        bias:         (CO,) or None.
+        scale_factor: integer; nearest: 2, 3 or 4; bilinear: 2.
+        mode:         "nearest" or "bilinear".
+        padding:      zero padding of the upsampled image; None means k // 2 (same size).
+    Returns:
+        (N, CO, s*H + 2*padding - k + 1, s*W + 2*padding - k + 1), in x's memory format.
+    """
+    scale, pad = _check_upsample_conv2d(x, weight, bias, scale_factor, mode, padding)
+    align = False if mode == "bilinear" else None
+    xu = F.interpolate(x, scale_factor=scale, mode=mode, align_corners=align)
+    return F.conv2d(xu, weight, bias, padding=pad)
+
+
+def _check_upsample_conv2d(x, weight, bias, scale_factor, mode, padding) -> tuple[int, int]:
+    """Validate the arguments; returns (integer scale, integer padding)."""
+    check_tensor("x", x, 4)
+    check_tensor("weight", weight, 4)
+    check_floating("x", x)
+    if mode not in SCALES:
+        raise ValueError(f"mode must be one of {tuple(SCALES)}, got {mode!r}")
+    if isinstance(scale_factor, bool) or not isinstance(scale_factor, (int, float)) \
+            or scale_factor != int(scale_factor) or int(scale_factor) not in SCALES[mode]:
+        raise ValueError(f"scale_factor must be one of {SCALES[mode]} for mode={mode!r}, got {scale_factor!r}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise RuntimeError(f"{name} must have x's dtype and device ({x.dtype}, {x.device}), "
+                               f"got {t.dtype}, {t.device}")
+    co, c, kh, kw = weight.shape
+    if c != x.shape[1]:
+        raise RuntimeError(f"weight of shape {tuple(weight.shape)} expects {c} input channels, "
+                           f"but x has {x.shape[1]} (groups=1 only)")
+    if kh != kw or kh % 2 == 0:
+        raise ValueError(f"weight must have an odd square kernel, got {kh}x{kw}")
+    if bias is not None:
+        check_tensor("bias", bias, 1)
+        if bias.shape[0] != co:
+            raise RuntimeError(f"bias must have {co} elements (weight.shape[0]), got {bias.shape[0]}")
+    if padding is None:
+        padding = kh // 2
+    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+        raise ValueError(f"padding must be a non-negative int or None, got {padding!r}")
+    scale = int(scale_factor)
+    if min(x.shape[1:]) < 1 or scale * min(x.shape[2:]) + 2 * padding - kh + 1 < 1:
+        raise RuntimeError(f"x of shape {tuple(x.shape)} is too small (or empty) for a {kh}x{kh} "
+                           f"kernel with padding {padding} after {scale}x upsampling")
+    return scale, padding
+
+
+def _out_size(x: Tensor, k: int, scale: int, padding: int) -> tuple[int, int]:
+    return tuple(scale * n + 2 * padding - k + 1 for n in x.shape[2:])
+
+
+# ---------------------------------------------------------------------------------------------
+# The nearest-mode phase fold (derivation: kernels/upsample_conv.py). Per axis, phase r reads
+# x rows lo(r) .. lo(r) + kf - 1 relative to its output's source row.
+
+def _fold_axis(scale: int, k: int, padding: int) -> tuple[list[int], int, list[list[list[float]]]]:
+    """(lo per phase, folded taps kf, M[r][a][i] = 1 where tap i of phase r lands on folded tap a)."""
+    lo = [(r - padding) // scale for r in range(scale)]
+    kf = max((r + k - 1 - padding) // scale - lo[r] + 1 for r in range(scale))
+    fold = [[[1.0 if (r + i - padding) // scale - lo[r] == a else 0.0 for i in range(k)]
+             for a in range(kf)] for r in range(scale)]
+    return lo, kf, fold
+
+
+def _folded_weight(weight: Tensor, scale: int, padding: int) -> tuple[Tensor, list[int], int]:
+    """Per-phase folded weights (S, S, CO, C, kf, kf), summed in fp32 (fp64 for fp64)."""
+    lo, kf, fold = _fold_axis(scale, weight.shape[-1], padding)
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    m = torch.tensor(fold, dtype=acc, device=weight.device)
+    wf = torch.einsum("rai,sbj,ocij->rsocab", m, m, weight.to(acc))
+    return wf.to(weight.dtype), lo, kf
+
+
+def _packed_weight(weight: Tensor, scale: int, mode: str, padding: int) -> tuple[Tensor, int]:
+    """Weights as the kernels read them: (P, KF, KF, C, CO) contiguous, and KF."""
+    if mode == "bilinear":
+        return weight.permute(2, 3, 1, 0).unsqueeze(0).contiguous(), weight.shape[-1]
+    wf, _, kf = _folded_weight(weight, scale, padding)
+    return wf.permute(0, 1, 4, 5, 3, 2).reshape(scale * scale, kf, kf, *weight.shape[1::-1]).contiguous(), kf
+
+
+# ---------------------------------------------------------------------------------------------
+# composite: aten only, so XLA lowers it and autograd needs no fallback.
+
+def _upsample_conv2d_composite(x, weight, bias, scale, mode, padding):
+    fmt = memory_format(x)
+    if mode == "bilinear":
+        return F.conv2d(_upsample(x, scale, mode).contiguous(memory_format=fmt), weight, bias, padding=padding)
+    n, co, k = x.shape[0], weight.shape[0], weight.shape[-1]
+    hout, wout = _out_size(x, k, scale, padding)
+    hm, wm = -(-hout // scale), -(-wout // scale)
+    wf, lo, kf = _folded_weight(weight, scale, padding)
+    # One convolution computes all phases over x padded to cover rows lo[0] .. hm-1 + lo[-1] + kf-1;
+    # phase r's rows then start at lo[r] - lo[0]. Pads can be negative (a crop).
+    pad_lo = -lo[0]
+    pad_h = hm + lo[-1] + kf - 1 - x.shape[2]
+    pad_w = wm + lo[-1] + kf - 1 - x.shape[3]
+    wf = wf.flatten(0, 2)
+    b = None if bias is None else bias.repeat(scale * scale)
+    if pad_h == pad_w == pad_lo:
+        phases = F.conv2d(x, wf, b, padding=pad_lo)
+    else:
+        phases = F.conv2d(F.pad(x, (pad_lo, pad_w, pad_lo, pad_h)), wf, b)
+    out = torch.empty((n, co, scale * hm, scale * wm), dtype=x.dtype, device=x.device, memory_format=fmt)
+    interleaved = out.view(n, co, hm, scale, wm, scale)
+    for ry in range(scale):
+        for rx in range(scale):
+            p = (ry * scale + rx) * co
+            oy, ox = lo[ry] - lo[0], lo[rx] - lo[0]
+            interleaved[:, :, :, ry, :, rx].copy_(phases[:, p:p + co, oy:oy + hm, ox:ox + wm])
+    if (scale * hm, scale * wm) != (hout, wout):
+        out = out[:, :, :hout, :wout].contiguous(memory_format=fmt)
+    return out
+
+
+def _upsample(x: Tensor, scale: int, mode: str) -> Tensor:
+    """interpolate(x, scale, mode) in aten ops that XLA lowers, forward and backward."""
+    n, c, h, w = x.shape
+    if mode == "nearest":
+        return x[:, :, :, None, :, None].expand(n, c, h, scale, w, scale).reshape(n, c, h * scale, w * scale)
+    opmath = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    t = _lerp2x_last(x.to(opmath))
+    return _lerp2x_last(t.transpose(-1, -2)).transpose(-1, -2).to(x.dtype)
+
+
+def _upsample_adjoint(g: Tensor, scale: int, mode: str) -> Tensor:
+    """The adjoint (vector-Jacobian product) of `_upsample`."""
+    n, c, hs, ws = g.shape
+    if mode == "nearest":
+        return g.reshape(n, c, hs // scale, scale, ws // scale, scale).sum((3, 5))
+    opmath = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else g.dtype
+    t = _lerp2x_last_adjoint(g.to(opmath).transpose(-1, -2)).transpose(-1, -2)
+    return _lerp2x_last_adjoint(t).to(g.dtype)
+
+
+def _lerp2x_last(t: Tensor) -> Tensor:
+    # align_corners=False, scale 2: out[2m] = .75 t[m] + .25 t[m-1], out[2m+1] = .75 t[m] + .25 t[m+1],
+    # neighbours clamped (the replicated edge).
+    tp = torch.cat([t[..., :1], t, t[..., -1:]], -1)
+    even = 0.75 * t + 0.25 * tp[..., :-2]
+    odd = 0.75 * t + 0.25 * tp[..., 2:]
+    return torch.stack([even, odd], -1).flatten(-2)
+
+
+def _lerp2x_last_adjoint(g: Tensor) -> Tensor:
+    n = g.shape[-1] // 2
+    pairs = g.unflatten(-1, (n, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    # the adjoint onto the edge-padded input (n + 2 entries), then the edges folded back in
+    gp = F.pad(0.25 * even, (0, 2)) + F.pad(0.75 * (even + odd), (1, 1)) + F.pad(0.25 * odd, (2, 0))
+    return gp[..., 1:-1] + F.pad(gp[..., :1], (0, n - 1)) + F.pad(gp[..., -1:], (n - 1, 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# kernel launchers
+
+def _upsample_conv2d_triton(x, weight, bias, scale, mode, padding):
+    import triton
+
+    from fastgen.kernels.upsample_conv import _upsample_conv2d_fwd_kernel
+
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise RuntimeError(f"upsample_conv2d: the triton backend takes float32/16 and bfloat16, got {x.dtype}")
+    packed, kf = _packed_weight(weight, scale, mode, padding)
+    n, c, h, w = x.shape
+    co, k = weight.shape[0], weight.shape[-1]
+    hout, wout = _out_size(x, k, scale, padding)
+    bilinear = mode == "bilinear"
+    phases = 1 if bilinear else scale
+    hm, wm = (hout, wout) if bilinear else (-(-hout // scale), -(-wout // scale))
+    out = torch.empty((n, co, hout, wout), dtype=x.dtype, device=x.device, memory_format=memory_format(x))
+    emulate_bf16 = x.dtype == torch.bfloat16 and _INTERPRET
+    block_m = 64
+    block_n = max(16, min(64, triton.next_power_of_2(co)))
+    block_k = max(16, min(32, triton.next_power_of_2(c)))
+    grid = (triton.cdiv(n * hm * wm, block_m), triton.cdiv(co, block_n), phases * phases)
+    _upsample_conv2d_fwd_kernel[grid](
+        x, packed, bias if bias is not None else packed, out,
+        n, c, h, w, co, hout, wout, hm, wm,
+        *x.stride(), *out.stride(), padding,
+        S=scale, PHASES=phases, KF=kf, BILINEAR=bilinear, HAS_BIAS=bias is not None,
+        # The interpreter gets bf16 wrong (triton #4972; its fp32 -> bf16 cast truncates): there
+        # bf16 tiles go through the dot as fp32, exact since bf16 products fit in fp32, as on
+        # tensor cores, and roundings to bf16 are done by hand.
+        DOT_IN_FP32=x.dtype == torch.float32 or emulate_bf16, EMULATE_BF16=emulate_bf16,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+    )
+    return out
+
+
+def _upsample_conv2d_cuda(x, weight, bias, scale, mode, padding):
+    packed, _ = _packed_weight(weight, scale, mode, padding)
+    return torch.ops.fastgen._upsample_conv2d_fused(x, packed, bias, scale, mode == "bilinear", padding,
+                                                    weight.shape[-1])
+
+
+_IMPLS = {"composite": _upsample_conv2d_composite, "triton": _upsample_conv2d_triton,
+          "cuda": _upsample_conv2d_cuda}
+
+
+# ---------------------------------------------------------------------------------------------
+# registration: one custom op; `backend` is always a concrete name here (resolved above).
+
+@torch.library.custom_op("fastgen::upsample_conv2d", mutates_args=())
+def _upsample_conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale_factor: int,
+                        mode: str, padding: int, backend: str) -> Tensor:
+    return _IMPLS[backend](x, weight, bias, scale_factor, mode, padding)
+
+
+@_upsample_conv2d_op.register_kernel("xla")
+def _upsample_conv2d_xla(x, weight, bias, scale_factor, mode, padding, backend):
+    return _upsample_conv2d_composite(x, weight, bias, scale_factor, mode, padding)
+
+
+@_upsample_conv2d_op.register_fake
+def _fake_upsample_conv2d(x, weight, bias, scale_factor, mode, padding, backend):
+    _check_upsample_conv2d(x, weight, bias, scale_factor, mode, padding)
+    hout, wout = _out_size(x, weight.shape[-1], scale_factor, padding)
+    return torch.empty((x.shape[0], weight.shape[0], hout, wout), dtype=x.dtype, device=x.device,
+                       memory_format=memory_format(x))
+
+
+def _setup_context_upsample_conv2d(ctx, inputs, output):
+    x, weight, bias, scale_factor, mode, padding, _ = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+    ctx.args = (scale_factor, mode, padding)
+
+
+def _backward_upsample_conv2d(ctx, grad: Tensor):
+    x, weight = ctx.saved_tensors
+    scale, mode, padding = ctx.args
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    # Built from aten ops (each differentiable and lowered by XLA), so double backward works.
+    gxu, gw, gb = torch.ops.aten.convolution_backward(
+        grad, _upsample(x, scale, mode), weight, [weight.shape[0]] if ctx.has_bias else None,
+        [1, 1], [padding, padding], [1, 1], False, [0, 0], 1, [need_x, need_w, need_b and ctx.has_bias])
+    gx = _upsample_adjoint(gxu, scale, mode) if need_x else None
+    return gx, gw, gb, None, None, None, None
+
+
+_upsample_conv2d_op.register_autograd(_backward_upsample_conv2d, setup_context=_setup_context_upsample_conv2d)
