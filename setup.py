@@ -37,6 +37,21 @@ def _pip_cuda_includes() -> list[str]:
     return sorted({d for r in roots for d in glob.glob(os.path.join(r, "*", "include"))})
 
 
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's BuildExtension, with object files named after the whole source name: an op's
+    csrc/<op>.cpp and csrc/<op>.cu share a stem, and their objects would collide."""
+
+    def build_extensions(self):
+        name_objects = self.compiler.object_filenames
+
+        def object_filenames(sources, *args, **kwargs):
+            return name_objects([s[: -len(".cu")] + "_cu.cu" if s.endswith(".cu") else s for s in sources],
+                                *args, **kwargs)
+
+        self.compiler.object_filenames = object_filenames
+        super().build_extensions()
+
+
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp"))
     cxx = ["-O3"]  # the C++ standard is torch's choice (C++20 from torch 2.13)
@@ -59,7 +74,7 @@ setup(
     packages=["fastgen", "fastgen.ops", "fastgen.nn", "fastgen.kernels"],
     package_dir={"fastgen.kernels": "kernels"},
     ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.10",
     install_requires=["torch>=2.9"],
 )
