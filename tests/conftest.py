@@ -10,9 +10,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped cleanly without one")
-
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

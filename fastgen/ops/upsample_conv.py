@@ -19,8 +19,10 @@ from fastgen.ops._util import check_floating, check_tensor, memory_format
 
 SCALES = {"nearest": (2, 3, 4), "bilinear": (2,)}
 _KERNELS = frozenset({"reference", "composite", "cuda", "triton"})
-# fastest first, per device type (benchmarks/NOTES.md)
-_AUTO = {"cpu": ("composite",), "cuda": ("cuda", "triton", "composite")}
+# fastest first, per mode and device type (benchmarks/NOTES.md). On the CPU, aten's bilinear
+# upsampling kernel beats the composite's explicit one: auto takes the plain eager layers there.
+_AUTO = {"nearest": {"cpu": ("composite",), "cuda": ("cuda", "triton", "composite")},
+         "bilinear": {"cpu": ("reference",), "cuda": ("cuda", "triton", "composite")}}
 
 
 def upsample_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, scale_factor=2,
@@ -30,7 +32,7 @@ def upsample_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     materializing the upsampled image. See `upsample_conv2d_ref` for the exact semantics;
     `backend` picks the implementation (fastgen.backends)."""
     scale, pad = _check_upsample_conv2d(x, weight, bias, scale_factor, mode, padding)
-    name = select("upsample_conv2d", x.device, backend, _KERNELS, _AUTO)
+    name = select("upsample_conv2d", x.device, backend, _KERNELS, _AUTO[mode])
     if name == "reference":
         return upsample_conv2d_ref(x, weight, bias, scale_factor=scale, mode=mode, padding=pad)
     return torch.ops.fastgen.upsample_conv2d(x, weight, bias, scale, mode, pad, name)

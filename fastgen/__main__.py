@@ -1,0 +1,57 @@
+"""python -m fastgen {bench,info}."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import fastgen
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastgen")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="which backends this install can run")
+    bench = sub.add_parser("bench", help="every provider side by side at generator shapes")
+    bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    bench.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on the CPU")
+    bench.add_argument("--passes", default="fwd,fwd+bwd")
+    bench.add_argument("--out", default=None, help="JSON file for the results (rewritten after each row)")
+    bench.add_argument("--layouts", default="nchw,nhwc")
+    bench.add_argument("--shapes", default=None, help="comma-separated shape names (default: all)")
+    args = parser.parse_args(argv)
+
+    print(fastgen.summary())
+    if args.command == "info":
+        return 0
+    from fastgen import bench as fb
+
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
+    passes = tuple(args.passes.split(","))
+    env = fb.environment()
+    print(f"upsample_conv2d on {env['device']} ({args.device}), torch {env['torch']}, "
+          f"triton {env['triton']}, {dtype}, git {env['git_sha']}")
+    shapes = fb.GPU_SHAPES if args.device == "cuda" else fb.CPU_SHAPES
+    if args.shapes:
+        shapes = [s for s in shapes if s.name in args.shapes.split(",")]
+    rows = []
+
+    def save(row):
+        rows.append(row)
+        if args.out:  # after every row, so a run cut short still leaves its results
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({"environment": env, "op": "upsample_conv2d", "rows": rows},
+                                                 indent=1))
+
+    for layout in args.layouts.split(","):
+        fb.run(args.device, dtype, layout == "nhwc", shapes=shapes, passes=passes, on_row=save)
+    print("\n" + fb.summary_table(rows))
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+# Sourced by tools/test.sh and tools/bench.sh: makes (once) and enters the main environment, then
+# builds fastgen from this checkout into it. Nothing needs to be installed by hand beforehand.
+#   FASTGEN_VENV  where the environment lives (default: ~/.cache/fastgen/venv-<hash of requirements>)
+#   FASTGEN_CUDA  1: compile csrc/*.cu (default wherever nvcc exists; no GPU needed), 0: don't
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+key=$(sha256sum "$root/requirements.txt" | cut -c1-12)
+venv=${FASTGEN_VENV:-$HOME/.cache/fastgen/venv-$key}
+if [ ! -f "$venv/.complete" ]; then
+  echo "== making the environment $venv"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --upgrade pip
+  "$venv/bin/python" -m pip install -q -r "$root/requirements.txt"
+  touch "$venv/.complete"  # a half-made environment is made again next time
+fi
+export PATH="$venv/bin:$PATH"
+
+# The system toolkit's nvcc compiles the CUDA sources; torch alone would guess CUDA_HOME=/usr/local
+# and fail to link (shared/TOOLCHAIN.md).
+if [ -z "${CUDA_HOME:-}" ]; then
+  for d in /usr/local/cuda "$(dirname "$(dirname "$(command -v nvcc 2>/dev/null || echo /none/bin/nvcc)")")"; do
+    if [ -x "$d/bin/nvcc" ]; then export CUDA_HOME=$d; break; fi
+  done
+fi
+if [ -z "${FASTGEN_CUDA:-}" ]; then
+  if [ -n "${CUDA_HOME:-}" ]; then export FASTGEN_CUDA=1; else export FASTGEN_CUDA=0; fi
+fi
+export MAX_JOBS=${MAX_JOBS:-2}
+echo "== building fastgen (FASTGEN_CUDA=$FASTGEN_CUDA)"
+(cd "$root" && python -m pip install -q --no-build-isolation --no-deps -e .)
