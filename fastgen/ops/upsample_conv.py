@@ -114,12 +114,16 @@ def _fold_axis(scale: int, k: int, padding: int) -> tuple[list[int], int, list[l
     return lo, kf, fold
 
 
+def _fold_matrix(fold, weight: Tensor) -> Tensor:
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    return torch.tensor(fold, dtype=acc, device=weight.device)
+
+
 def _folded_weight(weight: Tensor, scale: int, padding: int) -> tuple[Tensor, list[int], int]:
     """Per-phase folded weights (S, S, CO, C, kf, kf), summed in fp32 (fp64 for fp64)."""
     lo, kf, fold = _fold_axis(scale, weight.shape[-1], padding)
-    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    m = torch.tensor(fold, dtype=acc, device=weight.device)
-    wf = torch.einsum("rai,sbj,ocij->rsocab", m, m, weight.to(acc))
+    m = _fold_matrix(fold, weight)
+    wf = torch.einsum("rai,sbj,ocij->rsocab", m, m, weight.to(m.dtype))
     return wf.to(weight.dtype), lo, kf
 
 
@@ -131,6 +135,20 @@ def _packed_weight(weight: Tensor, scale: int, mode: str, padding: int) -> tuple
     return wf.permute(0, 1, 4, 5, 3, 2).reshape(scale * scale, kf, kf, *weight.shape[1::-1]).contiguous(), kf
 
 
+def _phase_grid(x_shape, k: int, scale: int, padding: int, lo: list[int], kf: int):
+    """The one convolution that computes every phase: it runs over x padded by `pads` (F.pad
+    order; negative = crop) to cover rows lo[0] .. hm-1 + lo[-1] + kf-1, and phase r's (hm, wm)
+    outputs start at row and column lo[r] - lo[0] of its result. Returns (hm, wm, pads)."""
+    h, w = x_shape[2:]
+    hm, wm = -(-(scale * h + 2 * padding - k + 1) // scale), -(-(scale * w + 2 * padding - k + 1) // scale)
+    return hm, wm, (-lo[0], wm + lo[-1] + kf - 1 - w, -lo[0], hm + lo[-1] + kf - 1 - h)
+
+
+def _phase_conv_input(x: Tensor, pads) -> tuple[Tensor, int]:
+    """x as the phase convolution reads it, and the convolution's own (symmetric) padding."""
+    return (x, pads[0]) if len(set(pads)) == 1 else (F.pad(x, pads), 0)
+
+
 # ---------------------------------------------------------------------------------------------
 # composite: aten only, so XLA lowers it and autograd needs no fallback.
 
@@ -140,19 +158,11 @@ def _upsample_conv2d_composite(x, weight, bias, scale, mode, padding):
         return F.conv2d(_upsample(x, scale, mode).contiguous(memory_format=fmt), weight, bias, padding=padding)
     n, co, k = x.shape[0], weight.shape[0], weight.shape[-1]
     hout, wout = _out_size(x, k, scale, padding)
-    hm, wm = -(-hout // scale), -(-wout // scale)
     wf, lo, kf = _folded_weight(weight, scale, padding)
-    # One convolution computes all phases over x padded to cover rows lo[0] .. hm-1 + lo[-1] + kf-1;
-    # phase r's rows then start at lo[r] - lo[0]. Pads can be negative (a crop).
-    pad_lo = -lo[0]
-    pad_h = hm + lo[-1] + kf - 1 - x.shape[2]
-    pad_w = wm + lo[-1] + kf - 1 - x.shape[3]
-    wf = wf.flatten(0, 2)
-    b = None if bias is None else bias.repeat(scale * scale)
-    if pad_h == pad_w == pad_lo:
-        phases = F.conv2d(x, wf, b, padding=pad_lo)
-    else:
-        phases = F.conv2d(F.pad(x, (pad_lo, pad_w, pad_lo, pad_h)), wf, b)
+    hm, wm, pads = _phase_grid(x.shape, k, scale, padding, lo, kf)
+    xp, conv_pad = _phase_conv_input(x, pads)
+    phases = F.conv2d(xp, wf.flatten(0, 2), None if bias is None else bias.repeat(scale * scale),
+                      padding=conv_pad)
     out = torch.empty((n, co, scale * hm, scale * wm), dtype=x.dtype, device=x.device, memory_format=fmt)
     interleaved = out.view(n, co, hm, scale, wm, scale)
     for ry in range(scale):
@@ -284,11 +294,42 @@ def _backward_upsample_conv2d(ctx, grad: Tensor):
     scale, mode, padding = ctx.args
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     # Built from aten ops (each differentiable and lowered by XLA), so double backward works.
-    gxu, gw, gb = torch.ops.aten.convolution_backward(
-        grad, _upsample(x, scale, mode), weight, [weight.shape[0]] if ctx.has_bias else None,
-        [1, 1], [padding, padding], [1, 1], False, [0, 0], 1, [need_x, need_w, need_b and ctx.has_bias])
-    gx = _upsample_adjoint(gxu, scale, mode) if need_x else None
+    if mode == "nearest":
+        gx, gw = _backward_nearest(grad, x, weight, scale, padding, need_x, need_w)
+    else:
+        gxu, gw, _ = torch.ops.aten.convolution_backward(
+            grad, _upsample(x, scale, mode), weight, None, [1, 1], [padding, padding], [1, 1], False,
+            [0, 0], 1, [need_x, need_w, False])
+        gx = _upsample_adjoint(gxu, scale, mode) if need_x else None
+    gb = grad.sum((0, 2, 3)) if need_b and ctx.has_bias else None
     return gx, gw, gb, None, None, None, None
+
+
+def _backward_nearest(grad, x, weight, scale, padding, need_x, need_w):
+    """The adjoint of the composite's phase convolution: 16/36 of eager's backward work (k=3)."""
+    n, co, hout, wout = grad.shape
+    wf, lo, kf = _folded_weight(weight, scale, padding)
+    hm, wm, pads = _phase_grid(x.shape, weight.shape[-1], scale, padding, lo, kf)
+    # grad laid out as the phase convolution's output: (N, S*S*CO, hc, wc), zeros where no output
+    g = F.pad(grad, (0, scale * wm - wout, 0, scale * hm - hout))
+    g = g.reshape(n, co, hm, scale, wm, scale)
+    hc, wc = hm + lo[-1] - lo[0], wm + lo[-1] - lo[0]
+    phases = [F.pad(g[:, :, :, ry, :, rx], (lo[rx] - lo[0], wc - wm - lo[rx] + lo[0],
+                                            lo[ry] - lo[0], hc - hm - lo[ry] + lo[0]))
+              for ry in range(scale) for rx in range(scale)]
+    xp, conv_pad = _phase_conv_input(x, pads)
+    gxp, gwf, _ = torch.ops.aten.convolution_backward(
+        torch.cat(phases, 1), xp, wf.flatten(0, 2), None, [1, 1], [conv_pad, conv_pad], [1, 1], False,
+        [0, 0], 1, [need_x, need_w, False])
+    gx = gw = None
+    if need_x:
+        gx = gxp if xp is x else F.pad(gxp, tuple(-p for p in pads))  # the adjoint of the pad
+    if need_w:
+        _, _, fold = _fold_axis(scale, weight.shape[-1], padding)
+        m = _fold_matrix(fold, weight)
+        gw = torch.einsum("rai,sbj,rsocab->ocij", m, m,
+                          gwf.unflatten(0, (scale, scale, co)).to(m.dtype)).to(weight.dtype)
+    return gx, gw
 
 
 _upsample_conv2d_op.register_autograd(_backward_upsample_conv2d, setup_context=_setup_context_upsample_conv2d)
