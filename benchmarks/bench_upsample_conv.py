@@ -39,4 +39,4 @@ def test_upsample_conv2d(benchmark, provider, channels_last, shape, kind):
     step()  # compile / autotune outside the timing
     benchmark.group = f"upsample_conv2d {shape.name} {DTYPE} {'nhwc' if channels_last else 'nchw'} {kind}"
     benchmark.extra_info["gflop"] = shape.flops() * (3 if kind != "fwd" else 1) / 1e9
-    benchmark.pedantic(step, rounds=15 if DEVICE == "cpu" else 50, warmup_rounds=2)
+    benchmark.pedantic(step, rounds=30 if DEVICE == "cpu" else 50, warmup_rounds=3)

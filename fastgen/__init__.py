@@ -4,13 +4,13 @@ Importing fastgen registers every op under torch.ops.fastgen (C++ schemas from f
 ops from fastgen.ops). `fastgen.backends()` says which implementations this install can run.
 """
 
-from fastgen.backends import backends, summary, use_backend
+from fastgen.dispatch import backends, summary, use_backend
 from fastgen import ops, nn  # noqa: E402  (registers the custom ops)
 
 __version__ = "0.1.0"
 __all__ = ["backends", "use_backend", "ops", "nn", "__version__"]
 
 # Said once, at import: which backends this install has.
-from fastgen.backends import log as _log  # noqa: E402
+from fastgen.dispatch import log as _log  # noqa: E402
 
 _log.info(summary())

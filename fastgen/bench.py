@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import fastgen
-from fastgen.backends import backends
+from fastgen.dispatch import backends
 from fastgen.ops.upsample_conv import upsample_conv2d, upsample_conv2d_ref
 
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastgen
-from fastgen.backends import backends
+from fastgen.dispatch import backends
 from fastgen.nn import UpsampleConv2d
 from fastgen.ops import upsample_conv2d, upsample_conv2d_ref
 from tolerances import assert_close, assert_close_grad

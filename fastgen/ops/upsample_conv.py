@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastgen.backends import _INTERPRET, select
+from fastgen.dispatch import _INTERPRET, select
 from fastgen.ops._util import check_floating, check_tensor, memory_format
 
 SCALES = {"nearest": (2, 3, 4), "bilinear": (2,)}
@@ -30,7 +30,7 @@ def upsample_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
                     backend: Optional[str] = None) -> Tensor:
     """conv2d(interpolate(x, scale_factor, mode), weight, bias, padding), without ever
     materializing the upsampled image. See `upsample_conv2d_ref` for the exact semantics;
-    `backend` picks the implementation (fastgen.backends)."""
+    `backend` picks the implementation (fastgen.dispatch)."""
     scale, pad = _check_upsample_conv2d(x, weight, bias, scale_factor, mode, padding)
     name = select("upsample_conv2d", x.device, backend, _KERNELS, _AUTO[mode])
     if name == "reference":
@@ -261,9 +261,10 @@ _IMPLS = {"composite": _upsample_conv2d_composite, "triton": _upsample_conv2d_tr
 
 
 # ---------------------------------------------------------------------------------------------
-# registration: one custom op; `backend` is always a concrete name here (resolved above).
+# registration: one custom op with CPU, CUDA and XLA kernels; `backend` is always a concrete name
+# here (resolved by the public function).
 
-@torch.library.custom_op("fastgen::upsample_conv2d", mutates_args=())
+@torch.library.custom_op("fastgen::upsample_conv2d", mutates_args=(), device_types=("cpu", "cuda"))
 def _upsample_conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale_factor: int,
                         mode: str, padding: int, backend: str) -> Tensor:
     return _IMPLS[backend](x, weight, bias, scale_factor, mode, padding)

@@ -28,14 +28,16 @@ NAMES = ("reference", "composite", "cpu", "cuda", "triton")
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _probe_extension() -> tuple[bool, bool, str]:
-    """(extension loaded, built with CUDA, why not)."""
+def _probe_extension() -> tuple[str, str]:
+    """Why the C++ kernels, and why the CUDA kernels, cannot run ('' when they can)."""
     try:
         from fastgen import _C  # noqa: F401  (runs the TORCH_LIBRARY registrations)
     except ImportError as e:
-        return False, False, f"fastgen._C is not built ({e})"
-    cuda = torch._C._dispatch_has_kernel_for_dispatch_key("fastgen::_upsample_conv2d_fused", "CUDA")
-    return True, cuda, "" if cuda else "fastgen._C was built without CUDA (see README: building)"
+        why = f"fastgen._C is not built ({e})"
+        return why, why
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("fastgen::_upsample_conv2d_fused", "CUDA"):
+        return "", "fastgen._C was built without CUDA (see README: building on a CUDA machine)"
+    return "", ""
 
 
 def _probe_triton() -> str:
@@ -46,7 +48,7 @@ def _probe_triton() -> str:
     return ""
 
 
-_EXT, _EXT_CUDA, _EXT_WHY = _probe_extension()
+_EXT_WHY, _CUDA_WHY = _probe_extension()
 _TRITON_WHY = _probe_triton()
 
 
@@ -72,8 +74,8 @@ def backends() -> dict[str, Backend]:
     table = [
         Backend("reference", True, "all devices"),
         Backend("composite", True, "all devices (the XLA path)"),
-        Backend("cpu", _EXT, "CPU tensors" if _EXT else _EXT_WHY),
-        Backend("cuda", _EXT_CUDA, ("CUDA tensors" if has_gpu else "CUDA tensors (no GPU here)") if _EXT_CUDA else _EXT_WHY),
+        Backend("cpu", not _EXT_WHY, _EXT_WHY or "CPU tensors"),
+        Backend("cuda", not _CUDA_WHY, _CUDA_WHY or ("CUDA tensors" if has_gpu else "CUDA tensors (no GPU here)")),
         Backend("triton", not triton_why, triton_where if not triton_why else triton_why),
     ]
     return {b.name: b for b in table}
@@ -113,9 +115,9 @@ def _unavailable(name: str, device: torch.device) -> str:
     if name in ("reference", "composite"):
         return ""
     if name == "cpu":
-        return _EXT_WHY if not _EXT else ("" if kind == "cpu" else f"it runs on CPU tensors, not {kind}")
+        return _EXT_WHY or ("" if kind == "cpu" else f"it runs on CPU tensors, not {kind}")
     if name == "cuda":
-        return _EXT_WHY if not _EXT_CUDA else ("" if kind == "cuda" else f"it runs on CUDA tensors, not {kind}")
+        return _CUDA_WHY or ("" if kind == "cuda" else f"it runs on CUDA tensors, not {kind}")
     if _TRITON_WHY:
         return _TRITON_WHY
     if kind == "cuda" or (kind == "cpu" and _INTERPRET):

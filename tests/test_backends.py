@@ -1,0 +1,98 @@
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastgen
+from fastgen import dispatch as fb
+
+KERNELS = frozenset({"reference", "composite", "cuda", "triton"})
+AUTO = {"cpu": ("composite",), "cuda": ("cuda", "triton", "composite")}
+CPU = torch.device("cpu")
+
+
+def test_every_backend_is_reported_with_a_reason():
+    table = fastgen.backends()
+    assert tuple(table) == fb.NAMES
+    for b in table.values():
+        assert isinstance(b.available, bool) and b.reason
+    assert table["reference"].available and table["composite"].available
+
+
+def test_keyword_beats_block_beats_environment(monkeypatch):
+    monkeypatch.setattr(fb, "_env_default", "reference")
+    assert fb.select("op", CPU, None, KERNELS, AUTO) == "reference"
+    with fastgen.use_backend("composite"):
+        assert fb.select("op", CPU, None, KERNELS, AUTO) == "composite"
+        with fastgen.use_backend("reference"):
+            assert fb.select("op", CPU, None, KERNELS, AUTO) == "reference"
+        assert fb.select("op", CPU, "reference", KERNELS, AUTO) == "reference"
+        assert fb.select("op", CPU, None, KERNELS, AUTO) == "composite"
+    monkeypatch.setattr(fb, "_env_default", "auto")
+    assert fb.select("op", CPU, None, KERNELS, AUTO) == "composite"
+
+
+def test_use_backend_restores_after_an_error():
+    with pytest.raises(KeyError):
+        with fastgen.use_backend("reference"):
+            raise KeyError
+    assert fb.requested(None) == fb._validate_name(fb._env_default)
+
+
+def test_unknown_and_unavailable_backends_raise():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastgen.use_backend("fastest").__enter__()
+    with pytest.raises(ValueError, match="backend"):
+        fb.select("op", CPU, "gpu", KERNELS, AUTO)
+    with pytest.raises(NotImplementedError, match="has no 'cpu' backend"):
+        fb.select("op", CPU, "cpu", KERNELS, AUTO)
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
+        fb.select("op", CPU, "cuda", KERNELS, AUTO)
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setattr(fb, "_INTERPRET", False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        fb.select("op", CPU, "triton", KERNELS, AUTO)
+    assert not fb.backends()["triton"].available or torch.cuda.is_available()
+
+
+def test_xla_tensors_always_take_the_composite():
+    assert fb.select("op", torch.device("xla"), None, KERNELS, AUTO) == "composite"
+    with fastgen.use_backend("auto"):
+        assert fb.select("op", torch.device("xla"), None, KERNELS, AUTO) == "composite"
+
+
+def test_auto_without_the_cuda_build_logs_its_fallback_once(monkeypatch, caplog):
+    monkeypatch.setattr(fb, "_CUDA_WHY", "fastgen._C was built without CUDA (test)")
+    monkeypatch.setattr(fb, "_TRITON_WHY", "triton is not installed (test)")
+    monkeypatch.setattr(fb, "_warned", set())
+    with caplog.at_level(logging.WARNING, logger="fastgen"):
+        for _ in range(3):
+            assert fb.select("op", torch.device("cuda"), None, KERNELS, AUTO) == "composite"
+    assert len(caplog.records) == 1 and "'cuda' is unavailable" in caplog.records[0].getMessage()
+
+
+def _in_fresh_python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})
+
+
+def test_environment_variable_picks_the_default():
+    done = _in_fresh_python("import fastgen.dispatch as b; print(b.requested(None))", FASTGEN_BACKEND="reference")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "reference"
+    bad = _in_fresh_python("import fastgen.dispatch as b; b.requested(None)", FASTGEN_BACKEND="fastest")
+    assert bad.returncode != 0 and "FASTGEN_BACKEND must be one of" in bad.stderr
+
+
+def test_import_says_once_which_backends_it_has():
+    code = "import logging; logging.basicConfig(level=logging.INFO); import fastgen; import fastgen"
+    done = _in_fresh_python(code)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("fastgen backends:") == 1
+    for name in fb.NAMES:
+        assert name in done.stderr
