@@ -8,7 +8,6 @@ compile, max error against the float64 oracle next to eager's own, and peak memo
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import statistics
@@ -74,17 +73,12 @@ def providers(device: str) -> dict:
     compiled = torch.compile(eager, mode="max-autotune-no-cudagraphs" if device == "cuda" else None,
                              dynamic=False)
     table = {"eager": eager, "compile": compiled}
-    dev = torch.device(device)
-    for name, b in backends().items():
-        if name in ("reference", "cpu") or not b.available:
-            continue
-        if name == "triton" and device != "cuda":
-            continue  # the interpreter is for correctness, not speed
-        if name == "cuda" and device != "cuda":
-            continue
-        table[name] = (lambda be: lambda x, w, bias, s: upsample_conv2d(
-            x, w, bias, scale_factor=s.scale, mode=s.mode, backend=be))(name)
-    del dev
+    # the fastgen backends that run here; on the CPU triton is the interpreter (correctness only)
+    names = ["composite"] + (["cuda", "triton"] if device == "cuda" else [])
+    for name in names:
+        if backends()[name].available:
+            table[name] = (lambda be: lambda x, w, bias, s: upsample_conv2d(
+                x, w, bias, scale_factor=s.scale, mode=s.mode, backend=be))(name)
     return table
 
 
@@ -101,48 +95,53 @@ def _time_ms(fn, device: str, reps: int) -> float:
     return statistics.median(times)
 
 
+def measure(f, inputs, shape, need_grad: bool, oracle, device: str, reps: int) -> dict:
+    """One provider at one shape: median ms, TFLOP/s, max error vs the oracle, peak MiB (CUDA)."""
+    def step():
+        out = f(*inputs, shape)
+        if need_grad:
+            out.backward(torch.ones_like(out))
+        return out
+
+    err = (step().double() - oracle).abs().max().item()
+    peak = None
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    ms = _time_ms(step, device, reps)
+    flops = shape.flops() * (3 if need_grad else 1)
+    return {"ms": ms, "tflops": flops / ms / 1e9, "max_err": err, "peak_mib": peak}
+
+
 def run(device: str = "cpu", dtype=torch.float32, channels_last=False, shapes=None, passes=("fwd",),
         reps: int = 10, log=print, on_row=None) -> list[dict]:
     shapes = shapes or (GPU_SHAPES if device == "cuda" else CPU_SHAPES)
-    table = providers(device)
     rows = []
     for shape in shapes:
         for kind in passes:
+            # a fresh torch.compile per row: one compiled graph per shape, never the recompile
+            # limit's silent fall back to eager
+            torch._dynamo.reset()
+            table = providers(device)
             need_grad = kind != "fwd"
-            x, w, b = make_inputs(shape, dtype, device, channels_last, need_grad)
-            x64, w64, b64 = (t.detach().double() for t in (x, w, b))
+            inputs = make_inputs(shape, dtype, device, channels_last, need_grad)
+            x64, w64, b64 = (t.detach().double() for t in inputs)
             oracle = upsample_conv2d_ref(x64, w64, b64, scale_factor=shape.scale, mode=shape.mode)
             results = {}
             for name, f in table.items():
-                def step(f=f):
-                    out = f(x, w, b, shape)
-                    if need_grad:
-                        out.backward(torch.ones_like(out))
-                    return out
                 try:
-                    out = step()
-                    err = (out.double() - oracle).abs().max().item()
-                    if device == "cuda":
-                        torch.cuda.synchronize()
-                        torch.cuda.reset_peak_memory_stats()
-                        base = torch.cuda.memory_allocated()
-                        step()
-                        torch.cuda.synchronize()
-                        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-                    else:
-                        peak = None
-                    ms = _time_ms(step, device, reps)
+                    results[name] = measure(f, inputs, shape, need_grad, oracle, device, reps)
                 except Exception as e:  # a provider that fails is reported, not hidden
                     results[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
                     log(f"  {shape.name} {kind} {name}: FAILED {results[name]['error']}")
-                    continue
-                flops = shape.flops() * (3 if need_grad else 1)
-                results[name] = {"ms": ms, "tflops": flops / ms / 1e9, "max_err": err, "peak_mib": peak}
-            for name, r in results.items():
-                if "ms" in r:
-                    for base in ("eager", "compile"):
-                        if "ms" in results.get(base, {}):
-                            r[f"speedup_vs_{base}"] = results[base]["ms"] / r["ms"]
+            for r in results.values():
+                for base in ("eager", "compile"):
+                    if "ms" in r and "ms" in results.get(base, {}):
+                        r[f"speedup_vs_{base}"] = results[base]["ms"] / r["ms"]
             rows.append({"shape": asdict(shape), "pass": kind, "dtype": str(dtype).replace("torch.", ""),
                          "channels_last": channels_last, "providers": results})
             log(format_row(rows[-1]))

@@ -198,9 +198,11 @@ def test_bad_tensors():
         upsample_conv2d(torch.randn(1, 3, 0, 4), w, b)
 
 
-def test_batch_zero():
-    x, w, b = make((0, 3, 4, 4), 2, 3, torch.float32)
-    assert upsample_conv2d(x, w, b, backend="composite").shape == (0, 2, 8, 8)
+@pytest.mark.parametrize("backend,device", FAST)
+def test_batch_zero(backend, device):
+    _skip_unavailable(backend, device)
+    x, w, b = make((0, 3, 4, 4), 2, 3, torch.float32, device)
+    assert upsample_conv2d(x, w, b, backend=backend).shape == (0, 2, 8, 8)
 
 
 def test_cuda_kernel_registered_when_built_with_cuda():

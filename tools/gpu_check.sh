@@ -31,5 +31,7 @@ echo "tests done at $((SECONDS - start)) s"
 
 echo "== sweep (bf16, SD-VAE decoder and DCGAN shapes, both layouts)"
 timeout $((470 - (SECONDS - start))) python -m fastgen bench --device cuda --dtype bfloat16 --passes fwd \
-  --out "$OUT/upsample_conv2d-h200.json" 2>&1 | tee "$OUT/bench.log" | tail -16
-echo "all done at $((SECONDS - start)) s"
+  --out "$OUT/upsample_conv2d-h200.json" >"$OUT/bench.log" 2>&1
+echo "all done at $((SECONDS - start)) s; the table (also in $OUT/bench.log):"
+python -c "import json, sys; from fastgen.bench import summary_table
+print(summary_table(json.load(open(sys.argv[1]))['rows']))" "$OUT/upsample_conv2d-h200.json" || tail -20 "$OUT/bench.log"
