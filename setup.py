@@ -30,6 +30,29 @@ def _want_cuda() -> bool:
     return can
 
 
+def _cpu_vector_flags() -> list[str]:
+    # ATen's Vectorized<float> is header code: without these flags it compiles to scalar loops.
+    # fastgen is built from source where it runs, so it uses the widest of AVX512 and AVX2 that
+    # this machine has, as torch's own kernels do. FASTGEN_CPU_VEC=avx2 / avx512 / none overrides
+    # (e.g. none to build for other CPUs).
+    isa = os.environ.get("FASTGEN_CPU_VEC", "").strip().lower()
+    if isa == "":
+        try:
+            with open("/proc/cpuinfo") as f:
+                words = set(f.read().split())
+        except OSError:
+            words = set()
+        avx2 = {"avx2", "fma", "f16c"} <= words
+        isa = "avx512" if avx2 and {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= words else "avx2" if avx2 else "none"
+    avx2_flags = ["-mavx2", "-mfma", "-mf16c"]
+    if isa == "avx512":
+        return avx2_flags + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                             "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]
+    if isa == "avx2":
+        return avx2_flags + ["-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+    return []
+
+
 def _pip_cuda_includes() -> list[str]:
     # The system toolkit may be minimal (no cublas_v2.h, cusparse.h, which ATen's CUDA headers
     # include); torch's own pip packages nvidia/* carry them.
@@ -54,9 +77,12 @@ class BuildExtension(cpp_extension.BuildExtension):
 
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp"))
-    cxx = ["-O3"]  # the C++ standard is torch's choice (C++20 from torch 2.13)
+    # -fopenmp: at::parallel_for is header code over OpenMP, serial without it. The C++ standard
+    # is torch's choice (C++20 from torch 2.13).
+    cxx = ["-O3", "-fopenmp", *_cpu_vector_flags()]
     if not _want_cuda():
-        return cpp_extension.CppExtension("fastgen._C", sources, extra_compile_args={"cxx": cxx})
+        return cpp_extension.CppExtension("fastgen._C", sources, extra_compile_args={"cxx": cxx},
+                                          extra_link_args=["-fopenmp"])
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     return cpp_extension.CUDAExtension(
         "fastgen._C",
@@ -64,6 +90,7 @@ def extension():
         include_dirs=_pip_cuda_includes(),
         define_macros=[("FASTGEN_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+        extra_link_args=["-fopenmp"],
     )
 
 

@@ -18,20 +18,13 @@ Each program computes a BLOCK_M x BLOCK_N tile and writes it straight to its int
 import triton
 import triton.language as tl
 
+from ._common import _round_to_bf16
+
 
 @triton.jit
 def _floordiv(a, b):
     # floor division for possibly negative a and positive b (integer // truncates toward zero)
     return tl.where(a >= 0, a // b, -((-a + b - 1) // b))
-
-
-@triton.jit
-def _round_to_bf16(v):
-    # fp32 -> nearest-even bf16 value, still in fp32. Used under TRITON_INTERPRET, whose
-    # fp32 -> bf16 cast truncates; on a GPU the cast itself rounds.
-    bits = v.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit

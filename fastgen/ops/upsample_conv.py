@@ -145,7 +145,7 @@ def _phase_grid(x_shape, k: int, scale: int, padding: int, lo: list[int], kf: in
 
 def _phase_conv_input(x: Tensor, pads) -> tuple[Tensor, int]:
     """x as the phase convolution reads it, and the convolution's own (symmetric) padding."""
-    return (x, pads[0]) if len(set(pads)) == 1 else (F.pad(x, pads), 0)
+    return (x, pads[0]) if all(p == pads[0] for p in pads) else (F.pad(x, pads), 0)
 
 
 # ---------------------------------------------------------------------------------------------

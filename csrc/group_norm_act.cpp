@@ -1,0 +1,224 @@
+// GroupNorm + activation on the CPU: the "cpu" backend of fastgen::group_norm_act, and the schema
+// of the kernel op that the "cpu" and "cuda" backends call.
+//
+// In PyTorch:
+//   y = act(F.group_norm(x, G, weight, bias, eps))          # weight, bias: (C,) or (N, C)
+// in two passes over x seen as (N, C, L), NCHW (unit stride along L) or channels_last (along C):
+//   1. per channel, shifted sums S1 = sum(x - K), S2 = sum((x - K)^2) with K = the group's first
+//      element (float within a block, double across blocks); per group
+//      mean = K + S1 / n, var = S2 / n - (S1 / n)^2: with K a sample of the group there is no
+//      catastrophic cancellation, unlike E[x^2] - E[x]^2.
+//   2. y = act(x * a_c + b_c), a_c = rstd * weight_c, b_c = bias_c - mean * a_c.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "activation.h"
+
+TORCH_LIBRARY_FRAGMENT(fastgen, m) {
+  m.def(
+      "_group_norm_act_fused(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, "
+      "int activation, float negative_slope) -> Tensor");
+}
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kBlock = 512;  // values summed in float before the double accumulators
+
+template <int ACT>
+inline Vec activate_vec(Vec z, Vec slope) {
+  using namespace fastgen;
+  if constexpr (ACT == kRelu) return at::vec::clamp_min(z, Vec(0.f));
+  if constexpr (ACT == kLeakyRelu) return Vec::blendv(z * slope, z, z > Vec(0.f));
+  if constexpr (ACT == kSilu) return z / (Vec(1.f) + z.neg().exp_u20());  // exp to 2 ulp: fast enough to hide
+  if constexpr (ACT == kGelu) return Vec(0.5f) * z * (Vec(1.f) + (z * Vec(0.70710678118654752440f)).erf());
+  if constexpr (ACT == kGeluTanh) {
+    const Vec u = Vec(0.79788456080286535588f) * (z + Vec(0.044715f) * z * z * z);
+    return Vec(0.5f) * z * (Vec(1.f) + u.tanh());
+  }
+  return z;
+}
+
+inline float horizontal_sum(const Vec& v) {
+  alignas(64) float lanes[Vec::size()];
+  v.store(lanes);
+  float s = 0.f;
+  for (int i = 0; i < Vec::size(); ++i) s += lanes[i];
+  return s;
+}
+
+// s1 += sum(x - k), s2 += sum((x - k)^2) over len contiguous values.
+template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
+void shifted_sums(const scalar_t* x, int64_t len, opmath_t k, double& s1, double& s2) {
+  for (int64_t b0 = 0; b0 < len; b0 += kBlock) {
+    const int64_t b1 = std::min(len, b0 + kBlock);
+    int64_t i = b0;
+    opmath_t a1 = 0, a2 = 0;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      Vec v1(0.f), v2(0.f);
+      for (; i + Vec::size() <= b1; i += Vec::size()) {
+        const Vec d = Vec::loadu(x + i) - Vec(k);
+        v1 += d;
+        v2 += d * d;
+      }
+      a1 = horizontal_sum(v1);
+      a2 = horizontal_sum(v2);
+    }
+    for (; i < b1; ++i) {
+      const opmath_t d = static_cast<opmath_t>(x[i]) - k;
+      a1 += d;
+      a2 += d * d;
+    }
+    s1 += a1;
+    s2 += a2;
+  }
+}
+
+// y = act(x * a + b) over len values; a, b scalars (NCHW rows) or per-value arrays (NHWC rows).
+template <typename scalar_t, int ACT, bool kPerValue, typename opmath_t = at::opmath_type<scalar_t>>
+void apply_span(const scalar_t* x, scalar_t* y, int64_t len, const opmath_t* a, const opmath_t* b, float slope) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    const Vec vs(slope);
+    for (; i + Vec::size() <= len; i += Vec::size()) {
+      const Vec va = kPerValue ? Vec::loadu(a + i) : Vec(*a);
+      const Vec vb = kPerValue ? Vec::loadu(b + i) : Vec(*b);
+      activate_vec<ACT>(Vec::loadu(x + i) * va + vb, vs).store(y + i);
+    }
+  }
+  for (; i < len; ++i) {
+    const opmath_t z = static_cast<opmath_t>(x[i]) * (kPerValue ? a[i] : *a) + (kPerValue ? b[i] : *b);
+    y[i] = static_cast<scalar_t>(fastgen::activate<opmath_t>(z, ACT, static_cast<opmath_t>(slope)));
+  }
+}
+
+template <typename scalar_t, int ACT>
+void group_norm_act_kernel(const at::Tensor& x, at::Tensor& out, int64_t G, const at::Tensor& weight,
+                           const at::Tensor& bias, double eps, float slope, bool channels_last) {
+  const int64_t N = x.size(0), C = x.size(1), L = x.numel() / (N * C), CG = C / G;
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  scalar_t* yp = out.mutable_data_ptr<scalar_t>();
+  using opmath_t = at::opmath_type<scalar_t>;
+  // element (n, c, l): NCHW n*C*L + c*L + l; channels_last n*L*C + l*C + c
+  const int64_t sc = channels_last ? 1 : L;
+  auto shift = [&](int64_t n, int64_t g) { return static_cast<opmath_t>(xp[n * C * L + g * CG * sc]); };
+
+  const int64_t swn = weight.defined() && weight.dim() == 2 ? C : 0;
+  const int64_t sbn = bias.defined() && bias.dim() == 2 ? C : 0;
+  const scalar_t* wp = weight.defined() ? weight.const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* bp = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+  // from a group's shifted sums to its channels' a = rstd * w and b = bias - mean * a
+  auto coefficients = [&](int64_t n, int64_t g, double t1, double t2, opmath_t* a, opmath_t* b) {
+    const double count = static_cast<double>(CG * L), m1 = t1 / count;
+    const double mean = static_cast<double>(shift(n, g)) + m1;
+    const double rstd = 1.0 / std::sqrt(std::max(t2 / count - m1 * m1, 0.0) + eps);
+    for (int64_t c = g * CG; c < (g + 1) * CG; ++c) {
+      const double ac = rstd * (wp ? static_cast<double>(wp[n * swn + c]) : 1.0);
+      a[c - g * CG] = static_cast<opmath_t>(ac);
+      b[c - g * CG] = static_cast<opmath_t>((bp ? static_cast<double>(bp[n * sbn + c]) : 0.0) - mean * ac);
+    }
+  };
+
+  if (!channels_last) {
+    // A group is CG contiguous rows of L: statistics then output while it is still in cache.
+    at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
+      std::vector<opmath_t> a(CG), b(CG);
+      for (int64_t ng = begin; ng < end; ++ng) {
+        const int64_t n = ng / G, g = ng % G;
+        const scalar_t* rows = xp + ng * CG * L;
+        double t1 = 0, t2 = 0;
+        for (int64_t c = 0; c < CG; ++c) shifted_sums(rows + c * L, L, shift(n, g), t1, t2);
+        coefficients(n, g, t1, t2, a.data(), b.data());
+        for (int64_t c = 0; c < CG; ++c)
+          apply_span<scalar_t, ACT, false>(rows + c * L, yp + ng * CG * L + c * L, L, &a[c], &b[c], slope);
+      }
+    });
+    return;
+  }
+
+  // channels_last: rows of C channels. 1. each task sums a run of rows of one sample into its
+  // own per-channel accumulators; 2. per group coefficients; 3. y = act(x * a + b) row by row.
+  const int64_t rows_per_task = std::clamp<int64_t>(32768 / C, 1, kBlock);
+  const int64_t tasks_per_n = (L + rows_per_task - 1) / rows_per_task;
+  std::vector<opmath_t> p1(N * tasks_per_n * C), p2(N * tasks_per_n * C);
+  at::parallel_for(0, N * tasks_per_n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<opmath_t> k(C);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / tasks_per_n, l0 = (t % tasks_per_n) * rows_per_task;
+      const int64_t l1 = std::min(L, l0 + rows_per_task);
+      for (int64_t c = 0; c < C; ++c) k[c] = shift(n, c / CG);
+      opmath_t* a1 = p1.data() + t * C;
+      opmath_t* a2 = p2.data() + t * C;
+      for (int64_t l = l0; l < l1; ++l) {
+        const scalar_t* row = xp + (n * L + l) * C;
+        int64_t c = 0;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          for (; c + Vec::size() <= C; c += Vec::size()) {
+            const Vec d = Vec::loadu(row + c) - Vec::loadu(k.data() + c);
+            (Vec::loadu(a1 + c) + d).store(a1 + c);
+            (Vec::loadu(a2 + c) + d * d).store(a2 + c);
+          }
+        }
+        for (; c < C; ++c) {
+          const opmath_t d = static_cast<opmath_t>(row[c]) - k[c];
+          a1[c] += d;
+          a2[c] += d * d;
+        }
+      }
+    }
+  });
+  std::vector<opmath_t> a(N * C), b(N * C);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t g = 0; g < G; ++g) {
+      double t1 = 0, t2 = 0;
+      for (int64_t t = n * tasks_per_n; t < (n + 1) * tasks_per_n; ++t)
+        for (int64_t c = g * CG; c < (g + 1) * CG; ++c) {
+          t1 += p1[t * C + c];
+          t2 += p2[t * C + c];
+        }
+      coefficients(n, g, t1, t2, &a[n * C + g * CG], &b[n * C + g * CG]);
+    }
+  at::parallel_for(0, N * L, std::max<int64_t>(1, 4096 / C), [&](int64_t begin, int64_t end) {
+    for (int64_t nl = begin; nl < end; ++nl) {
+      const int64_t n = nl / L;
+      apply_span<scalar_t, ACT, true>(xp + nl * C, yp + nl * C, C, &a[n * C], &b[n * C], slope);
+    }
+  });
+}
+
+at::Tensor group_norm_act_cpu(const at::Tensor& x_in, int64_t num_groups, const std::optional<at::Tensor>& weight,
+                              const std::optional<at::Tensor>& bias, double eps, int64_t activation,
+                              double negative_slope) {
+  TORCH_CHECK(x_in.dim() >= 2 && x_in.size(1) % num_groups == 0, "x must be (N, C, *) with C divisible by num_groups");
+  TORCH_CHECK(activation >= 0 && activation <= 5, "unknown activation code ", activation);
+  const bool channels_last = x_in.dim() == 4 && !x_in.is_contiguous() && x_in.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor x = channels_last ? x_in : x_in.contiguous();
+  at::Tensor out = at::empty_like(x, channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  if (x.numel() == 0) return out;
+  const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_act_cpu", [&] {
+    const float slope = static_cast<float>(negative_slope);
+    switch (activation) {
+      case fastgen::kRelu: group_norm_act_kernel<scalar_t, fastgen::kRelu>(x, out, num_groups, w, b, eps, slope, channels_last); break;
+      case fastgen::kLeakyRelu: group_norm_act_kernel<scalar_t, fastgen::kLeakyRelu>(x, out, num_groups, w, b, eps, slope, channels_last); break;
+      case fastgen::kSilu: group_norm_act_kernel<scalar_t, fastgen::kSilu>(x, out, num_groups, w, b, eps, slope, channels_last); break;
+      case fastgen::kGelu: group_norm_act_kernel<scalar_t, fastgen::kGelu>(x, out, num_groups, w, b, eps, slope, channels_last); break;
+      case fastgen::kGeluTanh: group_norm_act_kernel<scalar_t, fastgen::kGeluTanh>(x, out, num_groups, w, b, eps, slope, channels_last); break;
+      default: group_norm_act_kernel<scalar_t, fastgen::kIdentity>(x, out, num_groups, w, b, eps, slope, channels_last);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastgen, CPU, m) {
+  m.impl("_group_norm_act_fused", &group_norm_act_cpu);
+}

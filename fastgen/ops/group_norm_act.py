@@ -1,0 +1,241 @@
+"""fastgen::group_norm_act: GroupNorm followed by an activation, fused.
+
+Eager reads the activation map three times and writes it twice (statistics, normalize, activate);
+the fused kernels read it twice and write it once. The same op serves instance norm (one channel
+per group) and AdaIN (per-sample affine): see fastgen/ops/instance_norm.py. Kernels:
+kernels/group_norm_act.py (Triton), csrc/group_norm_act.{cpp,cu} (C++ CPU and CUDA).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastgen.dispatch import _INTERPRET, select
+from fastgen.ops._activation import CODES, activation_grad, apply_activation, check_activation
+from fastgen.ops._util import check_floating, check_tensor, memory_format
+
+_KERNELS = frozenset({"reference", "composite", "cpu", "cuda", "triton"})
+_AUTO = {"cpu": ("cpu", "composite"), "cuda": ("cuda", "triton", "composite")}  # benchmarks/NOTES.md
+
+
+def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor] = None,
+                   bias: Optional[Tensor] = None, eps: float = 1e-5, activation: str = "silu",
+                   negative_slope: float = 0.01, *, backend: Optional[str] = None) -> Tensor:
+    """activation(group_norm(x, num_groups, weight, bias, eps)) in two reads and one write of x.
+    weight and bias are (C,), or (N, C) for a per-sample affine (AdaIN). See group_norm_act_ref."""
+    _check_group_norm_act(x, num_groups, weight, bias, eps, activation, negative_slope)
+    name = select("group_norm_act", x.device, backend, _KERNELS, _AUTO)
+    if name == "reference":
+        return group_norm_act_ref(x, num_groups, weight, bias, eps, activation, negative_slope)
+    return torch.ops.fastgen.group_norm_act(x, num_groups, weight, bias, float(eps), activation,
+                                            float(negative_slope), name)
+
+
+def group_norm_act_ref(x: Tensor, num_groups: int, weight: Optional[Tensor] = None,
+                       bias: Optional[Tensor] = None, eps: float = 1e-5, activation: str = "silu",
+                       negative_slope: float = 0.01) -> Tensor:
+    """GroupNorm then an activation, the way a user writes the unfused layers.
+
+    1. y = F.group_norm(x, num_groups, weight, bias, eps)      (nn.GroupNorm)
+       per-sample affine: y = F.group_norm(x, num_groups, eps=eps) * weight[n, c] + bias[n, c]
+    2. return act(y)                                           (nn.SiLU, nn.ReLU, nn.GELU, ...)
+
+    Args:
+        x:              (N, C, *) floating point, NCHW or channels_last.
+        num_groups:     G, dividing C; statistics over each sample's C/G channels and all positions.
+        weight, bias:   (C,) or (N, C) or None; x's dtype and device.
+        eps:            added to the (biased) variance.
+        activation:     identity, relu, leaky_relu, silu, gelu (exact) or gelu_tanh.
+        negative_slope: for leaky_relu.
+    Returns:
+        x's shape, dtype and memory format.
+    """
+    _check_group_norm_act(x, num_groups, weight, bias, eps, activation, negative_slope)
+    if (weight is None or weight.dim() == 1) and (bias is None or bias.dim() == 1):
+        y = F.group_norm(x, num_groups, weight, bias, eps)
+    else:  # per-sample affine
+        y = F.group_norm(x, num_groups, eps=eps)
+        if weight is not None:
+            y = y * _affine_view(weight, x)
+        if bias is not None:
+            y = y + _affine_view(bias, x)
+    return apply_activation(y, activation, negative_slope)
+
+
+def _check_group_norm_act(x, num_groups, weight, bias, eps, act, negative_slope) -> None:
+    check_tensor("x", x)
+    check_floating("x", x)
+    if x.dim() < 2:
+        raise RuntimeError(f"x must be (N, C, *), got shape {tuple(x.shape)}")
+    n, c = x.shape[:2]
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or c % num_groups:
+        raise ValueError(f"num_groups must be a positive int dividing the {c} channels, got {num_groups!r}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        check_tensor(name, t)
+        if t.dtype != x.dtype or t.device != x.device:
+            raise RuntimeError(f"{name} must have x's dtype and device ({x.dtype}, {x.device}), got {t.dtype}, {t.device}")
+        if tuple(t.shape) not in ((c,), (n, c)):
+            raise RuntimeError(f"{name} must be ({c},) or ({n}, {c}), got {tuple(t.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    check_activation(act, negative_slope)
+    if x.numel() and x[0, 0].numel() == 0:
+        raise RuntimeError(f"x of shape {tuple(x.shape)} has no positions to normalize over")
+
+
+# ---------------------------------------------------------------------------------------------
+# composite: statistics in fp32, then one fused multiply-add per element (XLA fuses it with the
+# activation into one loop).
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _affine_view(t: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
+    """weight or bias, (C,) or (N, C), broadcastable against x."""
+    if t is None:
+        return None
+    spatial = (1,) * (x.dim() - 2)
+    return t.view(-1, *spatial) if t.dim() == 1 else t.view(*t.shape, *spatial)
+
+
+def _normalized(x: Tensor, num_groups: int, eps: float) -> tuple[Tensor, Tensor]:
+    """(x - mean) * rstd per (sample, group) as (N, G, C/G, *), and rstd; in opmath and
+    differentiable in x."""
+    xs = x.to(_opmath(x.dtype)).unflatten(1, (num_groups, -1))
+    var, mean = torch.var_mean(xs, dim=tuple(range(2, xs.dim())), correction=0, keepdim=True)
+    rstd = torch.rsqrt(var + eps)
+    return (xs - mean) * rstd, rstd
+
+
+def _pre_activation(xhat: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    z = xhat.flatten(1, 2)
+    if weight is not None:
+        z = z * _affine_view(weight, x).to(z.dtype)
+    if bias is not None:
+        z = z + _affine_view(bias, x).to(z.dtype)
+    return z
+
+
+def _group_norm_act_composite(x, num_groups, weight, bias, eps, act, slope):
+    z = _pre_activation(_normalized(x, num_groups, eps)[0], x, weight, bias)
+    return apply_activation(z, act, slope).to(x.dtype).contiguous(memory_format=memory_format(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# kernel launchers
+
+def _as_ncl(x: Tensor) -> Tensor:
+    """x as (N, C, L) with unit stride along C or L (a copy only for other layouts)."""
+    n, c = x.shape[:2]
+    if memory_format(x) == torch.channels_last:
+        return x.permute(0, 2, 3, 1).reshape(n, -1, c).transpose(1, 2)  # a view
+    return x.contiguous().view(n, c, -1)
+
+
+def _group_norm_act_triton(x, num_groups, weight, bias, eps, act, slope):
+    import triton
+
+    from fastgen.kernels.group_norm_act import _group_norm_act_fwd_kernel, _group_norm_stats_kernel
+
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise RuntimeError(f"group_norm_act: the triton backend takes float32/16 and bfloat16, got {x.dtype}")
+    out = torch.empty_like(x, memory_format=memory_format(x))
+    xv, ov = _as_ncl(x), _as_ncl(out)
+    weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
+    n, c, length = xv.shape
+    cg = c // num_groups
+    block_c = triton.next_power_of_2(cg)
+    block_l = max(16, min(1024, 4096 // block_c))
+    # split each group's positions into chunks so that there are enough programs for a GPU
+    blocks = triton.cdiv(length, block_l)
+    per_chunk = max(1, triton.cdiv(blocks, max(1, triton.cdiv(1024, n * num_groups))))
+    chunk = per_chunk * block_l
+    split = triton.cdiv(length, chunk)
+    means = torch.empty((n * num_groups, split), device=x.device, dtype=torch.float32)
+    m2s = torch.empty_like(means)
+    common = dict(BLOCK_C=block_c, BLOCK_L=block_l)
+    _group_norm_stats_kernel[(n * num_groups, split)](
+        xv, means, m2s, c, length, cg, chunk, *xv.stride(), **common)
+    _group_norm_act_fwd_kernel[(n * num_groups, split)](
+        xv, ov, weight if weight is not None else xv, bias if bias is not None else xv, means, m2s,
+        c, length, cg, chunk, split, *xv.stride(), *ov.stride(),
+        _sample_stride(weight), _sample_stride(bias), eps, slope,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT=CODES[act], EMULATE_BF16=x.dtype == torch.bfloat16 and _INTERPRET,
+        SPLIT_P2=triton.next_power_of_2(split), **common)
+    return out
+
+
+def _sample_stride(t: Optional[Tensor]) -> int:
+    """Stride of a weight or bias along the batch: 0 for (C,), C for (N, C)."""
+    return 0 if t is None or t.dim() == 1 else t.stride(0)
+
+
+def _group_norm_act_fused(x, num_groups, weight, bias, eps, act, slope):
+    """The C++ kernels: CPU ("cpu" backend) or CUDA ("cuda" backend), by x's device."""
+    return torch.ops.fastgen._group_norm_act_fused(x, num_groups, weight, bias, eps, CODES[act], slope)
+
+
+_IMPLS = {"composite": _group_norm_act_composite, "triton": _group_norm_act_triton,
+          "cpu": _group_norm_act_fused, "cuda": _group_norm_act_fused}
+
+
+# ---------------------------------------------------------------------------------------------
+# registration
+
+@torch.library.custom_op("fastgen::group_norm_act", mutates_args=(), device_types=("cpu", "cuda"))
+def _group_norm_act_op(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+                       eps: float, activation: str, negative_slope: float, backend: str) -> Tensor:
+    if x.numel() == 0:
+        return torch.empty_like(x, memory_format=memory_format(x))
+    return _IMPLS[backend](x, num_groups, weight, bias, eps, activation, negative_slope)
+
+
+@_group_norm_act_op.register_kernel("xla")
+def _group_norm_act_xla(x, num_groups, weight, bias, eps, activation, negative_slope, backend):
+    return _group_norm_act_composite(x, num_groups, weight, bias, eps, activation, negative_slope)
+
+
+@_group_norm_act_op.register_fake
+def _fake_group_norm_act(x, num_groups, weight, bias, eps, activation, negative_slope, backend):
+    _check_group_norm_act(x, num_groups, weight, bias, eps, activation, negative_slope)
+    return torch.empty_like(x, memory_format=memory_format(x))
+
+
+def _setup_context_group_norm_act(ctx, inputs, output):
+    x, num_groups, weight, bias, eps, act, slope, _ = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.args = (num_groups, eps, act, slope)
+
+
+def _backward_group_norm_act(ctx, grad: Tensor):
+    """Statistics are recomputed from x in aten ops, so the backward is differentiable in x
+    (double backward) and lowers on XLA."""
+    x, weight, bias = ctx.saved_tensors
+    num_groups, eps, act, slope = ctx.args
+    need_x, _, need_w, need_b = ctx.needs_input_grad[:4]
+    xhat, rstd = _normalized(x, num_groups, eps)
+    gz = grad.to(xhat.dtype) * activation_grad(_pre_activation(xhat, x, weight, bias), act, slope)
+    spatial = tuple(range(2, x.dim()))
+
+    def sum_to(t: Tensor, like: Tensor) -> Tensor:  # over what `like` ((C,) or (N, C)) broadcasts
+        return t.sum((0, *spatial) if like.dim() == 1 else spatial).to(like.dtype)
+
+    gw = sum_to(gz * xhat.flatten(1, 2), weight) if need_w and weight is not None else None
+    gb = sum_to(gz, bias) if need_b and bias is not None else None
+    gx = None
+    if need_x:
+        gxhat = (gz if weight is None else gz * _affine_view(weight, x).to(gz.dtype)).unflatten(1, (num_groups, -1))
+        dims = tuple(range(2, xhat.dim()))
+        gx = rstd * (gxhat - gxhat.mean(dims, keepdim=True) - xhat * (gxhat * xhat).mean(dims, keepdim=True))
+        gx = gx.flatten(1, 2).to(x.dtype)
+    return gx, None, gw, gb, None, None, None, None
+
+
+_group_norm_act_op.register_autograd(_backward_group_norm_act, setup_context=_setup_context_group_norm_act)

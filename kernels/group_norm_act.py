@@ -1,0 +1,129 @@
+"""GroupNorm + activation: two passes over x, one write.
+
+Each (sample, group) owns C/G channels x L positions; its positions are cut into `split` chunks so
+that a GPU has enough programs. Pass 1 (_group_norm_stats_kernel): each program folds its chunk
+into (mean, M2) tile by tile with Chan's parallel formula,
+    n = n_a + n_b,  d = mean_b - mean_a,  mean = mean_a + d * n_b / n,  M2 = M2_a + M2_b + d^2 n_a n_b / n,
+which never forms E[x^2] - E[x]^2. Pass 2 (_group_norm_act_fwd_kernel): each program merges its
+group's partials the same way, var = M2 / n, and writes y = act(x * a_c + b_c) over its chunk with
+a_c = rstd * weight_c and b_c = bias_c - mean * a_c.
+x is read through strides as (N, C, L): unit stride along L (NCHW) or along C (channels_last).
+"""
+
+import triton
+import triton.language as tl
+
+from ._common import _round_to_bf16
+
+
+@triton.jit
+def _group_norm_stats_kernel(
+    x_ptr,  # (N, C, L), strides stride_xn, stride_xc, stride_xl
+    mean_ptr, m2_ptr,  # (N * G, SPLIT) fp32 partial statistics
+    C, L, CG,  # channels, positions, channels per group
+    CHUNK,  # positions per program
+    stride_xn, stride_xc, stride_xl,
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # n * G + g
+    part = tl.program_id(1)
+    split = tl.num_programs(1)
+    groups = C // CG
+    n = row // groups
+    g = row % groups
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < CG
+    base = x_ptr + n * stride_xn + (g * CG + offs_c).to(tl.int64)[:, None] * stride_xc
+    start = part.to(tl.int64) * CHUNK
+    count = tl.zeros((), dtype=tl.float32)
+    mean = tl.zeros((), dtype=tl.float32)
+    m2 = tl.zeros((), dtype=tl.float32)
+    for l0 in range(0, CHUNK, BLOCK_L):
+        offs_l = start + l0 + tl.arange(0, BLOCK_L)
+        mask = mask_c[:, None] & (offs_l < L)[None, :] & (offs_l < start + CHUNK)[None, :]
+        v = tl.load(base + offs_l[None, :] * stride_xl, mask=mask, other=0.0).to(tl.float32)
+        n_b = tl.sum(mask.to(tl.float32), axis=None)
+        if n_b > 0:
+            mean_b = tl.sum(v, axis=None) / n_b
+            d_b = tl.where(mask, v - mean_b, 0.0)
+            m2_b = tl.sum(d_b * d_b, axis=None)
+            total = count + n_b
+            d = mean_b - mean
+            mean += d * n_b / total
+            m2 += m2_b + d * d * count * n_b / total
+            count = total
+    tl.store(mean_ptr + row * split + part, mean)
+    tl.store(m2_ptr + row * split + part, m2)
+
+
+@triton.jit
+def _act(z, ACT: tl.constexpr, SLOPE):
+    # codes: fastgen/ops/_activation.py ACTIVATIONS
+    if ACT == 1:
+        z = tl.maximum(z, 0.0)
+    elif ACT == 2:
+        z = tl.where(z > 0, z, z * SLOPE)
+    elif ACT == 3:
+        z = z * tl.sigmoid(z)
+    elif ACT == 4:
+        z = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    elif ACT == 5:
+        u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+        z = z * tl.sigmoid(2.0 * u)  # 0.5 z (1 + tanh u)
+    return z
+
+
+@triton.jit
+def _group_norm_act_fwd_kernel(
+    x_ptr, out_ptr,  # (N, C, L) through strides
+    w_ptr, b_ptr,  # (C,) or (N, C) contiguous; dummies when absent
+    mean_ptr, m2_ptr,  # (N * G, SPLIT) from _group_norm_stats_kernel
+    C, L, CG, CHUNK, SPLIT,
+    stride_xn, stride_xc, stride_xl,
+    stride_on, stride_oc, stride_ol,
+    stride_wn, stride_bn,  # 0 for a (C,) affine, C for a per-sample (N, C) one
+    EPS, SLOPE,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    EMULATE_BF16: tl.constexpr,  # bf16 under the interpreter, whose fp32 -> bf16 cast truncates
+    SPLIT_P2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    groups = C // CG
+    n = row // groups
+    g = row % groups
+
+    # merge the group's partial statistics (Chan)
+    parts = tl.arange(0, SPLIT_P2)
+    mask_p = parts < SPLIT
+    counts = tl.minimum(tl.maximum(L - parts.to(tl.int64) * CHUNK, 0), CHUNK).to(tl.float32) * CG
+    counts = tl.where(mask_p, counts, 0.0)
+    means = tl.load(mean_ptr + row * SPLIT + parts, mask=mask_p, other=0.0)
+    m2s = tl.load(m2_ptr + row * SPLIT + parts, mask=mask_p, other=0.0)
+    total = tl.sum(counts, axis=0)
+    mean = tl.sum(counts * means, axis=0) / total
+    d = tl.where(mask_p, means - mean, 0.0)
+    var = (tl.sum(m2s, axis=0) + tl.sum(counts * d * d, axis=0)) / total
+    rstd = 1.0 / tl.sqrt(var + EPS)
+
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < CG
+    ch = (g * CG + offs_c).to(tl.int64)
+    a = tl.zeros((BLOCK_C,), dtype=tl.float32) + rstd
+    if HAS_WEIGHT:
+        a = a * tl.load(w_ptr + n * stride_wn + ch, mask=mask_c, other=0.0).to(tl.float32)
+    b = -mean * a
+    if HAS_BIAS:
+        b += tl.load(b_ptr + n * stride_bn + ch, mask=mask_c, other=0.0).to(tl.float32)
+
+    x_base = x_ptr + n * stride_xn + ch[:, None] * stride_xc
+    o_base = out_ptr + n * stride_on + ch[:, None] * stride_oc
+    start = part.to(tl.int64) * CHUNK
+    for l0 in range(0, CHUNK, BLOCK_L):
+        offs_l = start + l0 + tl.arange(0, BLOCK_L)
+        mask = mask_c[:, None] & (offs_l < L)[None, :] & (offs_l < start + CHUNK)[None, :]
+        v = tl.load(x_base + offs_l[None, :] * stride_xl, mask=mask, other=0.0).to(tl.float32)
+        y = _act(v * a[:, None] + b[:, None], ACT, SLOPE)
+        if EMULATE_BF16:
+            y = _round_to_bf16(y)
+        tl.store(o_base + offs_l[None, :] * stride_ol, y.to(out_ptr.dtype.element_ty), mask=mask)
