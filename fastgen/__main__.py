@@ -21,6 +21,7 @@ def main(argv=None) -> int:
     bench.add_argument("--out", default=None, help="JSON file for the results (rewritten after each row)")
     bench.add_argument("--layouts", default="nchw,nhwc")
     bench.add_argument("--shapes", default=None, help="comma-separated shape names (default: all)")
+    bench.add_argument("--ops", default=None, help="comma-separated ops (default: all)")
     args = parser.parse_args(argv)
 
     print(fastgen.summary())
@@ -31,22 +32,23 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     passes = tuple(args.passes.split(","))
     env = fb.environment()
-    print(f"upsample_conv2d on {env['device']} ({args.device}), torch {env['torch']}, "
-          f"triton {env['triton']}, {dtype}, git {env['git_sha']}")
-    shapes = fb.GPU_SHAPES if args.device == "cuda" else fb.CPU_SHAPES
-    if args.shapes:
-        shapes = [s for s in shapes if s.name in args.shapes.split(",")]
+    print(f"on {env['device']} ({args.device}), torch {env['torch']}, triton {env['triton']}, {dtype}, "
+          f"git {env['git_sha']}")
     rows = []
 
     def save(row):
         rows.append(row)
         if args.out:  # after every row, so a run cut short still leaves its results
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps({"environment": env, "op": "upsample_conv2d", "rows": rows},
-                                                 indent=1))
+            Path(args.out).write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
 
-    for layout in args.layouts.split(","):
-        fb.run(args.device, dtype, layout == "nhwc", shapes=shapes, passes=passes, on_row=save)
+    for op in (args.ops.split(",") if args.ops else fb.SUITES):
+        suite = fb.SUITES[op]
+        shapes = suite.gpu_shapes if args.device == "cuda" else suite.cpu_shapes
+        if args.shapes:
+            shapes = [s for s in shapes if s.name in args.shapes.split(",")]
+        for layout in args.layouts.split(","):
+            fb.run(suite, args.device, dtype, layout == "nhwc", shapes=shapes, passes=passes, on_row=save)
     print("\n" + fb.summary_table(rows))
     if args.out:
         print(f"wrote {args.out}")

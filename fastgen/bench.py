@@ -1,9 +1,11 @@
 """The kernel-by-kernel comparison behind `python -m fastgen bench` and benchmarks/bench_*.py.
 
-Providers, side by side in one run: `eager` (the op's `_ref`, the unfused torch layers),
-`compile` (torch.compile of eager; max-autotune on a GPU) and each fastgen backend the device
-has. Each row: median ms, useful TFLOP/s (the unfused conv's FLOPs), speedup over eager and over
-compile, max error against the float64 oracle next to eager's own, and peak memory (CUDA).
+For each op (a Suite), providers side by side in one run: `eager` (the op's `_ref`, the unfused
+torch layers), `compile` (torch.compile of eager; max-autotune on a GPU) and each fastgen backend
+the device has. Each row: median ms, achieved TFLOP/s (for convolutions, counting the unfused
+conv's FLOPs) or GB/s (for normalizations, counting 2 reads + 1 write of the tensor, the fused
+minimum), speedup over eager and over compile, max error against the float64 oracle, and peak
+memory (CUDA). On a GPU each row also measures the device-to-device copy bandwidth, the ceiling.
 """
 
 from __future__ import annotations
@@ -20,65 +22,121 @@ import torch
 
 import fastgen
 from fastgen.dispatch import backends
+from fastgen.ops.group_norm_act import group_norm_act, group_norm_act_ref
 from fastgen.ops.upsample_conv import upsample_conv2d, upsample_conv2d_ref
 
 
 @dataclass(frozen=True)
-class UpsampleConvShape:
+class Shape:
     name: str
     n: int
     c: int
-    co: int
     h: int
     w: int
-    k: int = 3
-    mode: str = "nearest"
-    scale: int = 2
-
-    def flops(self) -> float:
-        """Multiply-adds x 2 of the unfused convolution (what eager computes)."""
-        return 2.0 * self.n * self.co * self.c * self.k ** 2 * self.h * self.w * self.scale ** 2
-
-
-# Real generator layers. SD-VAE decoder: Upsample2D (nearest 2x + 3x3 conv) at 64, 128, 256.
-GPU_SHAPES = [
-    UpsampleConvShape("sdvae-up1", 1, 512, 512, 64, 64),
-    UpsampleConvShape("sdvae-up2", 1, 512, 512, 128, 128),
-    UpsampleConvShape("sdvae-up3", 1, 256, 256, 256, 256),
-    UpsampleConvShape("dcgan-up", 64, 256, 128, 16, 16),
-    UpsampleConvShape("sdvae-up2-bilinear", 1, 512, 512, 128, 128, mode="bilinear"),
-]
-CPU_SHAPES = [
-    UpsampleConvShape("c128-64x64", 1, 128, 128, 64, 64),
-    UpsampleConvShape("dcgan-up", 16, 256, 128, 8, 8),
-    UpsampleConvShape("c64-32x32-bilinear", 1, 64, 64, 32, 32, mode="bilinear"),
-]
+    co: int = 0  # output channels (convolutions)
+    k: int = 3  # kernel size (convolutions)
+    mode: str = "nearest"  # upsampling mode
+    scale: int = 2  # upsampling factor
+    groups: int = 32  # GroupNorm groups
+    activation: str = "silu"
 
 
-def make_inputs(shape: UpsampleConvShape, dtype, device, channels_last: bool, requires_grad=False):
-    g = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(shape.n, shape.c, shape.h, shape.w, generator=g)
-    w = torch.randn(shape.co, shape.c, shape.k, shape.k, generator=g) / math.sqrt(shape.c * shape.k ** 2)
-    b = torch.randn(shape.co, generator=g)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = x.to(device=device, dtype=dtype).to(memory_format=fmt)
-    return [t.to(device=device, dtype=dtype).requires_grad_(requires_grad) for t in (x, w, b)]
+def _generator():
+    return torch.Generator(device="cpu").manual_seed(0)
 
 
-def providers(device: str) -> dict:
-    """name -> f(x, w, b, shape): every way this device can run the op."""
-    def eager(x, w, b, s):
+class UpsampleConv:
+    op = "upsample_conv2d"
+    # Real generator layers. SD-VAE decoder: Upsample2D (nearest 2x + 3x3 conv) at 64, 128, 256.
+    gpu_shapes = [
+        Shape("sdvae-up1", 1, 512, 64, 64, co=512),
+        Shape("sdvae-up2", 1, 512, 128, 128, co=512),
+        Shape("sdvae-up3", 1, 256, 256, 256, co=256),
+        Shape("dcgan-up", 64, 256, 16, 16, co=128),
+        Shape("sdvae-up2-bilinear", 1, 512, 128, 128, co=512, mode="bilinear"),
+    ]
+    cpu_shapes = [
+        Shape("c128-64x64", 1, 128, 64, 64, co=128),
+        Shape("dcgan-up", 16, 256, 8, 8, co=128),
+        Shape("c64-32x32-bilinear", 1, 64, 32, 32, co=64, mode="bilinear"),
+    ]
+    backends = ("composite", "cuda", "triton")
+
+    @staticmethod
+    def inputs(s: Shape):
+        g = _generator()
+        return (torch.randn(s.n, s.c, s.h, s.w, generator=g),
+                torch.randn(s.co, s.c, s.k, s.k, generator=g) / math.sqrt(s.c * s.k ** 2),
+                torch.randn(s.co, generator=g))
+
+    @staticmethod
+    def eager(x, w, b, s: Shape):
         return upsample_conv2d_ref(x, w, b, scale_factor=s.scale, mode=s.mode)
 
-    compiled = torch.compile(eager, mode="max-autotune-no-cudagraphs" if device == "cuda" else None,
+    @staticmethod
+    def fused(backend):
+        return lambda x, w, b, s: upsample_conv2d(x, w, b, scale_factor=s.scale, mode=s.mode, backend=backend)
+
+    @staticmethod
+    def work(s: Shape, itemsize: int) -> dict:
+        return {"flops": 2.0 * s.n * s.co * s.c * s.k ** 2 * s.h * s.w * s.scale ** 2}
+
+
+class GroupNormAct:
+    op = "group_norm_act"
+    # SD-VAE decoder GroupNorm(32) + SiLU at its largest maps; a DCGAN-sized batch
+    gpu_shapes = [
+        Shape("sdvae-512x128", 1, 512, 128, 128),
+        Shape("sdvae-512x256", 1, 512, 256, 256),
+        Shape("sdvae-256x512", 1, 256, 512, 512),
+        Shape("batch-64x64x64", 32, 64, 64, 64),
+    ]
+    cpu_shapes = [
+        Shape("c256-64x64", 1, 256, 64, 64),
+        Shape("c128-128x128", 1, 128, 128, 128),
+        Shape("batch-8x64x32", 8, 64, 32, 32),
+    ]
+    backends = ("composite", "cpu", "cuda", "triton")
+
+    @staticmethod
+    def inputs(s: Shape):
+        g = _generator()
+        return (torch.randn(s.n, s.c, s.h, s.w, generator=g), 1 + 0.1 * torch.randn(s.c, generator=g),
+                0.1 * torch.randn(s.c, generator=g))
+
+    @staticmethod
+    def eager(x, w, b, s: Shape):
+        return group_norm_act_ref(x, s.groups, w, b, activation=s.activation)
+
+    @staticmethod
+    def fused(backend):
+        return lambda x, w, b, s: group_norm_act(x, s.groups, w, b, activation=s.activation, backend=backend)
+
+    @staticmethod
+    def work(s: Shape, itemsize: int) -> dict:
+        return {"bytes": 3.0 * s.n * s.c * s.h * s.w * itemsize}
+
+
+SUITES = {suite.op: suite for suite in (UpsampleConv, GroupNormAct)}
+
+
+def make_inputs(suite, shape: Shape, dtype, device, channels_last: bool, requires_grad=False):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x, *rest = suite.inputs(shape)
+    x = x.to(device=device, dtype=dtype).to(memory_format=fmt)
+    return [t.to(device=device, dtype=dtype).requires_grad_(requires_grad) for t in (x, *rest)]
+
+
+def providers(suite, device: str) -> dict:
+    """name -> f(*inputs, shape): every way this device can run the op."""
+    compiled = torch.compile(suite.eager, mode="max-autotune-no-cudagraphs" if device == "cuda" else None,
                              dynamic=False)
-    table = {"eager": eager, "compile": compiled}
+    table = {"eager": suite.eager, "compile": compiled}
     # the fastgen backends that run here; on the CPU triton is the interpreter (correctness only)
-    names = ["composite"] + (["cuda", "triton"] if device == "cuda" else [])
-    for name in names:
-        if backends()[name].available:
-            table[name] = (lambda be: lambda x, w, bias, s: upsample_conv2d(
-                x, w, bias, scale_factor=s.scale, mode=s.mode, backend=be))(name)
+    runs_here = {"composite"} | ({"cuda", "triton"} if device == "cuda" else {"cpu"})
+    for name in suite.backends:
+        if name in runs_here and backends()[name].available:
+            table[name] = suite.fused(name)
     return table
 
 
@@ -95,8 +153,15 @@ def _time_ms(fn, device: str, reps: int) -> float:
     return statistics.median(times)
 
 
-def measure(f, inputs, shape, need_grad: bool, oracle, device: str, reps: int) -> dict:
-    """One provider at one shape: median ms, TFLOP/s, max error vs the oracle, peak MiB (CUDA)."""
+def copy_gbps(x: torch.Tensor) -> float:
+    """Measured device-to-device copy bandwidth (read + write) on a tensor of x's size."""
+    y = torch.empty_like(x)
+    ms = _time_ms(lambda: y.copy_(x), x.device.type, 20)
+    return 2 * x.numel() * x.element_size() / ms / 1e6
+
+
+def measure(f, inputs, shape, need_grad: bool, oracle, device: str, reps: int, work: dict) -> dict:
+    """One provider at one shape: median ms, TFLOP/s or GB/s, max error vs the oracle, peak MiB (CUDA)."""
     def step():
         out = f(*inputs, shape)
         if need_grad:
@@ -113,28 +178,32 @@ def measure(f, inputs, shape, need_grad: bool, oracle, device: str, reps: int) -
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
     ms = _time_ms(step, device, reps)
-    flops = shape.flops() * (3 if need_grad else 1)
-    return {"ms": ms, "tflops": flops / ms / 1e9, "max_err": err, "peak_mib": peak}
+    row = {"ms": ms, "max_err": err, "peak_mib": peak}
+    if "flops" in work:
+        row["tflops"] = work["flops"] * (3 if need_grad else 1) / ms / 1e9
+    if "bytes" in work and not need_grad:
+        row["gbps"] = work["bytes"] / ms / 1e6
+    return row
 
 
-def run(device: str = "cpu", dtype=torch.float32, channels_last=False, shapes=None, passes=("fwd",),
+def run(suite, device: str = "cpu", dtype=torch.float32, channels_last=False, shapes=None, passes=("fwd",),
         reps: int = 10, log=print, on_row=None) -> list[dict]:
-    shapes = shapes or (GPU_SHAPES if device == "cuda" else CPU_SHAPES)
+    shapes = shapes or (suite.gpu_shapes if device == "cuda" else suite.cpu_shapes)
     rows = []
     for shape in shapes:
         for kind in passes:
             # a fresh torch.compile per row: one compiled graph per shape, never the recompile
             # limit's silent fall back to eager
             torch._dynamo.reset()
-            table = providers(device)
+            table = providers(suite, device)
             need_grad = kind != "fwd"
-            inputs = make_inputs(shape, dtype, device, channels_last, need_grad)
-            x64, w64, b64 = (t.detach().double() for t in inputs)
-            oracle = upsample_conv2d_ref(x64, w64, b64, scale_factor=shape.scale, mode=shape.mode)
+            inputs = make_inputs(suite, shape, dtype, device, channels_last, need_grad)
+            oracle = suite.eager(*(t.detach().double() for t in inputs), shape)
+            work = suite.work(shape, inputs[0].element_size())
             results = {}
             for name, f in table.items():
                 try:
-                    results[name] = measure(f, inputs, shape, need_grad, oracle, device, reps)
+                    results[name] = measure(f, inputs, shape, need_grad, oracle, device, reps, work)
                 except Exception as e:  # a provider that fails is reported, not hidden
                     results[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
                     log(f"  {shape.name} {kind} {name}: FAILED {results[name]['error']}")
@@ -142,25 +211,30 @@ def run(device: str = "cpu", dtype=torch.float32, channels_last=False, shapes=No
                 for base in ("eager", "compile"):
                     if "ms" in r and "ms" in results.get(base, {}):
                         r[f"speedup_vs_{base}"] = results[base]["ms"] / r["ms"]
-            rows.append({"shape": asdict(shape), "pass": kind, "dtype": str(dtype).replace("torch.", ""),
-                         "channels_last": channels_last, "providers": results})
-            log(format_row(rows[-1]))
+            row = {"op": suite.op, "shape": asdict(shape), "pass": kind, "dtype": str(dtype).replace("torch.", ""),
+                   "channels_last": channels_last, "providers": results}
+            if device == "cuda":
+                row["copy_gbps"] = copy_gbps(inputs[0].detach())
+            rows.append(row)
+            log(format_row(row))
             if on_row:
-                on_row(rows[-1])
+                on_row(row)
     return rows
 
 
 def format_row(row: dict) -> str:
     s = row["shape"]
-    head = (f"{s['name']:>20s} N{s['n']} {s['c']}->{s['co']} {s['h']}x{s['w']} {s['mode']} "
-            f"{row['dtype']} {'NHWC' if row['channels_last'] else 'NCHW'} {row['pass']}")
+    head = (f"{row['op']} {s['name']:>18s} N{s['n']} C{s['c']} {s['h']}x{s['w']} {row['dtype']} "
+            f"{'NHWC' if row['channels_last'] else 'NCHW'} {row['pass']}")
     cells = []
     for name, r in row["providers"].items():
         if "ms" not in r:
             cells.append(f"{name}=FAIL")
             continue
         cell = f"{name} {r['ms']:.3f}ms"
-        if name not in ("eager",) and "speedup_vs_eager" in r:
+        if "gbps" in r:
+            cell += f" {r['gbps']:.0f}GB/s"
+        if name != "eager" and "speedup_vs_eager" in r:
             cell += f" x{r['speedup_vs_eager']:.2f}"
         cells.append(cell)
     return head + "\n    " + " | ".join(cells)
@@ -170,19 +244,19 @@ def summary_table(rows: list[dict]) -> str:
     """One line per row: each provider's median ms and its speedup over eager and compile."""
     first = ("eager", "compile")
     names = sorted({n for r in rows for n in r["providers"]}, key=lambda n: (first.index(n) if n in first else 2, n))
-    lines = [f"{'shape':>22s} {'layout':6s} {'pass':7s} " + " ".join(f"{n:>20s}" for n in names)]
+    lines = [f"{'op / shape':>34s} {'layout':6s} {'pass':7s} " + " ".join(f"{n:>20s}" for n in names)]
     for r in rows:
         cells = []
         for n in names:
             p = r["providers"].get(n, {})
             if "ms" not in p:
                 cells.append(f"{'-' if not p else 'FAIL':>20s}")
-            elif n in ("eager", "compile"):
+            elif n in first:
                 cells.append(f"{p['ms']:>12.3f}ms      ")
             else:
                 cells.append(f"{p['ms']:8.3f}ms x{p.get('speedup_vs_eager', 0):.2f}/{p.get('speedup_vs_compile', 0):.2f}")
-        lines.append(f"{r['shape']['name']:>22s} {'nhwc' if r['channels_last'] else 'nchw':6s} {r['pass']:7s} "
-                     + " ".join(cells))
+        label = f"{r['op']} {r['shape']['name']}"
+        lines.append(f"{label:>34s} {'nhwc' if r['channels_last'] else 'nchw':6s} {r['pass']:7s} " + " ".join(cells))
     return "median ms; fastgen cells: x speedup over eager / over compile\n" + "\n".join(lines)
 
 

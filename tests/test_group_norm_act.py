@@ -114,7 +114,7 @@ def test_backward(backend, device, dtype, fmt, activation):
     got = torch.autograd.grad(out, (x, w, b), grad)
     x64, w64, b64, expected = oracle(x, w, b, 3, 1e-5, activation)
     want = torch.autograd.grad(expected, (x64, w64, b64), grad.double())
-    for g, e in zip(got, want):
+    for g, e in zip(got, want, strict=True):
         assert g.dtype == dtype
         assert_close_grad(g, e, dtype)
 
