@@ -7,6 +7,7 @@ from torch import nn
 
 from fastgen.ops._activation import activation_of, check_activation
 from fastgen.ops.group_norm_act import group_norm_act
+from fastgen.ops.instance_norm import adaptive_instance_norm, instance_norm_act
 
 
 class GroupNormAct(nn.GroupNorm):
@@ -38,3 +39,49 @@ class GroupNormAct(nn.GroupNorm):
     def extra_repr(self) -> str:
         slope = f", negative_slope={self.negative_slope}" if self.activation == "leaky_relu" else ""
         return f"{super().extra_repr()}, activation={self.activation!r}{slope}"
+
+
+class InstanceNormAct2d(nn.InstanceNorm2d):
+    """nn.InstanceNorm2d(num_features, eps, momentum, affine) then the activation, fused; same
+    parameters and state_dict keys. Batch statistics only (track_running_stats=False, torch's
+    default)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = False,
+                 track_running_stats: bool = False, activation: str = "relu", negative_slope: float = 0.01,
+                 device=None, dtype=None):
+        if track_running_stats:
+            raise NotImplementedError("InstanceNormAct2d uses batch statistics only (track_running_stats=False)")
+        check_activation(activation, negative_slope)
+        super().__init__(num_features, eps, momentum, affine, False, device=device, dtype=dtype)
+        self.activation = activation
+        self.negative_slope = negative_slope
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        unbatched = x.dim() == 3
+        y = instance_norm_act(x.unsqueeze(0) if unbatched else x, self.weight, self.bias, self.eps,
+                              self.activation, self.negative_slope)
+        return y.squeeze(0) if unbatched else y
+
+
+class AdaIN(nn.Module):
+    """StyleGAN-style adaptive instance norm: a style vector w (N, style_dim) goes through a linear
+    layer to a per-channel scale and bias (its bias starts at scale 1, bias 0), which modulate the
+    instance-normalized x; then the activation. Fused in one op."""
+
+    def __init__(self, num_features: int, style_dim: int, eps: float = 1e-5, activation: str = "identity",
+                 negative_slope: float = 0.01, device=None, dtype=None):
+        super().__init__()
+        check_activation(activation, negative_slope)
+        self.num_features, self.eps = num_features, eps
+        self.activation, self.negative_slope = activation, negative_slope
+        self.style = nn.Linear(style_dim, 2 * num_features, device=device, dtype=dtype)
+        with torch.no_grad():
+            self.style.bias[:num_features].fill_(1.0)
+            self.style.bias[num_features:].zero_()
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        scale, bias = self.style(w).chunk(2, dim=1)
+        return adaptive_instance_norm(x, scale, bias, self.eps, self.activation, self.negative_slope)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, activation={self.activation!r}"
