@@ -8,6 +8,7 @@ from torch import nn
 from fastgen.ops._activation import activation_of, check_activation
 from fastgen.ops.group_norm_act import group_norm_act
 from fastgen.ops.instance_norm import adaptive_instance_norm, instance_norm_act
+from fastgen.ops.pixel_norm import pixel_norm
 
 
 class GroupNormAct(nn.GroupNorm):
@@ -85,3 +86,17 @@ class AdaIN(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, activation={self.activation!r}"
+
+
+class PixelNorm(nn.Module):
+    """ProGAN / StyleGAN pixelwise feature normalization over channels (no parameters)."""
+
+    def __init__(self, eps: float = 1e-8):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pixel_norm(x, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}"

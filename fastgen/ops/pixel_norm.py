@@ -1,0 +1,132 @@
+"""fastgen::pixel_norm: ProGAN / StyleGAN's pixelwise feature normalization, one read and one
+write of x. Kernels: kernels/pixel_norm.py (Triton), csrc/pixel_norm.{cpp,cu} (schema, CUDA)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastgen.dispatch import _INTERPRET, select
+from fastgen.ops._util import check_floating, check_tensor, memory_format
+
+_KERNELS = frozenset({"reference", "composite", "cuda", "triton"})
+_AUTO = {"cpu": ("composite",), "cuda": ("cuda", "triton", "composite")}
+
+
+def pixel_norm(x: Tensor, eps: float = 1e-8, *, backend: Optional[str] = None) -> Tensor:
+    """x / sqrt(mean(x^2 over channels) + eps) at every position. See pixel_norm_ref."""
+    _check_pixel_norm(x, eps)
+    name = select("pixel_norm", x.device, backend, _KERNELS, _AUTO)
+    if name == "reference":
+        return pixel_norm_ref(x, eps)
+    return torch.ops.fastgen.pixel_norm(x, float(eps), name)
+
+
+def pixel_norm_ref(x: Tensor, eps: float = 1e-8) -> Tensor:
+    """Pixel norm as ProGAN and StyleGAN write it.
+
+    1. return x * torch.rsqrt(torch.mean(x ** 2, dim=1, keepdim=True) + eps)
+
+    Args:
+        x:   (N, C, *) floating point, NCHW or channels_last.
+        eps: added to the mean square.
+    """
+    _check_pixel_norm(x, eps)
+    return x * torch.rsqrt(torch.mean(x ** 2, dim=1, keepdim=True) + eps)
+
+
+def _check_pixel_norm(x, eps) -> None:
+    check_tensor("x", x)
+    check_floating("x", x)
+    if x.dim() < 2:
+        raise RuntimeError(f"x must be (N, C, *), got shape {tuple(x.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _rms_inverse(x: Tensor, eps: float) -> Tensor:
+    xf = x.to(_opmath(x.dtype))
+    return torch.rsqrt((xf * xf).mean(1, keepdim=True) + eps)
+
+
+def _pixel_norm_composite(x, eps):
+    return (x.to(_opmath(x.dtype)) * _rms_inverse(x, eps)).to(x.dtype).contiguous(memory_format=memory_format(x))
+
+
+def _as_nlc(x: Tensor) -> Tensor:
+    """x as (N, L, C) with unit stride along L (NCHW) or C (channels_last)."""
+    n, c = x.shape[:2]
+    if memory_format(x) == torch.channels_last:
+        return x.permute(0, 2, 3, 1).reshape(n, -1, c)  # a view
+    return x.contiguous().view(n, c, -1).transpose(1, 2)
+
+
+def _pixel_norm_triton(x, eps):
+    import triton
+
+    from fastgen.kernels.pixel_norm import _pixel_norm_fwd_kernel
+
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise RuntimeError(f"pixel_norm: the triton backend takes float32/16 and bfloat16, got {x.dtype}")
+    out = torch.empty_like(x, memory_format=memory_format(x))
+    xv, ov = _as_nlc(x), _as_nlc(out)
+    n, length, c = xv.shape
+    block_c = triton.next_power_of_2(c)
+    block_l = max(1, min(256, 8192 // block_c))
+    grid = (n, triton.cdiv(length, block_l))
+    _pixel_norm_fwd_kernel[grid](xv, ov, length, c, *xv.stride(), *ov.stride(), eps,
+                                 EMULATE_BF16=x.dtype == torch.bfloat16 and _INTERPRET,
+                                 BLOCK_L=block_l, BLOCK_C=block_c)
+    return out
+
+
+def _pixel_norm_cuda(x, eps):
+    return torch.ops.fastgen._pixel_norm_fused(x, eps)
+
+
+_IMPLS = {"composite": _pixel_norm_composite, "triton": _pixel_norm_triton, "cuda": _pixel_norm_cuda}
+
+
+@torch.library.custom_op("fastgen::pixel_norm", mutates_args=(), device_types=("cpu", "cuda"))
+def _pixel_norm_op(x: Tensor, eps: float, backend: str) -> Tensor:
+    if x.numel() == 0:
+        return torch.empty_like(x, memory_format=memory_format(x))
+    return _IMPLS[backend](x, eps)
+
+
+@_pixel_norm_op.register_kernel("xla")
+def _pixel_norm_xla(x, eps, backend):
+    return _pixel_norm_composite(x, eps)
+
+
+@_pixel_norm_op.register_fake
+def _fake_pixel_norm(x, eps, backend):
+    _check_pixel_norm(x, eps)
+    return torch.empty_like(x, memory_format=memory_format(x))
+
+
+def _setup_context_pixel_norm(ctx, inputs, output):
+    x, eps, _ = inputs
+    ctx.save_for_backward(x)
+    ctx.eps = eps
+
+
+def _backward_pixel_norm(ctx, grad: Tensor):
+    """y = x r, r = (mean_c x^2 + eps)^(-1/2): dx = r g - x r^3 mean_c(g x). Aten math, so it is
+    differentiable itself and lowers on XLA."""
+    (x,) = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None, None, None
+    r = _rms_inverse(x, ctx.eps)
+    xf, g = x.to(r.dtype), grad.to(r.dtype)
+    gx = r * g - xf * r ** 3 * (g * xf).mean(1, keepdim=True)
+    return gx.to(x.dtype), None, None
+
+
+_pixel_norm_op.register_autograd(_backward_pixel_norm, setup_context=_setup_context_pixel_norm)
