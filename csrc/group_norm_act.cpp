@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "activation.h"
+#include "norm_cpu.h"
 
 TORCH_LIBRARY_FRAGMENT(fastgen, m) {
   m.def(
@@ -28,75 +29,7 @@ TORCH_LIBRARY_FRAGMENT(fastgen, m) {
 
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kBlock = 512;  // values summed in float before the double accumulators
-
-template <int ACT>
-inline Vec activate_vec(Vec z, Vec slope) {
-  using namespace fastgen;
-  if constexpr (ACT == kRelu) return at::vec::clamp_min(z, Vec(0.f));
-  if constexpr (ACT == kLeakyRelu) return Vec::blendv(z * slope, z, z > Vec(0.f));
-  if constexpr (ACT == kSilu) return z / (Vec(1.f) + z.neg().exp_u20());  // exp to 2 ulp: fast enough to hide
-  if constexpr (ACT == kGelu) return Vec(0.5f) * z * (Vec(1.f) + (z * Vec(0.70710678118654752440f)).erf());
-  if constexpr (ACT == kGeluTanh) {
-    const Vec u = Vec(0.79788456080286535588f) * (z + Vec(0.044715f) * z * z * z);
-    return Vec(0.5f) * z * (Vec(1.f) + u.tanh());
-  }
-  return z;
-}
-
-inline float horizontal_sum(const Vec& v) {
-  alignas(64) float lanes[Vec::size()];
-  v.store(lanes);
-  float s = 0.f;
-  for (int i = 0; i < Vec::size(); ++i) s += lanes[i];
-  return s;
-}
-
-// s1 += sum(x - k), s2 += sum((x - k)^2) over len contiguous values.
-template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
-void shifted_sums(const scalar_t* x, int64_t len, opmath_t k, double& s1, double& s2) {
-  for (int64_t b0 = 0; b0 < len; b0 += kBlock) {
-    const int64_t b1 = std::min(len, b0 + kBlock);
-    int64_t i = b0;
-    opmath_t a1 = 0, a2 = 0;
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      Vec v1(0.f), v2(0.f);
-      for (; i + Vec::size() <= b1; i += Vec::size()) {
-        const Vec d = Vec::loadu(x + i) - Vec(k);
-        v1 += d;
-        v2 += d * d;
-      }
-      a1 = horizontal_sum(v1);
-      a2 = horizontal_sum(v2);
-    }
-    for (; i < b1; ++i) {
-      const opmath_t d = static_cast<opmath_t>(x[i]) - k;
-      a1 += d;
-      a2 += d * d;
-    }
-    s1 += a1;
-    s2 += a2;
-  }
-}
-
-// y = act(x * a + b) over len values; a, b scalars (NCHW rows) or per-value arrays (NHWC rows).
-template <typename scalar_t, int ACT, bool kPerValue, typename opmath_t = at::opmath_type<scalar_t>>
-void apply_span(const scalar_t* x, scalar_t* y, int64_t len, const opmath_t* a, const opmath_t* b, float slope) {
-  int64_t i = 0;
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    const Vec vs(slope);
-    for (; i + Vec::size() <= len; i += Vec::size()) {
-      const Vec va = kPerValue ? Vec::loadu(a + i) : Vec(*a);
-      const Vec vb = kPerValue ? Vec::loadu(b + i) : Vec(*b);
-      activate_vec<ACT>(Vec::loadu(x + i) * va + vb, vs).store(y + i);
-    }
-  }
-  for (; i < len; ++i) {
-    const opmath_t z = static_cast<opmath_t>(x[i]) * (kPerValue ? a[i] : *a) + (kPerValue ? b[i] : *b);
-    y[i] = static_cast<scalar_t>(fastgen::activate<opmath_t>(z, ACT, static_cast<opmath_t>(slope)));
-  }
-}
+using namespace fastgen::cpu;
 
 template <typename scalar_t, int ACT>
 void group_norm_act_kernel(const at::Tensor& x, at::Tensor& out, int64_t G, const at::Tensor& weight,
@@ -204,15 +137,10 @@ at::Tensor group_norm_act_cpu(const at::Tensor& x_in, int64_t num_groups, const 
   const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_act_cpu", [&] {
-    const float slope = static_cast<float>(negative_slope);
-    switch (activation) {
-      case fastgen::kRelu: group_norm_act_kernel<scalar_t, fastgen::kRelu>(x, out, num_groups, w, b, eps, slope, channels_last); break;
-      case fastgen::kLeakyRelu: group_norm_act_kernel<scalar_t, fastgen::kLeakyRelu>(x, out, num_groups, w, b, eps, slope, channels_last); break;
-      case fastgen::kSilu: group_norm_act_kernel<scalar_t, fastgen::kSilu>(x, out, num_groups, w, b, eps, slope, channels_last); break;
-      case fastgen::kGelu: group_norm_act_kernel<scalar_t, fastgen::kGelu>(x, out, num_groups, w, b, eps, slope, channels_last); break;
-      case fastgen::kGeluTanh: group_norm_act_kernel<scalar_t, fastgen::kGeluTanh>(x, out, num_groups, w, b, eps, slope, channels_last); break;
-      default: group_norm_act_kernel<scalar_t, fastgen::kIdentity>(x, out, num_groups, w, b, eps, slope, channels_last);
-    }
+    fastgen::cpu::with_activation(activation, [&](auto act) {
+      group_norm_act_kernel<scalar_t, decltype(act)::value>(x, out, num_groups, w, b, eps,
+                                                            static_cast<float>(negative_slope), channels_last);
+    });
   });
   return out;
 }

@@ -3,8 +3,8 @@
 For each op (a Suite), providers side by side in one run: `eager` (the op's `_ref`, the unfused
 torch layers), `compile` (torch.compile of eager; max-autotune on a GPU) and each fastgen backend
 the device has. Each row: median ms, achieved TFLOP/s (for convolutions, counting the unfused
-conv's FLOPs) or GB/s (for normalizations, counting 2 reads + 1 write of the tensor, the fused
-minimum), speedup over eager and over compile, max error against the float64 oracle, and peak
+conv's FLOPs) or GB/s (for normalizations, counting the fused minimum of reads and writes: 2 + 1,
+pixel norm 1 + 1), speedup over eager and over compile, max error against the float64 oracle, and peak
 memory (CUDA). On a GPU each row also measures the device-to-device copy bandwidth, the ceiling.
 """
 
@@ -22,7 +22,9 @@ import torch
 
 import fastgen
 from fastgen.dispatch import backends
+from fastgen.ops.batch_norm_act import batch_norm_act, batch_norm_act_ref
 from fastgen.ops.group_norm_act import group_norm_act, group_norm_act_ref
+from fastgen.ops.pixel_norm import pixel_norm, pixel_norm_ref
 from fastgen.ops.upsample_conv import upsample_conv2d, upsample_conv2d_ref
 
 
@@ -117,7 +119,60 @@ class GroupNormAct:
         return {"bytes": 3.0 * s.n * s.c * s.h * s.w * itemsize}
 
 
-SUITES = {suite.op: suite for suite in (UpsampleConv, GroupNormAct)}
+class BatchNormAct:
+    op = "batch_norm_act"
+    # DCGAN generator BatchNorm + ReLU layers, training mode (batch statistics)
+    gpu_shapes = [Shape("dcgan-256x16", 128, 256, 16, 16, activation="relu"),
+                  Shape("dcgan-128x32", 128, 128, 32, 32, activation="relu"),
+                  Shape("dcgan-64x64", 128, 64, 64, 64, activation="relu")]
+    cpu_shapes = [Shape("dcgan-128x16", 16, 128, 16, 16, activation="relu"),
+                  Shape("dcgan-64x32", 16, 64, 32, 32, activation="relu")]
+    backends = ("composite", "cpu")
+
+    @staticmethod
+    def inputs(s: Shape):
+        g = _generator()
+        return (torch.randn(s.n, s.c, s.h, s.w, generator=g), 1 + 0.1 * torch.randn(s.c, generator=g),
+                0.1 * torch.randn(s.c, generator=g))
+
+    @staticmethod
+    def eager(x, w, b, s: Shape):
+        return batch_norm_act_ref(x, None, None, w, b, True, activation=s.activation)
+
+    @staticmethod
+    def fused(backend):
+        return lambda x, w, b, s: batch_norm_act(x, None, None, w, b, True, activation=s.activation, backend=backend)
+
+    @staticmethod
+    def work(s: Shape, itemsize: int) -> dict:
+        return {"bytes": 3.0 * s.n * s.c * s.h * s.w * itemsize}
+
+
+class PixelNorm:
+    op = "pixel_norm"
+    # StyleGAN2 mapping-free uses: the 512-channel maps of the synthesis network, ProGAN-style
+    gpu_shapes = [Shape("stylegan-512x64", 16, 512, 64, 64), Shape("stylegan-256x256", 16, 256, 256, 256)]
+    cpu_shapes = [Shape("c512-32x32", 4, 512, 32, 32)]
+    backends = ("composite", "cuda", "triton")
+
+    @staticmethod
+    def inputs(s: Shape):
+        return (torch.randn(s.n, s.c, s.h, s.w, generator=_generator()),)
+
+    @staticmethod
+    def eager(x, s: Shape):
+        return pixel_norm_ref(x)
+
+    @staticmethod
+    def fused(backend):
+        return lambda x, s: pixel_norm(x, backend=backend)
+
+    @staticmethod
+    def work(s: Shape, itemsize: int) -> dict:
+        return {"bytes": 2.0 * s.n * s.c * s.h * s.w * itemsize}
+
+
+SUITES = {suite.op: suite for suite in (UpsampleConv, GroupNormAct, BatchNormAct, PixelNorm)}
 
 
 def make_inputs(suite, shape: Shape, dtype, device, channels_last: bool, requires_grad=False):

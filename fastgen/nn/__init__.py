@@ -1,6 +1,6 @@
 """Drop-in layers: the constructor arguments and state_dict keys of the torch layers they replace."""
 
-from fastgen.nn.norm_act import AdaIN, GroupNormAct, InstanceNormAct2d, PixelNorm
+from fastgen.nn.norm_act import AdaIN, BatchNormAct2d, GroupNormAct, InstanceNormAct2d, PixelNorm
 from fastgen.nn.upsample_conv import UpsampleConv2d
 
-__all__ = ["AdaIN", "GroupNormAct", "InstanceNormAct2d", "PixelNorm", "UpsampleConv2d"]
+__all__ = ["AdaIN", "BatchNormAct2d", "GroupNormAct", "InstanceNormAct2d", "PixelNorm", "UpsampleConv2d"]

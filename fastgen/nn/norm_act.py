@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from fastgen.ops._activation import activation_of, check_activation
+from fastgen.ops.batch_norm_act import batch_norm_act, update_running_stats
 from fastgen.ops.group_norm_act import group_norm_act
 from fastgen.ops.instance_norm import adaptive_instance_norm, instance_norm_act
 from fastgen.ops.pixel_norm import pixel_norm
@@ -100,3 +101,57 @@ class PixelNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}"
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d(num_features, eps, momentum, affine, track_running_stats) then the activation,
+    fused; same parameters, buffers and state_dict keys, the same running-statistics updates
+    (momentum=None: cumulative average; num_batches_tracked). sync=True synchronizes the training
+    statistics across a torch.distributed process group (default: the world), as nn.SyncBatchNorm."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, activation: str = "relu", negative_slope: float = 0.01,
+                 sync: bool = False, process_group=None, device=None, dtype=None):
+        check_activation(activation, negative_slope)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.activation, self.negative_slope = activation, negative_slope
+        self.sync, self.process_group = sync, process_group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # nn.BatchNorm2d's bookkeeping, unchanged
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        keep = not self.training or self.track_running_stats
+        running_mean, running_var = (self.running_mean, self.running_var) if keep else (None, None)
+        if self.sync and self.training and _world_size(self.process_group) > 1:
+            return self._synchronized(x, running_mean, running_var, factor)
+        return batch_norm_act(x, running_mean, running_var, self.weight, self.bias, batch_stats, factor, self.eps,
+                              self.activation, self.negative_slope)
+
+    def _synchronized(self, x, running_mean, running_var, factor):
+        """Statistics over the whole group's batch: all-reduced sums, two passes (exact), through
+        the differentiable torch.distributed.nn all_reduce so that gradients see the whole batch."""
+        from torch.distributed.nn.functional import all_reduce
+
+        group = self.process_group or torch.distributed.group.WORLD
+        dims = (0, *range(2, x.dim()))
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        sums = all_reduce(torch.cat([xf.sum(dims), xf.new_full((1,), x.numel() // x.shape[1])]), group=group)
+        count, mean = sums[-1], sums[:-1] / sums[-1]
+        centered = xf - mean.view(1, -1, *((1,) * (x.dim() - 2)))
+        var = all_reduce((centered * centered).sum(dims), group=group) / count
+        if running_mean is not None:
+            update_running_stats(running_mean, running_var, mean.detach(), var.detach(), int(count.item()), factor)
+        return batch_norm_act(x, mean, var, self.weight, self.bias, False, 0.0, self.eps, self.activation,
+                              self.negative_slope)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, activation={self.activation!r}, sync={self.sync}"
+
+
+def _world_size(group) -> int:
+    dist = torch.distributed
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1

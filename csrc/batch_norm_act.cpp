@@ -1,0 +1,139 @@
+// BatchNorm + activation on the CPU: the "cpu" backend of fastgen::batch_norm_act, and the schema of
+// its kernel op.
+//
+// In PyTorch:
+//   y = act(F.batch_norm(x, mean, var, weight, bias, training, eps=eps))
+// training: per-channel statistics over (N, *) by shifted sums (K = the channel's first value;
+// float within a block, double across blocks), returned as (mean, biased var) for the caller's
+// running-statistics update; otherwise the given mean and var. Then one pass writing
+// act(x * a_c + b_c), a_c = weight_c / sqrt(var_c + eps), b_c = bias_c - mean_c * a_c.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "norm_cpu.h"
+
+TORCH_LIBRARY_FRAGMENT(fastgen, m) {
+  m.def(
+      "_batch_norm_act_fused(Tensor x, Tensor? weight, Tensor? bias, Tensor? mean, Tensor? var, "
+      "bool training, float eps, int activation, float negative_slope) -> (Tensor, Tensor, Tensor)");
+}
+
+namespace {
+
+using namespace fastgen::cpu;
+
+template <typename scalar_t, int ACT>
+void batch_norm_act_kernel(const at::Tensor& x, at::Tensor& out, const at::Tensor& weight, const at::Tensor& bias,
+                           at::Tensor& mean, at::Tensor& var, bool training, double eps, float slope,
+                           bool channels_last) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t N = x.size(0), C = x.size(1), L = x.numel() / (N * C);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  scalar_t* yp = out.mutable_data_ptr<scalar_t>();
+  opmath_t* mp = mean.mutable_data_ptr<opmath_t>();
+  opmath_t* vp = var.mutable_data_ptr<opmath_t>();
+
+  if (training) {
+    // K_c: channel c's first value. NCHW (n, c, l) at (n*C + c)*L + l; channels_last at (n*L + l)*C + c.
+    std::vector<opmath_t> k(C);
+    for (int64_t c = 0; c < C; ++c) k[c] = static_cast<opmath_t>(xp[channels_last ? c : c * L]);
+    std::vector<double> t1(C, 0.0), t2(C, 0.0);
+    if (!channels_last) {
+      at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c)
+          for (int64_t n = 0; n < N; ++n) shifted_sums(xp + (n * C + c) * L, L, k[c], t1[c], t2[c]);
+      });
+    } else {
+      const int64_t rows = N * L, per_task = std::clamp<int64_t>(32768 / C, 1, kBlock);
+      const int64_t tasks = (rows + per_task - 1) / per_task;
+      std::vector<opmath_t> p1(tasks * C), p2(tasks * C);
+      at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          opmath_t* a1 = p1.data() + t * C;
+          opmath_t* a2 = p2.data() + t * C;
+          for (int64_t r = t * per_task; r < std::min(rows, (t + 1) * per_task); ++r) {
+            const scalar_t* row = xp + r * C;
+            int64_t c = 0;
+            if constexpr (std::is_same_v<scalar_t, float>) {
+              for (; c + Vec::size() <= C; c += Vec::size()) {
+                const Vec d = Vec::loadu(row + c) - Vec::loadu(k.data() + c);
+                (Vec::loadu(a1 + c) + d).store(a1 + c);
+                (Vec::loadu(a2 + c) + d * d).store(a2 + c);
+              }
+            }
+            for (; c < C; ++c) {
+              const opmath_t d = static_cast<opmath_t>(row[c]) - k[c];
+              a1[c] += d;
+              a2[c] += d * d;
+            }
+          }
+        }
+      });
+      for (int64_t t = 0; t < tasks; ++t)
+        for (int64_t c = 0; c < C; ++c) {
+          t1[c] += p1[t * C + c];
+          t2[c] += p2[t * C + c];
+        }
+    }
+    const double count = static_cast<double>(N * L);
+    for (int64_t c = 0; c < C; ++c) {
+      const double m1 = t1[c] / count;
+      mp[c] = static_cast<opmath_t>(k[c] + m1);
+      vp[c] = static_cast<opmath_t>(std::max(t2[c] / count - m1 * m1, 0.0));
+    }
+  }
+
+  std::vector<opmath_t> a(C), b(C);
+  const scalar_t* wp = weight.defined() ? weight.const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* bp = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+  for (int64_t c = 0; c < C; ++c) {
+    const double ac = (wp ? static_cast<double>(wp[c]) : 1.0) / std::sqrt(static_cast<double>(vp[c]) + eps);
+    a[c] = static_cast<opmath_t>(ac);
+    b[c] = static_cast<opmath_t>((bp ? static_cast<double>(bp[c]) : 0.0) - static_cast<double>(mp[c]) * ac);
+  }
+  if (!channels_last) {
+    at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t nc = begin; nc < end; ++nc)
+        apply_span<scalar_t, ACT, false>(xp + nc * L, yp + nc * L, L, &a[nc % C], &b[nc % C], slope);
+    });
+  } else {
+    at::parallel_for(0, N * L, std::max<int64_t>(1, 4096 / C), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) apply_span<scalar_t, ACT, true>(xp + r * C, yp + r * C, C, a.data(), b.data(), slope);
+    });
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_cpu(
+    const at::Tensor& x_in, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& var, bool training, double eps,
+    int64_t activation, double negative_slope) {
+  TORCH_CHECK(x_in.dim() >= 2, "x must be (N, C, *)");
+  TORCH_CHECK(training || (mean.has_value() && var.has_value()), "mean and var are needed when not training");
+  const bool channels_last = x_in.dim() == 4 && !x_in.is_contiguous() && x_in.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor x = channels_last ? x_in : x_in.contiguous();
+  at::Tensor out = at::empty_like(x, channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  const auto opmath = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t C = x.size(1);
+  at::Tensor m = training ? at::empty({C}, x.options().dtype(opmath)) : mean->to(opmath).contiguous().clone();
+  at::Tensor v = training ? at::empty({C}, x.options().dtype(opmath)) : var->to(opmath).contiguous().clone();
+  if (x.numel() == 0) return {out, m.fill_(NAN), v.fill_(NAN)};
+  const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_act_cpu", [&] {
+    with_activation(activation, [&](auto act) {
+      batch_norm_act_kernel<scalar_t, decltype(act)::value>(x, out, w, b, m, v, training, eps,
+                                                            static_cast<float>(negative_slope), channels_last);
+    });
+  });
+  return {out, m, v};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastgen, CPU, m) {
+  m.impl("_batch_norm_act_fused", &batch_norm_act_cpu);
+}

@@ -1,0 +1,99 @@
+// CPU building blocks of the fused normalization kernels: vectorized activations, shifted sums
+// for the statistics, and the normalize + activate pass. Vectorized for float (at::vec, the ISA
+// setup.py compiles for); scalar loops in opmath for the other dtypes.
+#pragma once
+#include <ATen/OpMathType.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "activation.h"
+
+namespace fastgen::cpu {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kBlock = 512;  // values summed in float before the double accumulators
+
+template <int ACT>
+inline Vec activate_vec(Vec z, Vec slope) {
+  using namespace fastgen;
+  if constexpr (ACT == kRelu) return at::vec::clamp_min(z, Vec(0.f));
+  if constexpr (ACT == kLeakyRelu) return Vec::blendv(z * slope, z, z > Vec(0.f));
+  if constexpr (ACT == kSilu) return z / (Vec(1.f) + z.neg().exp_u20());  // exp to 2 ulp: fast enough to hide
+  if constexpr (ACT == kGelu) return Vec(0.5f) * z * (Vec(1.f) + (z * Vec(0.70710678118654752440f)).erf());
+  if constexpr (ACT == kGeluTanh) {
+    const Vec u = Vec(0.79788456080286535588f) * (z + Vec(0.044715f) * z * z * z);
+    return Vec(0.5f) * z * (Vec(1.f) + u.tanh());
+  }
+  return z;
+}
+
+inline float horizontal_sum(const Vec& v) {
+  alignas(64) float lanes[Vec::size()];
+  v.store(lanes);
+  float s = 0.f;
+  for (int i = 0; i < Vec::size(); ++i) s += lanes[i];
+  return s;
+}
+
+// s1 += sum(x - k), s2 += sum((x - k)^2) over len contiguous values.
+template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
+void shifted_sums(const scalar_t* x, int64_t len, opmath_t k, double& s1, double& s2) {
+  for (int64_t b0 = 0; b0 < len; b0 += kBlock) {
+    const int64_t b1 = std::min(len, b0 + kBlock);
+    int64_t i = b0;
+    opmath_t a1 = 0, a2 = 0;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      Vec v1(0.f), v2(0.f);
+      for (; i + Vec::size() <= b1; i += Vec::size()) {
+        const Vec d = Vec::loadu(x + i) - Vec(k);
+        v1 += d;
+        v2 += d * d;
+      }
+      a1 = horizontal_sum(v1);
+      a2 = horizontal_sum(v2);
+    }
+    for (; i < b1; ++i) {
+      const opmath_t d = static_cast<opmath_t>(x[i]) - k;
+      a1 += d;
+      a2 += d * d;
+    }
+    s1 += a1;
+    s2 += a2;
+  }
+}
+
+// y = act(x * a + b) over len values; a, b scalars (NCHW rows) or per-value arrays (NHWC rows).
+template <typename scalar_t, int ACT, bool kPerValue, typename opmath_t = at::opmath_type<scalar_t>>
+void apply_span(const scalar_t* x, scalar_t* y, int64_t len, const opmath_t* a, const opmath_t* b, float slope) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    const Vec vs(slope);
+    for (; i + Vec::size() <= len; i += Vec::size()) {
+      const Vec va = kPerValue ? Vec::loadu(a + i) : Vec(*a);
+      const Vec vb = kPerValue ? Vec::loadu(b + i) : Vec(*b);
+      activate_vec<ACT>(Vec::loadu(x + i) * va + vb, vs).store(y + i);
+    }
+  }
+  for (; i < len; ++i) {
+    const opmath_t z = static_cast<opmath_t>(x[i]) * (kPerValue ? a[i] : *a) + (kPerValue ? b[i] : *b);
+    y[i] = static_cast<scalar_t>(fastgen::activate<opmath_t>(z, ACT, static_cast<opmath_t>(slope)));
+  }
+}
+
+// Calls f(std::integral_constant<int, ACT>{}) for the activation code, so that kernels are
+// instantiated per activation and the inner loops carry no switch.
+template <typename F>
+void with_activation(int64_t act, F&& f) {
+  switch (act) {
+    case kRelu: f(std::integral_constant<int, kRelu>{}); break;
+    case kLeakyRelu: f(std::integral_constant<int, kLeakyRelu>{}); break;
+    case kSilu: f(std::integral_constant<int, kSilu>{}); break;
+    case kGelu: f(std::integral_constant<int, kGelu>{}); break;
+    case kGeluTanh: f(std::integral_constant<int, kGeluTanh>{}); break;
+    default: f(std::integral_constant<int, kIdentity>{});
+  }
+}
+
+}  // namespace fastgen::cpu

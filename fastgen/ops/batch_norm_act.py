@@ -1,0 +1,206 @@
+"""fastgen::batch_norm_act: BatchNorm (training or eval) followed by an activation, fused.
+
+Training statistics are returned by the op and folded into the running statistics here, exactly as
+F.batch_norm does (momentum, unbiased variance); synchronized statistics across processes are
+fastgen.nn.BatchNormAct2d(sync=True), which passes them in. Kernel: csrc/batch_norm_act.cpp (CPU).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastgen.dispatch import select
+from fastgen.ops._activation import CODES, activation_grad, apply_activation, check_activation
+from fastgen.ops._util import check_floating, check_tensor, memory_format
+
+_KERNELS = frozenset({"reference", "composite", "cpu"})
+_AUTO = {"cpu": ("cpu", "composite"), "cuda": ("composite",)}  # CUDA and Triton kernels: not yet
+
+
+def batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                   weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
+                   momentum: float = 0.1, eps: float = 1e-5, activation: str = "relu",
+                   negative_slope: float = 0.01, *, backend: Optional[str] = None) -> Tensor:
+    """activation(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)),
+    fused; in training the running statistics (when given) are updated in place as F.batch_norm
+    does. See batch_norm_act_ref."""
+    _check_batch_norm_act(x, running_mean, running_var, weight, bias, training, momentum, eps, activation,
+                          negative_slope)
+    name = select("batch_norm_act", x.device, backend, _KERNELS, _AUTO)
+    if name == "reference":
+        return batch_norm_act_ref(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                                  activation, negative_slope)
+    stats = (None, None) if training else (running_mean, running_var)
+    out, mean, var = torch.ops.fastgen.batch_norm_act(x, weight, bias, *stats, training, float(eps), activation,
+                                                      float(negative_slope), name)
+    if training and running_mean is not None:
+        update_running_stats(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
+    return out
+
+
+def batch_norm_act_ref(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                       weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
+                       momentum: float = 0.1, eps: float = 1e-5, activation: str = "relu",
+                       negative_slope: float = 0.01) -> Tensor:
+    """BatchNorm then an activation, the way a user writes the unfused layers.
+
+    1. y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+       training: batch statistics over (N, *) per channel; running_mean and running_var (if given)
+       become (1 - momentum) * running + momentum * batch (the variance unbiased).
+       eval: the running statistics.
+    2. return act(y)
+
+    Args:
+        x:                          (N, C, *) floating point, NCHW or channels_last.
+        running_mean, running_var:  (C,) or None (None needs training=True).
+        weight, bias:               (C,) or None.
+    """
+    y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    return apply_activation(y, activation, negative_slope)
+
+
+def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: int,
+                         momentum: float) -> None:
+    """running = (1 - momentum) * running + momentum * batch, the batch variance made unbiased."""
+    with torch.no_grad():
+        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        running_var.lerp_((var * (count / max(count - 1, 1))).to(running_var.dtype), momentum)
+
+
+def _check_batch_norm_act(x, running_mean, running_var, weight, bias, training, momentum, eps, act, slope):
+    check_tensor("x", x)
+    check_floating("x", x)
+    if x.dim() < 2:
+        raise RuntimeError(f"x must be (N, C, *), got shape {tuple(x.shape)}")
+    c = x.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        check_tensor(name, t)
+        if tuple(t.shape) != (c,) or t.device != x.device:
+            raise RuntimeError(f"{name} must be a ({c},) tensor on {x.device}, got {tuple(t.shape)} on {t.device}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise RuntimeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together")
+    if not training and running_mean is None:
+        raise ValueError("running_mean and running_var are needed when training=False")
+    if training and x.numel() // max(c, 1) <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        raise ValueError(f"momentum must be a number, got {momentum!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    check_activation(act, slope)
+
+
+# ---------------------------------------------------------------------------------------------
+# composite
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _channel_view(t: Tensor, x: Tensor) -> Tensor:
+    return t.view(1, -1, *((1,) * (x.dim() - 2)))
+
+
+def batch_statistics(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance over (N, *), two passes in opmath; differentiable."""
+    dims = (0, *range(2, x.dim()))
+    xf = x.to(_opmath(x.dtype))
+    mean = xf.mean(dims)
+    centered = xf - _channel_view(mean, x)
+    return mean, (centered * centered).mean(dims)
+
+
+def _batch_norm_act_composite(x, weight, bias, mean, var, training, eps, act, slope):
+    if training:
+        mean, var = batch_statistics(x)
+    mean, var = mean.to(_opmath(x.dtype)), var.to(_opmath(x.dtype))
+    a = torch.rsqrt(var + eps)
+    if weight is not None:
+        a = a * weight.to(a.dtype)
+    b = -mean * a
+    if bias is not None:
+        b = b + bias.to(b.dtype)
+    z = torch.addcmul(_channel_view(b, x), x.to(a.dtype), _channel_view(a, x))
+    return apply_activation(z, act, slope).to(x.dtype).contiguous(memory_format=memory_format(x)), mean.clone(), var.clone()
+
+
+def _batch_norm_act_cpu(x, weight, bias, mean, var, training, eps, act, slope):
+    return torch.ops.fastgen._batch_norm_act_fused(x, weight, bias, mean, var, training, eps, CODES[act], slope)
+
+
+_IMPLS = {"composite": _batch_norm_act_composite, "cpu": _batch_norm_act_cpu}
+
+
+# ---------------------------------------------------------------------------------------------
+# registration: out, and the statistics used (batch statistics when training), in opmath
+
+@torch.library.custom_op("fastgen::batch_norm_act", mutates_args=(), device_types=("cpu", "cuda"))
+def _batch_norm_act_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Optional[Tensor],
+                       var: Optional[Tensor], training: bool, eps: float, activation: str, negative_slope: float,
+                       backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return _IMPLS[backend](x, weight, bias, mean, var, training, eps, activation, negative_slope)
+
+
+@_batch_norm_act_op.register_kernel("xla")
+def _batch_norm_act_xla(x, weight, bias, mean, var, training, eps, activation, negative_slope, backend):
+    return _batch_norm_act_composite(x, weight, bias, mean, var, training, eps, activation, negative_slope)
+
+
+@_batch_norm_act_op.register_fake
+def _fake_batch_norm_act(x, weight, bias, mean, var, training, eps, activation, negative_slope, backend):
+    stat = x.new_empty((x.shape[1],), dtype=_opmath(x.dtype))
+    return torch.empty_like(x, memory_format=memory_format(x)), stat, torch.empty_like(stat)
+
+
+def _setup_context_batch_norm_act(ctx, inputs, output):
+    x, weight, bias, mean, var, training, eps, act, slope, _ = inputs
+    ctx.save_for_backward(x, weight, bias, mean, var)
+    ctx.args = (training, eps, act, slope)
+
+
+def _backward_batch_norm_act(ctx, grad: Tensor, _grad_mean, _grad_var):
+    """Aten math (differentiable, XLA-lowerable). Training: the statistics are recomputed from x and
+    differentiated through; otherwise gradients also flow to the given mean and var (the
+    synchronized path passes all-reduced statistics that depend on x)."""
+    x, weight, bias, mean, var = ctx.saved_tensors
+    training, eps, act, slope = ctx.args
+    if training:
+        mean, var = batch_statistics(x)
+    op = _opmath(x.dtype)
+    dims = (0, *range(2, x.dim()))
+    centered = x.to(op) - _channel_view(mean.to(op), x)
+    rstd = _channel_view(torch.rsqrt(var.to(op) + eps), x)
+    xhat = centered * rstd
+    w = None if weight is None else _channel_view(weight.to(op), x)
+    z = xhat if w is None else xhat * w
+    if bias is not None:
+        z = z + _channel_view(bias.to(op), x)
+    gz = grad.to(op) * activation_grad(z, act, slope)
+    need = ctx.needs_input_grad
+    gw = (gz * xhat).sum(dims).to(weight.dtype) if need[1] and weight is not None else None
+    gb = gz.sum(dims).to(bias.dtype) if need[2] and bias is not None else None
+    gxhat = gz if w is None else gz * w
+    gx = gmean = gvar = None
+    if training:
+        if need[0]:
+            gx = rstd * (gxhat - gxhat.mean(dims, keepdim=True) - xhat * (gxhat * xhat).mean(dims, keepdim=True))
+    else:
+        if need[0]:
+            gx = gxhat * rstd
+        if need[3]:
+            gmean = -(gxhat * rstd).sum(dims).to(mean.dtype)
+        if need[4]:
+            gvar = (-0.5 * gxhat * centered * rstd ** 3).sum(dims).to(var.dtype)
+    return (None if gx is None else gx.to(x.dtype)), gw, gb, gmean, gvar, None, None, None, None, None
+
+
+_batch_norm_act_op.register_autograd(_backward_batch_norm_act, setup_context=_setup_context_batch_norm_act)
