@@ -1,5 +1,7 @@
 """One pytest-benchmark test per fastgen.bench suite: every provider, shape, layout and pass."""
 
+import os
+
 import pytest
 import torch
 
@@ -37,6 +39,7 @@ def benchmark_suite(suite):
         benchmark.group = f"{suite.op} {shape.name} {DTYPE} {'nhwc' if channels_last else 'nchw'} {kind}"
         benchmark.extra_info.update(suite.work(shape, inputs[0].element_size()))
         benchmark.extra_info["fastgen"] = fastgen.__version__
-        benchmark.pedantic(step, rounds=30 if DEVICE == "cpu" else 50, warmup_rounds=3)
+        rounds = int(os.environ.get("FASTGEN_BENCH_ROUNDS", 30 if DEVICE == "cpu" else 50))
+        benchmark.pedantic(step, rounds=rounds, warmup_rounds=3)
 
     return test
