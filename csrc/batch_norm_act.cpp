@@ -12,6 +12,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "layout.h"
+
 #include <vector>
 
 #include "norm_cpu.h"
@@ -56,20 +58,7 @@ void batch_norm_act_kernel(const at::Tensor& x, at::Tensor& out, const at::Tenso
           opmath_t* a1 = p1.data() + t * C;
           opmath_t* a2 = p2.data() + t * C;
           for (int64_t r = t * per_task; r < std::min(rows, (t + 1) * per_task); ++r) {
-            const scalar_t* row = xp + r * C;
-            int64_t c = 0;
-            if constexpr (std::is_same_v<scalar_t, float>) {
-              for (; c + Vec::size() <= C; c += Vec::size()) {
-                const Vec d = Vec::loadu(row + c) - Vec::loadu(k.data() + c);
-                (Vec::loadu(a1 + c) + d).store(a1 + c);
-                (Vec::loadu(a2 + c) + d * d).store(a2 + c);
-              }
-            }
-            for (; c < C; ++c) {
-              const opmath_t d = static_cast<opmath_t>(row[c]) - k[c];
-              a1[c] += d;
-              a2[c] += d * d;
-            }
+            shifted_sums_row(xp + r * C, C, k.data(), a1, a2);
           }
         }
       });
@@ -113,9 +102,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_cpu(
     int64_t activation, double negative_slope) {
   TORCH_CHECK(x_in.dim() >= 2, "x must be (N, C, *)");
   TORCH_CHECK(training || (mean.has_value() && var.has_value()), "mean and var are needed when not training");
-  const bool channels_last = x_in.dim() == 4 && !x_in.is_contiguous() && x_in.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const bool channels_last = fastgen::is_channels_last(x_in);
   const at::Tensor x = channels_last ? x_in : x_in.contiguous();
-  at::Tensor out = at::empty_like(x, channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  at::Tensor out = at::empty_like(x, fastgen::output_format(x));
   const auto opmath = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t C = x.size(1);
   at::Tensor m = training ? at::empty({C}, x.options().dtype(opmath)) : mean->to(opmath).contiguous().clone();

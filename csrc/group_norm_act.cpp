@@ -16,6 +16,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "layout.h"
+
 #include <vector>
 
 #include "activation.h"
@@ -89,20 +91,7 @@ void group_norm_act_kernel(const at::Tensor& x, at::Tensor& out, int64_t G, cons
       opmath_t* a1 = p1.data() + t * C;
       opmath_t* a2 = p2.data() + t * C;
       for (int64_t l = l0; l < l1; ++l) {
-        const scalar_t* row = xp + (n * L + l) * C;
-        int64_t c = 0;
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          for (; c + Vec::size() <= C; c += Vec::size()) {
-            const Vec d = Vec::loadu(row + c) - Vec::loadu(k.data() + c);
-            (Vec::loadu(a1 + c) + d).store(a1 + c);
-            (Vec::loadu(a2 + c) + d * d).store(a2 + c);
-          }
-        }
-        for (; c < C; ++c) {
-          const opmath_t d = static_cast<opmath_t>(row[c]) - k[c];
-          a1[c] += d;
-          a2[c] += d * d;
-        }
+        shifted_sums_row(xp + (n * L + l) * C, C, k.data(), a1, a2);
       }
     }
   });
@@ -130,9 +119,9 @@ at::Tensor group_norm_act_cpu(const at::Tensor& x_in, int64_t num_groups, const 
                               double negative_slope) {
   TORCH_CHECK(x_in.dim() >= 2 && x_in.size(1) % num_groups == 0, "x must be (N, C, *) with C divisible by num_groups");
   TORCH_CHECK(activation >= 0 && activation <= 5, "unknown activation code ", activation);
-  const bool channels_last = x_in.dim() == 4 && !x_in.is_contiguous() && x_in.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const bool channels_last = fastgen::is_channels_last(x_in);
   const at::Tensor x = channels_last ? x_in : x_in.contiguous();
-  at::Tensor out = at::empty_like(x, channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  at::Tensor out = at::empty_like(x, fastgen::output_format(x));
   if (x.numel() == 0) return out;
   const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();

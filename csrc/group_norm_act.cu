@@ -16,6 +16,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "layout.h"
+
 #include "activation.h"
 
 namespace {
@@ -136,9 +138,9 @@ at::Tensor group_norm_act_cuda(const at::Tensor& x_in, int64_t num_groups, const
               "x must be a CUDA (N, C, *) tensor with C divisible by num_groups");
   TORCH_CHECK(activation >= 0 && activation <= 5, "unknown activation code ", activation);
   const at::cuda::CUDAGuard guard(x_in.device());
-  const bool channels_last = x_in.dim() == 4 && !x_in.is_contiguous() && x_in.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const bool channels_last = fastgen::is_channels_last(x_in);
   const at::Tensor x = channels_last ? x_in : x_in.contiguous();
-  at::Tensor out = at::empty_like(x, channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  at::Tensor out = at::empty_like(x, fastgen::output_format(x));
   if (x.numel() == 0) return out;
   const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();

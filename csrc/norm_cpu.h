@@ -64,6 +64,24 @@ void shifted_sums(const scalar_t* x, int64_t len, opmath_t k, double& s1, double
   }
 }
 
+// Channels-last rows: a1[c] += x[c] - k[c], a2[c] += (x[c] - k[c])^2 for the C values of one row.
+template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
+void shifted_sums_row(const scalar_t* row, int64_t C, const opmath_t* k, opmath_t* a1, opmath_t* a2) {
+  int64_t c = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (; c + Vec::size() <= C; c += Vec::size()) {
+      const Vec d = Vec::loadu(row + c) - Vec::loadu(k + c);
+      (Vec::loadu(a1 + c) + d).store(a1 + c);
+      (Vec::loadu(a2 + c) + d * d).store(a2 + c);
+    }
+  }
+  for (; c < C; ++c) {
+    const opmath_t d = static_cast<opmath_t>(row[c]) - k[c];
+    a1[c] += d;
+    a2[c] += d * d;
+  }
+}
+
 // y = act(x * a + b) over len values; a, b scalars (NCHW rows) or per-value arrays (NHWC rows).
 template <typename scalar_t, int ACT, bool kPerValue, typename opmath_t = at::opmath_type<scalar_t>>
 void apply_span(const scalar_t* x, scalar_t* y, int64_t len, const opmath_t* a, const opmath_t* b, float slope) {

@@ -12,6 +12,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "layout.h"
+
 namespace {
 
 constexpr int kThreads = 256;
@@ -51,9 +53,9 @@ __global__ void pixel_norm_nhwc_kernel(const scalar_t* x, scalar_t* y, int64_t p
 at::Tensor pixel_norm_cuda(const at::Tensor& x_in, double eps) {
   TORCH_CHECK(x_in.is_cuda() && x_in.dim() >= 2, "x must be a CUDA (N, C, *) tensor");
   const at::cuda::CUDAGuard guard(x_in.device());
-  const bool channels_last = x_in.dim() == 4 && !x_in.is_contiguous() && x_in.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const bool channels_last = fastgen::is_channels_last(x_in);
   const at::Tensor x = channels_last ? x_in : x_in.contiguous();
-  at::Tensor y = at::empty_like(x, channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  at::Tensor y = at::empty_like(x, fastgen::output_format(x));
   if (x.numel() == 0) return y;
   const int64_t N = x.size(0), C = x.size(1), L = x.numel() / (N * C);
   const int64_t blocks = channels_last ? (N * L + kThreads / 32 - 1) / (kThreads / 32) : (N * L + kThreads - 1) / kThreads;

@@ -19,6 +19,8 @@
 #include <mma.h>
 #include <torch/library.h>
 
+#include "layout.h"
+
 namespace {
 
 constexpr int BM = 64;  // output pixels per block
@@ -219,8 +221,7 @@ at::Tensor upsample_conv2d_fused_cuda(const at::Tensor& x, const at::Tensor& pac
   const at::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK(at::cuda::getCurrentDeviceProperties()->major >= 8,
               "the cuda backend of upsample_conv2d needs compute capability 8.0 or newer");
-  const auto fmt = (!x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast))
-                       ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const auto fmt = fastgen::output_format(x);
   const int64_t CO = packed_weight.size(4);
   at::Tensor out = at::empty({N, CO, HOUT, WOUT}, x.options(), fmt);
   if (out.numel() == 0) return out;

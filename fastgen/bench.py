@@ -47,6 +47,13 @@ def _generator():
     return torch.Generator(device="cpu").manual_seed(0)
 
 
+def _norm_inputs(s: "Shape"):
+    """x, and a per-channel weight near 1 and bias near 0, as trained norm layers have."""
+    g = _generator()
+    return (torch.randn(s.n, s.c, s.h, s.w, generator=g), 1 + 0.1 * torch.randn(s.c, generator=g),
+            0.1 * torch.randn(s.c, generator=g))
+
+
 class UpsampleConv:
     op = "upsample_conv2d"
     # Real generator layers. SD-VAE decoder: Upsample2D (nearest 2x + 3x3 conv) at 64, 128, 256.
@@ -100,11 +107,7 @@ class GroupNormAct:
     ]
     backends = ("composite", "cpu", "cuda", "triton")
 
-    @staticmethod
-    def inputs(s: Shape):
-        g = _generator()
-        return (torch.randn(s.n, s.c, s.h, s.w, generator=g), 1 + 0.1 * torch.randn(s.c, generator=g),
-                0.1 * torch.randn(s.c, generator=g))
+    inputs = staticmethod(_norm_inputs)
 
     @staticmethod
     def eager(x, w, b, s: Shape):
@@ -129,11 +132,7 @@ class BatchNormAct:
                   Shape("dcgan-64x32", 16, 64, 32, 32, activation="relu")]
     backends = ("composite", "cpu")
 
-    @staticmethod
-    def inputs(s: Shape):
-        g = _generator()
-        return (torch.randn(s.n, s.c, s.h, s.w, generator=g), 1 + 0.1 * torch.randn(s.c, generator=g),
-                0.1 * torch.randn(s.c, generator=g))
+    inputs = staticmethod(_norm_inputs)
 
     @staticmethod
     def eager(x, w, b, s: Shape):
