@@ -22,6 +22,8 @@ def main(argv=None) -> int:
     bench.add_argument("--layouts", default="nchw,nhwc")
     bench.add_argument("--shapes", default=None, help="comma-separated shape names (default: all)")
     bench.add_argument("--ops", default=None, help="comma-separated ops (default: all)")
+    bench.add_argument("--compile-mode", default="auto",
+                       help="torch.compile mode of the compile provider (auto: max-autotune on a GPU)")
     args = parser.parse_args(argv)
 
     print(fastgen.summary())
@@ -48,7 +50,8 @@ def main(argv=None) -> int:
         if args.shapes:
             shapes = [s for s in shapes if s.name in args.shapes.split(",")]
         for layout in args.layouts.split(","):
-            fb.run(suite, args.device, dtype, layout == "nhwc", shapes=shapes, passes=passes, on_row=save)
+            fb.run(suite, args.device, dtype, layout == "nhwc", shapes=shapes, passes=passes, on_row=save,
+                   compile_mode=None if args.compile_mode == "default" else args.compile_mode)
     print("\n" + fb.summary_table(rows))
     if args.out:
         print(f"wrote {args.out}")

@@ -181,10 +181,12 @@ def make_inputs(suite, shape: Shape, dtype, device, channels_last: bool, require
     return [t.to(device=device, dtype=dtype).requires_grad_(requires_grad) for t in (x, *rest)]
 
 
-def providers(suite, device: str) -> dict:
-    """name -> f(*inputs, shape): every way this device can run the op."""
-    compiled = torch.compile(suite.eager, mode="max-autotune-no-cudagraphs" if device == "cuda" else None,
-                             dynamic=False)
+def providers(suite, device: str, compile_mode: str | None = "auto") -> dict:
+    """name -> f(*inputs, shape): every way this device can run the op. compile_mode "auto" is
+    max-autotune (without CUDA graphs) on a GPU and the default elsewhere."""
+    if compile_mode == "auto":
+        compile_mode = "max-autotune-no-cudagraphs" if device == "cuda" else None
+    compiled = torch.compile(suite.eager, mode=compile_mode, dynamic=False)
     table = {"eager": suite.eager, "compile": compiled}
     # the fastgen backends that run here; on the CPU triton is the interpreter (correctness only)
     runs_here = {"composite"} | ({"cuda", "triton"} if device == "cuda" else {"cpu"})
@@ -241,7 +243,7 @@ def measure(f, inputs, shape, need_grad: bool, oracle, device: str, reps: int, w
 
 
 def run(suite, device: str = "cpu", dtype=torch.float32, channels_last=False, shapes=None, passes=("fwd",),
-        reps: int = 10, log=print, on_row=None) -> list[dict]:
+        reps: int = 10, log=print, on_row=None, compile_mode: str | None = "auto") -> list[dict]:
     shapes = shapes or (suite.gpu_shapes if device == "cuda" else suite.cpu_shapes)
     rows = []
     for shape in shapes:
@@ -249,7 +251,7 @@ def run(suite, device: str = "cpu", dtype=torch.float32, channels_last=False, sh
             # a fresh torch.compile per row: one compiled graph per shape, never the recompile
             # limit's silent fall back to eager
             torch._dynamo.reset()
-            table = providers(suite, device)
+            table = providers(suite, device, compile_mode)
             need_grad = kind != "fwd"
             inputs = make_inputs(suite, shape, dtype, device, channels_last, need_grad)
             oracle = suite.eager(*(t.detach().double() for t in inputs), shape)
@@ -266,7 +268,7 @@ def run(suite, device: str = "cpu", dtype=torch.float32, channels_last=False, sh
                     if "ms" in r and "ms" in results.get(base, {}):
                         r[f"speedup_vs_{base}"] = results[base]["ms"] / r["ms"]
             row = {"op": suite.op, "shape": asdict(shape), "pass": kind, "dtype": str(dtype).replace("torch.", ""),
-                   "channels_last": channels_last, "providers": results}
+                   "channels_last": channels_last, "compile_mode": compile_mode, "providers": results}
             if device == "cuda":
                 row["copy_gbps"] = copy_gbps(inputs[0].detach())
             rows.append(row)

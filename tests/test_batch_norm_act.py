@@ -12,9 +12,16 @@ from fastgen.ops import batch_norm_act, batch_norm_act_ref
 from fastgen.ops._activation import ACTIVATIONS
 from tolerances import assert_close, assert_close_grad
 
-BACKENDS = ["composite", "cpu"]
+BACKENDS = ["composite", "cpu", "triton"]
 FORMATS = [torch.contiguous_format, torch.channels_last]
-SHAPES = [(4, 6, 5, 7), (2, 3, 1, 1), (1, 40, 9, 3), (3, 1, 4, 4)]
+# odd sizes, one position, C not a multiple of 8, one channel, many rows (several row chunks)
+SHAPES = [(4, 6, 5, 7), (2, 3, 1, 1), (1, 40, 9, 3), (3, 1, 4, 4), (8, 3, 20, 20)]
+
+
+@pytest.fixture(autouse=True)
+def _triton_needs_the_interpreter(request):
+    if "triton" in request.node.name and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1")
 
 
 def make(shape, dtype, fmt=torch.contiguous_format, grad=False):
@@ -53,6 +60,8 @@ def test_forward_and_running_stats(backend, training, activation, fmt, shape):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_dtypes(backend, dtype, training):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the triton backend takes float32/16 and bfloat16")
     x, w, b, rm, rv = make((4, 6, 5, 7), dtype)
     x64, w64, b64, rm64, rv64 = f64(x, w, b, rm, rv)
     out = batch_norm_act(x, rm, rv, w, b, training, 0.1, 1e-5, "relu", backend=backend)
@@ -80,6 +89,27 @@ def test_backward(backend, training, dtype):
     want = torch.autograd.grad(expected, (x64, w64, b64), grad.double())
     for g, e in zip(got, want, strict=True):
         assert_close_grad(g, e, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["composite", "triton", "cuda"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", [(4, 6, 5, 7), (64, 40, 33, 17)], ids=lambda s: "x".join(map(str, s)))
+def test_cuda(backend, training, dtype, fmt, shape):
+    x, w, b, rm, rv = (t.cuda() for t in make(shape, dtype, fmt))
+    x.requires_grad_(True)
+    x64, w64, b64, rm64, rv64 = f64(x, w, b, rm, rv)
+    out = batch_norm_act(x, rm, rv, w, b, training, 0.1, 1e-5, "silu", backend=backend)
+    expected = batch_norm_act_ref(x64, rm64, rv64, w64, b64, training, 0.1, 1e-5, "silu")
+    assert_close(out, expected, dtype)
+    assert_close(rm, rm64, torch.float32)
+    assert_close(rv, rv64, torch.float32)
+    grad = torch.randn_like(out)
+    (gx,) = torch.autograd.grad(out, x, grad)
+    (ex,) = torch.autograd.grad(expected, x64, grad.double())
+    assert_close_grad(gx, ex, dtype)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -137,7 +167,7 @@ def test_compile_fullgraph_eval():
     (dict(weight=torch.randn(5)), RuntimeError, "weight must be a"),
     (dict(activation="swish"), ValueError, "activation"),
     (dict(eps=-1.0), ValueError, "eps"),
-    (dict(backend="cuda"), NotImplementedError, "has no 'cuda' backend"),
+    (dict(backend="cuda"), RuntimeError, "backend 'cuda' is not available"),
 ])
 def test_bad_arguments(kwargs, error, match):
     args = dict(x=torch.randn(2, 3, 4, 4), running_mean=torch.zeros(3), running_var=torch.ones(3), training=True)

@@ -10,7 +10,7 @@ from fastgen.dispatch import backends
 
 PUBLIC_OPS = ["upsample_conv2d", "group_norm_act", "batch_norm_act", "pixel_norm"]
 CPU_KERNELS = ["_group_norm_act_fused", "_batch_norm_act_fused"]
-CUDA_KERNELS = ["_upsample_conv2d_fused", "_group_norm_act_fused", "_pixel_norm_fused"]
+CUDA_KERNELS = ["_upsample_conv2d_fused", "_group_norm_act_fused", "_batch_norm_act_fused", "_pixel_norm_fused"]
 
 
 def has_kernel(op: str, key: str) -> bool:

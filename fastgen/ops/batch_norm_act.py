@@ -2,7 +2,8 @@
 
 Training statistics are returned by the op and folded into the running statistics here, exactly as
 F.batch_norm does (momentum, unbiased variance); synchronized statistics across processes are
-fastgen.nn.BatchNormAct2d(sync=True), which passes them in. Kernel: csrc/batch_norm_act.cpp (CPU).
+fastgen.nn.BatchNormAct2d(sync=True), which passes them in. Kernels: kernels/batch_norm_act.py
+(Triton), csrc/batch_norm_act.{cpp,cu} (C++ CPU and CUDA).
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastgen.dispatch import select
+from fastgen.dispatch import _INTERPRET, select
 from fastgen.ops._activation import CODES, activation_grad, apply_activation, check_activation
 from fastgen.ops._util import check_floating, check_tensor, memory_format
 
-_KERNELS = frozenset({"reference", "composite", "cpu"})
-_AUTO = {"cpu": ("cpu", "composite"), "cuda": ("composite",)}  # CUDA and Triton kernels: not yet
+_KERNELS = frozenset({"reference", "composite", "cpu", "cuda", "triton"})
+_AUTO = {"cpu": ("cpu", "composite"), "cuda": ("cuda", "triton", "composite")}
 
 
 def batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -133,11 +134,58 @@ def _batch_norm_act_composite(x, weight, bias, mean, var, training, eps, act, sl
     return apply_activation(z, act, slope).to(x.dtype).contiguous(memory_format=memory_format(x)), mean.clone(), var.clone()
 
 
-def _batch_norm_act_cpu(x, weight, bias, mean, var, training, eps, act, slope):
+def _batch_norm_act_fused(x, weight, bias, mean, var, training, eps, act, slope):
+    """The C++ kernels: CPU ("cpu" backend) or CUDA ("cuda" backend), by x's device."""
     return torch.ops.fastgen._batch_norm_act_fused(x, weight, bias, mean, var, training, eps, CODES[act], slope)
 
 
-_IMPLS = {"composite": _batch_norm_act_composite, "cpu": _batch_norm_act_cpu}
+def _as_ncl(x: Tensor) -> Tensor:
+    """x as (N, C, L) with unit stride along C or L (a copy only for other layouts)."""
+    n, c = x.shape[:2]
+    if memory_format(x) == torch.channels_last:
+        return x.permute(0, 2, 3, 1).reshape(n, -1, c).transpose(1, 2)  # a view
+    return x.contiguous().view(n, c, -1)
+
+
+def _batch_norm_act_triton(x, weight, bias, mean, var, training, eps, act, slope):
+    import triton
+
+    from fastgen.kernels.batch_norm_act import _batch_norm_act_fwd_kernel, _batch_norm_stats_kernel
+
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise RuntimeError(f"batch_norm_act: the triton backend takes float32/16 and bfloat16, got {x.dtype}")
+    out = torch.empty_like(x, memory_format=memory_format(x))
+    xv, ov = _as_ncl(x), _as_ncl(out)
+    n, c, length = xv.shape
+    rows = n * length
+    block_c = max(2, min(64, triton.next_power_of_2(c)))
+    block_r = max(16, min(256, 4096 // block_c))
+    col_blocks = triton.cdiv(c, block_c)
+    # split the rows so that there are enough programs for a GPU
+    per_chunk = max(1, triton.cdiv(triton.cdiv(rows, block_r), max(1, triton.cdiv(512, col_blocks))))
+    chunk = per_chunk * block_r
+    split = triton.cdiv(rows, chunk)
+    grid = (split, col_blocks)
+    mean_out = torch.empty(c, device=x.device, dtype=torch.float32)
+    var_out = torch.empty_like(mean_out)
+    if training:
+        mean = torch.empty((split, c), device=x.device, dtype=torch.float32)  # partial means, then M2s
+        var = torch.empty_like(mean)
+        _batch_norm_stats_kernel[grid](xv, mean, var, n, c, length, chunk, *xv.stride(), BLOCK_R=block_r,
+                                       BLOCK_C=block_c)
+    else:
+        mean, var = mean.float().contiguous(), var.float().contiguous()
+    _batch_norm_act_fwd_kernel[grid](
+        xv, ov, weight if weight is not None else xv, bias if bias is not None else xv, mean, var,
+        mean_out, var_out, n, c, length, chunk, split, *xv.stride(), *ov.stride(), eps, slope,
+        TRAINING=training, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT=CODES[act],
+        EMULATE_BF16=x.dtype == torch.bfloat16 and _INTERPRET, SPLIT_P2=triton.next_power_of_2(split),
+        BLOCK_R=block_r, BLOCK_C=block_c)
+    return out, mean_out, var_out
+
+
+_IMPLS = {"composite": _batch_norm_act_composite, "cpu": _batch_norm_act_fused, "cuda": _batch_norm_act_fused,
+          "triton": _batch_norm_act_triton}
 
 
 # ---------------------------------------------------------------------------------------------

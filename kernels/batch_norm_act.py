@@ -1,0 +1,109 @@
+"""BatchNorm + activation: per-channel statistics over (N, *), then one normalize + activate pass.
+
+x is read as rows (n, l) x channels through strides, in BLOCK_R x BLOCK_C tiles, so that NCHW
+(unit stride along l) and channels_last (unit stride along C) both load whole lines.
+_batch_norm_stats_kernel: grid (row chunks, channel blocks); each program folds its rows into
+per-channel (mean, M2) tile by tile with Chan's formula (see kernels/group_norm_act.py).
+_batch_norm_act_fwd_kernel: grid (row chunks, channel blocks); merges the SPLIT partials of its
+channels (training) or reads the given mean and var, and writes act(x * a_c + b_c); the programs
+of row chunk 0 also store the statistics for the running-statistics update.
+"""
+
+import triton
+import triton.language as tl
+
+from ._common import _round_to_bf16
+from .group_norm_act import _act
+
+
+@triton.jit
+def _batch_norm_stats_kernel(
+    x_ptr,  # (N, C, L) through strides
+    mean_ptr, m2_ptr,  # (SPLIT, C) fp32 partial statistics
+    N, C, L, CHUNK,  # rows (n, l) per program
+    stride_xn, stride_xc, stride_xl,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    part = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    count = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    start = part.to(tl.int64) * CHUNK
+    for r0 in range(0, CHUNK, BLOCK_R):
+        rows = start + r0 + tl.arange(0, BLOCK_R).to(tl.int64)
+        mask_r = (rows < N * L) & (rows < start + CHUNK)
+        mask = mask_r[:, None] & mask_c[None, :]
+        ptrs = x_ptr + ((rows // L) * stride_xn + (rows % L) * stride_xl)[:, None] \
+            + offs_c.to(tl.int64)[None, :] * stride_xc
+        v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        n_b = tl.sum(mask_r.to(tl.float32), axis=0)
+        if n_b > 0:
+            mean_b = tl.sum(v, axis=0) / n_b
+            d_b = tl.where(mask, v - mean_b[None, :], 0.0)
+            m2_b = tl.sum(d_b * d_b, axis=0)
+            total = count + n_b
+            d = mean_b - mean
+            mean += d * n_b / total
+            m2 += m2_b + d * d * count * n_b / total
+            count = total
+    tl.store(mean_ptr + part * C + offs_c, mean, mask=mask_c)
+    tl.store(m2_ptr + part * C + offs_c, m2, mask=mask_c)
+
+
+@triton.jit
+def _batch_norm_act_fwd_kernel(
+    x_ptr, out_ptr,  # (N, C, L) through strides
+    w_ptr, b_ptr,  # (C,) or dummies
+    mean_ptr, var_ptr,  # training: (SPLIT, C) partial means and M2; else (C,) given mean and var
+    mean_out_ptr, var_out_ptr,  # (C,) fp32: the statistics used (biased variance)
+    N, C, L, CHUNK, SPLIT,
+    stride_xn, stride_xc, stride_xl,
+    stride_on, stride_oc, stride_ol,
+    EPS, SLOPE,
+    TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    EMULATE_BF16: tl.constexpr,  # bf16 under the interpreter, whose fp32 -> bf16 cast truncates
+    SPLIT_P2: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    part = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    if TRAINING:  # merge the row chunks' partials (Chan)
+        parts = tl.arange(0, SPLIT_P2)
+        mask_p = parts < SPLIT
+        counts = tl.minimum(tl.maximum(N * L - parts.to(tl.int64) * CHUNK, 0), CHUNK).to(tl.float32)
+        counts = tl.where(mask_p, counts, 0.0)
+        mask_pc = mask_p[:, None] & mask_c[None, :]
+        means = tl.load(mean_ptr + parts[:, None] * C + offs_c[None, :], mask=mask_pc, other=0.0)
+        m2s = tl.load(var_ptr + parts[:, None] * C + offs_c[None, :], mask=mask_pc, other=0.0)
+        total = tl.sum(counts, axis=0)
+        mean = tl.sum(counts[:, None] * means, axis=0) / total
+        d = tl.where(mask_pc, means - mean[None, :], 0.0)
+        var = (tl.sum(m2s, axis=0) + tl.sum(counts[:, None] * d * d, axis=0)) / total
+    else:
+        mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        var = tl.load(var_ptr + offs_c, mask=mask_c, other=1.0).to(tl.float32)
+    if part == 0:
+        tl.store(mean_out_ptr + offs_c, mean, mask=mask_c)
+        tl.store(var_out_ptr + offs_c, var, mask=mask_c)
+    a = 1.0 / tl.sqrt(var + EPS)
+    if HAS_WEIGHT:
+        a = a * tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    b = -mean * a
+    if HAS_BIAS:
+        b += tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+
+    start = part.to(tl.int64) * CHUNK
+    for r0 in range(0, CHUNK, BLOCK_R):
+        rows = start + r0 + tl.arange(0, BLOCK_R).to(tl.int64)
+        mask = ((rows < N * L) & (rows < start + CHUNK))[:, None] & mask_c[None, :]
+        n = rows // L
+        l = rows % L
+        ch = offs_c.to(tl.int64)[None, :]
+        v = tl.load(x_ptr + (n * stride_xn + l * stride_xl)[:, None] + ch * stride_xc, mask=mask, other=0.0)
+        y = _act(v.to(tl.float32) * a[None, :] + b[None, :], ACT, SLOPE)
+        if EMULATE_BF16:
+            y = _round_to_bf16(y)
+        tl.store(out_ptr + (n * stride_on + l * stride_ol)[:, None] + ch * stride_oc,
+                 y.to(out_ptr.dtype.element_ty), mask=mask)
