@@ -20,3 +20,17 @@ def check_tensor(name: str, t, dim: int | None = None) -> None:
 def check_floating(name: str, t: torch.Tensor) -> None:
     if not t.is_floating_point():
         raise RuntimeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype arithmetic runs in: fp32 for fp16 and bf16 (as aten's opmath_type), else dtype."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def as_ncl(x: torch.Tensor) -> torch.Tensor:
+    """x as (N, C, L) with unit stride along C (channels_last) or L: a view, a copy only for
+    other layouts. The normalization kernels read it through its strides."""
+    n, c = x.shape[:2]
+    if memory_format(x) == torch.channels_last:
+        return x.permute(0, 2, 3, 1).reshape(n, -1, c).transpose(1, 2)
+    return x.contiguous().view(n, c, -1)

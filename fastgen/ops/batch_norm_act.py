@@ -16,7 +16,7 @@ from torch import Tensor
 
 from fastgen.dispatch import _INTERPRET, select
 from fastgen.ops._activation import CODES, activation_grad, apply_activation, check_activation
-from fastgen.ops._util import check_floating, check_tensor, memory_format
+from fastgen.ops._util import check_floating, check_tensor, as_ncl, memory_format, opmath_dtype
 
 _KERNELS = frozenset({"reference", "composite", "cpu", "cuda", "triton"})
 _AUTO = {"cpu": ("cpu", "composite"), "cuda": ("cuda", "triton", "composite")}
@@ -103,10 +103,6 @@ def _check_batch_norm_act(x, running_mean, running_var, weight, bias, training, 
 # ---------------------------------------------------------------------------------------------
 # composite
 
-def _opmath(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 def _channel_view(t: Tensor, x: Tensor) -> Tensor:
     return t.view(1, -1, *((1,) * (x.dim() - 2)))
 
@@ -114,7 +110,7 @@ def _channel_view(t: Tensor, x: Tensor) -> Tensor:
 def batch_statistics(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance over (N, *), two passes in opmath; differentiable."""
     dims = (0, *range(2, x.dim()))
-    xf = x.to(_opmath(x.dtype))
+    xf = x.to(opmath_dtype(x.dtype))
     mean = xf.mean(dims)
     centered = xf - _channel_view(mean, x)
     return mean, (centered * centered).mean(dims)
@@ -123,7 +119,7 @@ def batch_statistics(x: Tensor) -> tuple[Tensor, Tensor]:
 def _batch_norm_act_composite(x, weight, bias, mean, var, training, eps, act, slope):
     if training:
         mean, var = batch_statistics(x)
-    mean, var = mean.to(_opmath(x.dtype)), var.to(_opmath(x.dtype))
+    mean, var = mean.to(opmath_dtype(x.dtype)), var.to(opmath_dtype(x.dtype))
     a = torch.rsqrt(var + eps)
     if weight is not None:
         a = a * weight.to(a.dtype)
@@ -139,14 +135,6 @@ def _batch_norm_act_fused(x, weight, bias, mean, var, training, eps, act, slope)
     return torch.ops.fastgen._batch_norm_act_fused(x, weight, bias, mean, var, training, eps, CODES[act], slope)
 
 
-def _as_ncl(x: Tensor) -> Tensor:
-    """x as (N, C, L) with unit stride along C or L (a copy only for other layouts)."""
-    n, c = x.shape[:2]
-    if memory_format(x) == torch.channels_last:
-        return x.permute(0, 2, 3, 1).reshape(n, -1, c).transpose(1, 2)  # a view
-    return x.contiguous().view(n, c, -1)
-
-
 def _batch_norm_act_triton(x, weight, bias, mean, var, training, eps, act, slope):
     import triton
 
@@ -155,7 +143,7 @@ def _batch_norm_act_triton(x, weight, bias, mean, var, training, eps, act, slope
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise RuntimeError(f"batch_norm_act: the triton backend takes float32/16 and bfloat16, got {x.dtype}")
     out = torch.empty_like(x, memory_format=memory_format(x))
-    xv, ov = _as_ncl(x), _as_ncl(out)
+    xv, ov = as_ncl(x), as_ncl(out)
     n, c, length = xv.shape
     rows = n * length
     block_c = max(2, min(64, triton.next_power_of_2(c)))
@@ -205,7 +193,7 @@ def _batch_norm_act_xla(x, weight, bias, mean, var, training, eps, activation, n
 
 @_batch_norm_act_op.register_fake
 def _fake_batch_norm_act(x, weight, bias, mean, var, training, eps, activation, negative_slope, backend):
-    stat = x.new_empty((x.shape[1],), dtype=_opmath(x.dtype))
+    stat = x.new_empty((x.shape[1],), dtype=opmath_dtype(x.dtype))
     return torch.empty_like(x, memory_format=memory_format(x)), stat, torch.empty_like(stat)
 
 
@@ -223,7 +211,7 @@ def _backward_batch_norm_act(ctx, grad: Tensor, _grad_mean, _grad_var):
     training, eps, act, slope = ctx.args
     if training:
         mean, var = batch_statistics(x)
-    op = _opmath(x.dtype)
+    op = opmath_dtype(x.dtype)
     dims = (0, *range(2, x.dim()))
     centered = x.to(op) - _channel_view(mean.to(op), x)
     rstd = _channel_view(torch.rsqrt(var.to(op) + eps), x)

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from fastgen.dispatch import _INTERPRET, select
 from fastgen.ops._activation import CODES, activation_grad, apply_activation, check_activation
-from fastgen.ops._util import check_floating, check_tensor, memory_format
+from fastgen.ops._util import check_floating, check_tensor, as_ncl, memory_format, opmath_dtype
 
 _KERNELS = frozenset({"reference", "composite", "cpu", "cuda", "triton"})
 _AUTO = {"cpu": ("cpu", "composite"), "cuda": ("cuda", "triton", "composite")}  # benchmarks/NOTES.md
@@ -85,17 +85,11 @@ def _check_group_norm_act(x, num_groups, weight, bias, eps, act, negative_slope)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a non-negative number, got {eps!r}")
     check_activation(act, negative_slope)
-    if x.numel() and x[0, 0].numel() == 0:
-        raise RuntimeError(f"x of shape {tuple(x.shape)} has no positions to normalize over")
 
 
 # ---------------------------------------------------------------------------------------------
 # composite: statistics in fp32, then one fused multiply-add per element (XLA fuses it with the
 # activation into one loop).
-
-def _opmath(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
 
 def _affine_view(t: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
     """weight or bias, (C,) or (N, C), broadcastable against x."""
@@ -108,7 +102,7 @@ def _affine_view(t: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
 def _statistics(x: Tensor, num_groups: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """x - mean as (N, G, C/G, *) in opmath, and mean and rstd per (sample, group) as (N, G, 1, ...):
     two passes (on the CPU 7x faster than torch.var_mean's Welford reduction); differentiable in x."""
-    xs = x.to(_opmath(x.dtype)).unflatten(1, (num_groups, -1))
+    xs = x.to(opmath_dtype(x.dtype)).unflatten(1, (num_groups, -1))
     dims = tuple(range(2, xs.dim()))
     mean = xs.mean(dims, keepdim=True)
     centered = xs - mean
@@ -150,14 +144,6 @@ def _group_norm_act_composite(x, num_groups, weight, bias, eps, act, slope):
 # ---------------------------------------------------------------------------------------------
 # kernel launchers
 
-def _as_ncl(x: Tensor) -> Tensor:
-    """x as (N, C, L) with unit stride along C or L (a copy only for other layouts)."""
-    n, c = x.shape[:2]
-    if memory_format(x) == torch.channels_last:
-        return x.permute(0, 2, 3, 1).reshape(n, -1, c).transpose(1, 2)  # a view
-    return x.contiguous().view(n, c, -1)
-
-
 def _group_norm_act_triton(x, num_groups, weight, bias, eps, act, slope):
     import triton
 
@@ -166,7 +152,7 @@ def _group_norm_act_triton(x, num_groups, weight, bias, eps, act, slope):
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise RuntimeError(f"group_norm_act: the triton backend takes float32/16 and bfloat16, got {x.dtype}")
     out = torch.empty_like(x, memory_format=memory_format(x))
-    xv, ov = _as_ncl(x), _as_ncl(out)
+    xv, ov = as_ncl(x), as_ncl(out)
     weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
     n, c, length = xv.shape
     cg = c // num_groups

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from fastgen.dispatch import _INTERPRET, select
-from fastgen.ops._util import check_floating, check_tensor, memory_format
+from fastgen.ops._util import check_floating, check_tensor, memory_format, opmath_dtype
 
 _KERNELS = frozenset({"reference", "composite", "cuda", "triton"})
 _AUTO = {"cpu": ("composite",), "cuda": ("cuda", "triton", "composite")}
@@ -46,17 +46,13 @@ def _check_pixel_norm(x, eps) -> None:
         raise ValueError(f"eps must be a non-negative number, got {eps!r}")
 
 
-def _opmath(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 def _rms_inverse(x: Tensor, eps: float) -> Tensor:
-    xf = x.to(_opmath(x.dtype))
+    xf = x.to(opmath_dtype(x.dtype))
     return torch.rsqrt((xf * xf).mean(1, keepdim=True) + eps)
 
 
 def _pixel_norm_composite(x, eps):
-    return (x.to(_opmath(x.dtype)) * _rms_inverse(x, eps)).to(x.dtype).contiguous(memory_format=memory_format(x))
+    return (x.to(opmath_dtype(x.dtype)) * _rms_inverse(x, eps)).to(x.dtype).contiguous(memory_format=memory_format(x))
 
 
 def _as_nlc(x: Tensor) -> Tensor:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastgen.dispatch import _INTERPRET, select
-from fastgen.ops._util import check_floating, check_tensor, memory_format
+from fastgen.ops._util import check_floating, check_tensor, memory_format, opmath_dtype
 
 SCALES = {"nearest": (2, 3, 4), "bilinear": (2,)}
 _KERNELS = frozenset({"reference", "composite", "cuda", "triton"})
@@ -179,7 +179,7 @@ def _upsample(x: Tensor, scale: int, mode: str) -> Tensor:
     n, c, h, w = x.shape
     if mode == "nearest":
         return x[:, :, :, None, :, None].expand(n, c, h, scale, w, scale).reshape(n, c, h * scale, w * scale)
-    opmath = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    opmath = opmath_dtype(x.dtype)
     t = _lerp2x_last(x.to(opmath))
     return _lerp2x_last(t.transpose(-1, -2)).transpose(-1, -2).to(x.dtype)
 
@@ -189,7 +189,7 @@ def _upsample_adjoint(g: Tensor, scale: int, mode: str) -> Tensor:
     n, c, hs, ws = g.shape
     if mode == "nearest":
         return g.reshape(n, c, hs // scale, scale, ws // scale, scale).sum((3, 5))
-    opmath = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else g.dtype
+    opmath = opmath_dtype(g.dtype)
     t = _lerp2x_last_adjoint(g.to(opmath).transpose(-1, -2)).transpose(-1, -2)
     return _lerp2x_last_adjoint(t).to(g.dtype)
 
