@@ -5,4 +5,4 @@
 source "$(dirname "$0")/env.sh"
 cd "$root"
 device=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-') if torch.cuda.is_available() else 'cpu')")
-python -m fastgen bench --out "benchmarks/results/upsample_conv2d-$device.json" "$@"
+python -m fastgen bench --out "benchmarks/results/bench-$device.json" "$@"
