@@ -192,6 +192,7 @@ def _sync_worker(rank: int, init_file: str, out_dir: str, x: torch.Tensor, grad:
         torch.save({"out": out.detach(), "gx": xs.grad, "gw": layer.weight.grad, "gb": layer.bias.grad,
                     "running_mean": layer.running_mean, "running_var": layer.running_var},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears its connections down while the other still uses them
     finally:
         dist.destroy_process_group()
 

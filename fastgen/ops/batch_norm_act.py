@@ -206,16 +206,23 @@ def _setup_context_batch_norm_act(ctx, inputs, output):
 def _backward_batch_norm_act(ctx, grad: Tensor, _grad_mean, _grad_var):
     """Aten math (differentiable, XLA-lowerable). Training: the statistics are recomputed from x and
     differentiated through; otherwise gradients also flow to the given mean and var (the
-    synchronized path passes all-reduced statistics that depend on x)."""
+    synchronized path passes all-reduced statistics that depend on x). A plain first-order
+    training backward on CPU or CUDA (grad mode off here: no create_graph) takes aten's fused
+    BatchNorm kernels instead, whose backward has no derivative."""
     x, weight, bias, mean, var = ctx.saved_tensors
     training, eps, act, slope = ctx.args
-    if training:
-        mean, var = batch_statistics(x)
+    fast = training and not torch.is_grad_enabled() and x.device.type in ("cpu", "cuda")
     op = opmath_dtype(x.dtype)
     dims = (0, *range(2, x.dim()))
-    centered = x.to(op) - _channel_view(mean.to(op), x)
-    rstd = _channel_view(torch.rsqrt(var.to(op) + eps), x)
-    xhat = centered * rstd
+    if fast:
+        xhat, save_mean, save_invstd = torch.ops.aten.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
+        xhat = xhat.to(op)
+    else:
+        if training:
+            mean, var = batch_statistics(x)
+        centered = x.to(op) - _channel_view(mean.to(op), x)
+        rstd = _channel_view(torch.rsqrt(var.to(op) + eps), x)
+        xhat = centered * rstd
     w = None if weight is None else _channel_view(weight.to(op), x)
     z = xhat if w is None else xhat * w
     if bias is not None:
@@ -226,7 +233,11 @@ def _backward_batch_norm_act(ctx, grad: Tensor, _grad_mean, _grad_var):
     gb = gz.sum(dims).to(bias.dtype) if need[2] and bias is not None else None
     gxhat = gz if w is None else gz * w
     gx = gmean = gvar = None
-    if training:
+    if fast:
+        if need[0]:
+            gx = torch.ops.aten.native_batch_norm_backward(gxhat.to(x.dtype), x, None, None, None, save_mean,
+                                                           save_invstd, True, eps, [True, False, False])[0]
+    elif training:
         if need[0]:
             gx = rstd * (gxhat - gxhat.mean(dims, keepdim=True) - xhat * (gxhat * xhat).mean(dims, keepdim=True))
     else:
