@@ -152,7 +152,7 @@ class BatchNormAct:
 
 class PixelNorm:
     op = "pixel_norm"
-    # StyleGAN2 mapping-free uses: the 512-channel maps of the synthesis network, ProGAN-style
+    # 512- and 256-channel maps, as in the synthesis networks of ProGAN and StyleGAN1
     gpu_shapes = [Shape("stylegan-512x64", 16, 512, 64, 64), Shape("stylegan-256x256", 16, 256, 256, 256)]
     cpu_shapes = [Shape("c512-32x32", 4, 512, 32, 32)]
     backends = ("composite", "cuda", "triton")

@@ -1,5 +1,3 @@
-import os
-
 import pytest
 import torch
 from torch import nn
@@ -8,6 +6,7 @@ import fastgen
 from fastgen.nn import GroupNormAct
 from fastgen.ops import group_norm_act, group_norm_act_ref
 from fastgen.ops._activation import ACTIVATIONS
+from cases import fast_backends, skip_unavailable
 from tolerances import assert_close, assert_close_grad
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -16,14 +15,8 @@ FORMATS = [torch.contiguous_format, torch.channels_last]
 # several chunks per group in the kernels
 SHAPES = [((2, 8, 5, 7), 4), ((1, 6, 1, 1), 3), ((3, 4, 9, 2), 4), ((2, 5, 3, 3), 5), ((2, 6, 4, 3), 1),
           ((1, 40, 33, 31), 8)]
-FAST = [pytest.param(b, "cpu", id=f"{b}-cpu") for b in ("composite", "cpu", "triton")] + [
-    pytest.param(b, "cuda", id=f"{b}-cuda", marks=pytest.mark.cuda) for b in ("composite", "triton", "cuda")]
+FAST = fast_backends(cpu=("composite", "cpu", "triton"))
 SHAPE_IDS = lambda s: "x".join(map(str, s)) if isinstance(s, tuple) else f"G{s}"  # noqa: E731
-
-
-def _skip_unavailable(backend, device):
-    if device == "cpu" and backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1")
 
 
 def make(shape, dtype, device="cpu", fmt=torch.contiguous_format, affine=((True, True)), grad=False):
@@ -53,7 +46,7 @@ def check_layout(out, x, fmt):
 @pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("shape,groups", SHAPES, ids=SHAPE_IDS)
 def test_forward_activations(backend, device, activation, fmt, shape, groups):
-    _skip_unavailable(backend, device)
+    skip_unavailable(backend, device)
     x, w, b = make(shape, torch.float32, device, fmt)
     out = group_norm_act(x, groups, w, b, activation=activation, negative_slope=0.2, backend=backend)
     *_, expected = oracle(x, w, b, groups, 1e-5, activation, 0.2)
@@ -66,7 +59,7 @@ def test_forward_activations(backend, device, activation, fmt, shape, groups):
 @pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("shape,groups", SHAPES, ids=SHAPE_IDS)
 def test_forward_dtypes(backend, device, dtype, fmt, shape, groups):
-    _skip_unavailable(backend, device)
+    skip_unavailable(backend, device)
     if backend == "triton" and dtype == torch.float64:
         pytest.skip("the triton backend takes float32/16 and bfloat16")
     x, w, b = make(shape, dtype, device, fmt)
@@ -82,7 +75,7 @@ def test_forward_dtypes(backend, device, dtype, fmt, shape, groups):
                                     ("sample", True), (True, "sample")], ids=str)
 def test_affine_variants(backend, device, affine):
     """weight / bias absent, per channel (C,) or per sample (N, C) (AdaIN), in any mix."""
-    _skip_unavailable(backend, device)
+    skip_unavailable(backend, device)
     x = torch.randn(3, 6, 5, 4, device=device)
     w, b = (None if a is False else torch.randn(*((3, 6) if a == "sample" else (6,)), device=device)
             for a in affine)
@@ -107,7 +100,7 @@ def test_large_mean_keeps_its_precision():
 @pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "leaky_relu"])
 def test_backward(backend, device, dtype, fmt, activation):
-    _skip_unavailable(backend, device)
+    skip_unavailable(backend, device)
     x, w, b = make((2, 6, 5, 3), dtype, device, fmt, grad=True)
     out = group_norm_act(x, 3, w, b, activation=activation, backend=backend)
     grad = torch.randn_like(out)
@@ -134,14 +127,14 @@ def test_gradcheck_and_gradgradcheck(activation, per_sample):
 
 @pytest.mark.parametrize("backend,device", FAST)
 def test_opcheck(backend, device):
-    _skip_unavailable(backend, device)
+    skip_unavailable(backend, device)
     x, w, b = make((2, 6, 5, 3), torch.float32, device, grad=True)
     torch.library.opcheck(torch.ops.fastgen.group_norm_act.default, (x, 3, w, b, 1e-5, "silu", 0.01, backend))
 
 
 @pytest.mark.parametrize("backend", ["composite", "cpu", "triton"])
 def test_compile_fullgraph(backend):
-    _skip_unavailable(backend, "cpu")
+    skip_unavailable(backend, "cpu")
     torch._dynamo.reset()
     layer = GroupNormAct(2, 6)
     x = torch.randn(2, 6, 5, 7, requires_grad=True)

@@ -1,20 +1,13 @@
-import os
-
 import pytest
 import torch
 from torch import nn
 
 from fastgen.nn import AdaIN, InstanceNormAct2d
 from fastgen.ops import adaptive_instance_norm, adaptive_instance_norm_ref, instance_norm_act, instance_norm_act_ref
+from cases import fast_backends, skip_unavailable
 from tolerances import assert_close, assert_close_grad
 
-FAST = [pytest.param(b, "cpu", id=f"{b}-cpu") for b in ("composite", "cpu", "triton")] + [
-    pytest.param(b, "cuda", id=f"{b}-cuda", marks=pytest.mark.cuda) for b in ("composite", "triton", "cuda")]
-
-
-def _skip_unavailable(backend, device):
-    if device == "cpu" and backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1")
+FAST = fast_backends(cpu=("composite", "cpu", "triton"))
 
 
 def f64(*ts):
@@ -26,7 +19,7 @@ def f64(*ts):
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("affine", [False, True])
 def test_instance_norm_act(backend, device, dtype, fmt, affine):
-    _skip_unavailable(backend, device)
+    skip_unavailable(backend, device)
     x = torch.randn(3, 5, 7, 6, device=device).to(dtype).to(memory_format=fmt)
     w, b = (torch.randn(5, device=device).to(dtype), torch.randn(5, device=device).to(dtype)) if affine else (None, None)
     out = instance_norm_act(x, w, b, activation="leaky_relu", negative_slope=0.2, backend=backend)
@@ -37,7 +30,7 @@ def test_instance_norm_act(backend, device, dtype, fmt, affine):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 def test_adaptive_instance_norm(backend, device, dtype, fmt):
-    _skip_unavailable(backend, device)
+    skip_unavailable(backend, device)
     x = torch.randn(3, 5, 7, 6, device=device).to(dtype).to(memory_format=fmt).requires_grad_(True)
     scale = (1 + torch.randn(3, 5, device=device)).to(dtype).requires_grad_(True)
     bias = torch.randn(3, 5, device=device).to(dtype).requires_grad_(True)

@@ -1,20 +1,13 @@
-import os
-
 import pytest
 import torch
 
 from fastgen.nn import PixelNorm
 from fastgen.ops import pixel_norm, pixel_norm_ref
+from cases import fast_backends, skip_unavailable
 from tolerances import assert_close, assert_close_grad
 
-FAST = [pytest.param(b, "cpu", id=f"{b}-cpu") for b in ("composite", "triton")] + [
-    pytest.param(b, "cuda", id=f"{b}-cuda", marks=pytest.mark.cuda) for b in ("composite", "triton", "cuda")]
+FAST = fast_backends(cpu=("composite", "triton"))
 SHAPES = [(2, 5, 7, 9), (1, 1, 1, 3), (3, 40, 4, 1), (2, 512, 4, 4)]
-
-
-def _skip_unavailable(backend, device):
-    if device == "cpu" and backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1")
 
 
 @pytest.mark.parametrize("backend,device", FAST)
@@ -22,7 +15,7 @@ def _skip_unavailable(backend, device):
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_forward(backend, device, dtype, fmt, shape):
-    _skip_unavailable(backend, device)
+    skip_unavailable(backend, device)
     x = torch.randn(shape, device=device).to(dtype).to(memory_format=fmt)
     out = pixel_norm(x, backend=backend)
     if not x.is_contiguous() or fmt == torch.contiguous_format:
@@ -33,7 +26,7 @@ def test_forward(backend, device, dtype, fmt, shape):
 @pytest.mark.parametrize("backend,device", FAST)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_backward(backend, device, dtype):
-    _skip_unavailable(backend, device)
+    skip_unavailable(backend, device)
     x = torch.randn(2, 6, 5, 3, device=device).to(dtype).requires_grad_(True)
     grad = torch.randn(2, 6, 5, 3, device=device).to(dtype)
     (got,) = torch.autograd.grad(pixel_norm(x, backend=backend), x, grad)
@@ -50,7 +43,7 @@ def test_gradcheck_and_gradgradcheck():
 
 @pytest.mark.parametrize("backend,device", FAST)
 def test_opcheck(backend, device):
-    _skip_unavailable(backend, device)
+    skip_unavailable(backend, device)
     x = torch.randn(2, 6, 5, 3, device=device, requires_grad=True)
     torch.library.opcheck(torch.ops.fastgen.pixel_norm.default, (x, 1e-8, backend))
 

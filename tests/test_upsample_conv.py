@@ -1,6 +1,4 @@
 import math
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +7,7 @@ from torch import nn
 import fastgen
 from fastgen.nn import UpsampleConv2d
 from fastgen.ops import upsample_conv2d, upsample_conv2d_ref
+from cases import fast_backends, skip_unavailable
 from tolerances import assert_close, assert_close_grad
 
 MODES = [("nearest", 2), ("nearest", 3), ("nearest", 4), ("bilinear", 2)]
@@ -16,13 +15,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FORMATS = [torch.contiguous_format, torch.channels_last]
 # (N, C, H, W), CO: odd sizes, H or W of 1, C not a multiple of 8, several K and N blocks
 SHAPES = [((2, 5, 7, 9), 6), ((1, 1, 1, 3), 2), ((1, 12, 4, 1), 20), ((1, 40, 3, 5), 70)]
-FAST = [pytest.param(b, "cpu", id=f"{b}-cpu") for b in ("composite", "triton")] + [
-    pytest.param(b, "cuda", id=f"{b}-cuda", marks=pytest.mark.cuda) for b in ("composite", "triton", "cuda")]
-
-
-def _skip_unavailable(backend, device):
-    if device == "cpu" and backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1")
+FAST = fast_backends(cpu=("composite", "triton"))
 
 
 def make(shape, co, k, dtype, device="cpu", fmt=torch.contiguous_format, bias=True, grad=False):
@@ -51,7 +44,7 @@ def oracle(x, weight, bias, **kw):
 @pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("shape,co", SHAPES, ids=lambda s: "x".join(map(str, s)) if isinstance(s, tuple) else str(s))
 def test_forward(backend, device, dtype, mode, scale, k, fmt, shape, co):
-    _skip_unavailable(backend, device)
+    skip_unavailable(backend, device)
     x, w, b = make(shape, co, k, dtype, device, fmt)
     out = upsample_conv2d(x, w, b, scale_factor=scale, mode=mode, backend=backend)
     *_, expected = oracle(x, w, b, scale_factor=scale, mode=mode)
@@ -66,7 +59,7 @@ def test_forward(backend, device, dtype, mode, scale, k, fmt, shape, co):
 @pytest.mark.parametrize("padding", [0, 2])
 @pytest.mark.parametrize("bias", [True, False])
 def test_forward_padding_and_no_bias(backend, device, mode, scale, padding, bias):
-    _skip_unavailable(backend, device)
+    skip_unavailable(backend, device)
     x, w, b = make((2, 6, 5, 4), 7, 3, torch.float32, device, bias=bias)
     out = upsample_conv2d(x, w, b, scale_factor=scale, mode=mode, padding=padding, backend=backend)
     *_, expected = oracle(x, w, b, scale_factor=scale, mode=mode, padding=padding)
@@ -79,7 +72,7 @@ def test_forward_padding_and_no_bias(backend, device, mode, scale, padding, bias
 @pytest.mark.parametrize("mode,scale", MODES)
 @pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "nhwc"])
 def test_backward(backend, device, dtype, mode, scale, fmt):
-    _skip_unavailable(backend, device)
+    skip_unavailable(backend, device)
     x, w, b = make((2, 6, 5, 7), 9, 3, dtype, device, fmt, grad=True)
     out = upsample_conv2d(x, w, b, scale_factor=scale, mode=mode, backend=backend)
     grad = torch.randn_like(out)
@@ -104,14 +97,14 @@ def test_gradcheck_and_gradgradcheck(mode, scale, padding):
 @pytest.mark.parametrize("backend,device", FAST)
 @pytest.mark.parametrize("mode,scale", [("nearest", 2), ("bilinear", 2)])
 def test_opcheck(backend, device, mode, scale):
-    _skip_unavailable(backend, device)
+    skip_unavailable(backend, device)
     x, w, b = make((2, 4, 5, 3), 5, 3, torch.float32, device, grad=True)
     torch.library.opcheck(torch.ops.fastgen.upsample_conv2d.default, (x, w, b, scale, mode, 1, backend))
 
 
 @pytest.mark.parametrize("backend", ["composite", "triton"])
 def test_compile_fullgraph(backend):
-    _skip_unavailable(backend, "cpu")
+    skip_unavailable(backend, "cpu")
     torch._dynamo.reset()
     layer = UpsampleConv2d(6, 8, 3, mode="nearest")
     x = torch.randn(2, 6, 5, 7, requires_grad=True)
@@ -199,6 +192,6 @@ def test_bad_tensors():
 
 @pytest.mark.parametrize("backend,device", FAST)
 def test_batch_zero(backend, device):
-    _skip_unavailable(backend, device)
+    skip_unavailable(backend, device)
     x, w, b = make((0, 3, 4, 4), 2, 3, torch.float32, device)
     assert upsample_conv2d(x, w, b, backend=backend).shape == (0, 2, 8, 8)
