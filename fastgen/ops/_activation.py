@@ -58,6 +58,23 @@ def activation_grad(z: Tensor, name: str, negative_slope: float = 0.01) -> Tenso
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
 
 
+def activation_backward(grad: Tensor, z: Tensor, name: str, negative_slope: float = 0.01) -> Tensor:
+    """grad * activation'(z) through aten's fused backward kernels (one pass, no temporaries): the
+    first-order fast path of the norm ops' backwards; activation_grad is the differentiable form."""
+    aten = torch.ops.aten
+    if name == "identity":
+        return grad
+    if name == "relu":
+        return aten.threshold_backward(grad, z, 0)
+    if name == "leaky_relu":
+        return aten.leaky_relu_backward(grad, z, negative_slope, False)
+    if name == "silu":
+        return aten.silu_backward(grad, z)
+    if name in ("gelu", "gelu_tanh"):
+        return aten.gelu_backward(grad, z, approximate="tanh" if name == "gelu_tanh" else "none")
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+
+
 def activation_of(module) -> tuple[str, float]:
     """(name, negative_slope) of a torch activation layer, for fusing it into a norm layer."""
     from torch import nn

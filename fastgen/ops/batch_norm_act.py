@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastgen.dispatch import _INTERPRET, select
-from fastgen.ops._activation import CODES, activation_grad, apply_activation, check_activation
+from fastgen.ops._activation import CODES, activation_backward, activation_grad, apply_activation, check_activation
 from fastgen.ops._util import check_floating, check_tensor, as_ncl, memory_format, opmath_dtype
 
 _KERNELS = frozenset({"reference", "composite", "cpu", "cuda", "triton"})
@@ -199,6 +199,8 @@ def _fake_batch_norm_act(x, weight, bias, mean, var, training, eps, activation, 
 
 def _setup_context_batch_norm_act(ctx, inputs, output):
     x, weight, bias, mean, var, training, eps, act, slope, _ = inputs
+    if training:  # the batch statistics the op returned, for the first-order fast path
+        mean, var = output[1], output[2]
     ctx.save_for_backward(x, weight, bias, mean, var)
     ctx.args = (training, eps, act, slope)
 
@@ -211,33 +213,28 @@ def _backward_batch_norm_act(ctx, grad: Tensor, _grad_mean, _grad_var):
     BatchNorm kernels instead, whose backward has no derivative."""
     x, weight, bias, mean, var = ctx.saved_tensors
     training, eps, act, slope = ctx.args
-    fast = training and not torch.is_grad_enabled() and x.device.type in ("cpu", "cuda")
+    need = ctx.needs_input_grad
+    if training and not torch.is_grad_enabled() and x.device.type in ("cpu", "cuda"):
+        gx, gw, gb = _backward_aten(grad, x, weight, bias, mean, var, eps, act, slope,
+                                    [need[0], need[1] and weight is not None, need[2] and bias is not None])
+        return gx, gw, gb, None, None, None, None, None, None, None
     op = opmath_dtype(x.dtype)
     dims = (0, *range(2, x.dim()))
-    if fast:
-        xhat, save_mean, save_invstd = torch.ops.aten.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
-        xhat = xhat.to(op)
-    else:
-        if training:
-            mean, var = batch_statistics(x)
-        centered = x.to(op) - _channel_view(mean.to(op), x)
-        rstd = _channel_view(torch.rsqrt(var.to(op) + eps), x)
-        xhat = centered * rstd
+    if training:
+        mean, var = batch_statistics(x)
+    centered = x.to(op) - _channel_view(mean.to(op), x)
+    rstd = _channel_view(torch.rsqrt(var.to(op) + eps), x)
+    xhat = centered * rstd
     w = None if weight is None else _channel_view(weight.to(op), x)
     z = xhat if w is None else xhat * w
     if bias is not None:
         z = z + _channel_view(bias.to(op), x)
     gz = grad.to(op) * activation_grad(z, act, slope)
-    need = ctx.needs_input_grad
     gw = (gz * xhat).sum(dims).to(weight.dtype) if need[1] and weight is not None else None
     gb = gz.sum(dims).to(bias.dtype) if need[2] and bias is not None else None
     gxhat = gz if w is None else gz * w
     gx = gmean = gvar = None
-    if fast:
-        if need[0]:
-            gx = torch.ops.aten.native_batch_norm_backward(gxhat.to(x.dtype), x, None, None, None, save_mean,
-                                                           save_invstd, True, eps, [True, False, False])[0]
-    elif training:
+    if training:
         if need[0]:
             gx = rstd * (gxhat - gxhat.mean(dims, keepdim=True) - xhat * (gxhat * xhat).mean(dims, keepdim=True))
     else:
@@ -248,6 +245,23 @@ def _backward_batch_norm_act(ctx, grad: Tensor, _grad_mean, _grad_var):
         if need[4]:
             gvar = (-0.5 * gxhat * centered * rstd ** 3).sum(dims).to(var.dtype)
     return (None if gx is None else gx.to(x.dtype)), gw, gb, gmean, gvar, None, None, None, None, None
+
+
+def _backward_aten(grad, x, weight, bias, mean, var, eps, act, slope, need):
+    """First-order training gradients in eager's own kernels, from the forward's batch statistics:
+    the pre-activation recomputed in one elementwise pass, the activation's fused backward,
+    BatchNorm's fused backward. Eager's backward plus one elementwise pass; not differentiable."""
+    aten = torch.ops.aten
+    grad = grad.contiguous(memory_format=memory_format(x))
+    invstd = torch.rsqrt(var + eps)
+    a = invstd if weight is None else invstd * weight
+    b = -mean * a if bias is None else bias - mean * a
+    z = torch.addcmul(_channel_view(b, x), x, _channel_view(a, x)).to(x.dtype)
+    gz = activation_backward(grad, z, act, slope)
+    # the statistics are in opmath: the weight joins them (aten's mixed-precision BatchNorm)
+    w = None if weight is None else weight.to(mean.dtype)
+    gx, gw, gb = aten.native_batch_norm_backward(gz, x, w, None, None, mean, invstd, True, eps, need)
+    return gx, (None if gw is None else gw.to(weight.dtype)), (None if gb is None else gb.to(bias.dtype))
 
 
 _batch_norm_act_op.register_autograd(_backward_batch_norm_act, setup_context=_setup_context_batch_norm_act)

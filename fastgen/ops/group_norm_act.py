@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastgen.dispatch import _INTERPRET, select
-from fastgen.ops._activation import CODES, activation_grad, apply_activation, check_activation
+from fastgen.ops._activation import CODES, activation_backward, activation_grad, apply_activation, check_activation
 from fastgen.ops._util import check_floating, check_tensor, as_ncl, memory_format, opmath_dtype
 
 _KERNELS = frozenset({"reference", "composite", "cpu", "cuda", "triton"})
@@ -221,42 +221,61 @@ def _setup_context_group_norm_act(ctx, inputs, output):
 
 
 def _backward_group_norm_act(ctx, grad: Tensor):
-    """A backward that must itself be differentiable (create_graph, so grad mode is on here) or runs
-    on XLA is aten math with the statistics recomputed from x: double backward works and XLA lowers
-    it. A plain first-order backward on CPU or CUDA takes aten's fused GroupNorm kernels instead
-    (their backward has no derivative, hence only there): about 5x faster on the CPU."""
+    """A plain first-order backward on CPU or CUDA (grad mode is off here without create_graph)
+    runs aten's fused kernels: see _backward_aten. A backward that must itself be differentiable
+    (create_graph) or runs on XLA is aten math with the statistics recomputed from x: double
+    backward works and XLA lowers it."""
     x, weight, bias = ctx.saved_tensors
     num_groups, eps, act, slope = ctx.args
-    need_x, _, need_w, need_b = ctx.needs_input_grad[:4]
-    fast = not torch.is_grad_enabled() and x.device.type in ("cpu", "cuda")
-    n, c = x.shape[:2]
-    positions = x.numel() // max(1, n * c)
-    if fast:
-        xhat, mean, rstd = torch.ops.aten.native_group_norm(x, None, None, n, c, positions, num_groups, eps)
-        xhat = xhat.to(opmath_dtype(x.dtype))
-    else:
-        xhat5, rstd = _normalized(x, num_groups, eps)
-        xhat = xhat5.flatten(1, 2)
+    need = ctx.needs_input_grad
+    need_x, need_w, need_b = need[0], need[2] and weight is not None, need[3] and bias is not None
+    if not torch.is_grad_enabled() and x.device.type in ("cpu", "cuda"):
+        gx, gw, gb = _backward_aten(grad, x, weight, bias, num_groups, eps, act, slope, (need_x, need_w, need_b))
+        return gx, None, gw, gb, None, None, None, None
+    xhat5, rstd = _normalized(x, num_groups, eps)
+    xhat = xhat5.flatten(1, 2)
     gz = grad.to(xhat.dtype) * activation_grad(_pre_activation(xhat, x, weight, bias), act, slope)
-    spatial = tuple(range(2, x.dim()))
-
-    def sum_to(t: Tensor, like: Tensor) -> Tensor:  # over what `like` ((C,) or (N, C)) broadcasts
-        return t.sum((0, *spatial) if like.dim() == 1 else spatial).to(like.dtype)
-
-    gw = sum_to(gz * xhat, weight) if need_w and weight is not None else None
-    gb = sum_to(gz, bias) if need_b and bias is not None else None
+    gw = _sum_to(gz * xhat, weight) if need_w else None
+    gb = _sum_to(gz, bias) if need_b else None
     gx = None
     if need_x:
         gxhat = gz if weight is None else gz * _affine_view(weight, x).to(gz.dtype)
-        if fast:
-            gx = torch.ops.aten.native_group_norm_backward(gxhat.to(x.dtype), x, mean, rstd, None, n, c, positions,
-                                                           num_groups, [True, False, False])[0]
-        else:
-            gxhat, xh = gxhat.unflatten(1, (num_groups, -1)), xhat5
-            dims = tuple(range(2, xh.dim()))
-            gx = rstd * (gxhat - gxhat.mean(dims, keepdim=True) - xh * (gxhat * xh).mean(dims, keepdim=True))
-            gx = gx.flatten(1, 2).to(x.dtype)
+        gxhat, xh = gxhat.unflatten(1, (num_groups, -1)), xhat5
+        dims = tuple(range(2, xh.dim()))
+        gx = rstd * (gxhat - gxhat.mean(dims, keepdim=True) - xh * (gxhat * xh).mean(dims, keepdim=True))
+        gx = gx.flatten(1, 2).to(x.dtype)
     return gx, None, gw, gb, None, None, None, None
+
+
+def _sum_to(t: Tensor, like: Tensor) -> Tensor:
+    """t (N, C, *) summed over what `like` ((C,) or (N, C)) broadcasts over."""
+    spatial = tuple(range(2, t.dim()))
+    return t.sum((0, *spatial) if like.dim() == 1 else spatial).to(like.dtype)
+
+
+def _backward_aten(grad, x, weight, bias, num_groups, eps, act, slope, need):
+    """First-order gradients in eager's own kernels: the GroupNorm forward recomputed (it gives the
+    pre-activation and the statistics), the activation's fused backward, GroupNorm's fused backward.
+    Three passes with two temporaries, as eager's backward plus one forward; not differentiable."""
+    aten = torch.ops.aten
+    n, c = x.shape[:2]
+    positions = x.numel() // max(1, n * c)
+    grad = grad.contiguous(memory_format=memory_format(x))
+    if all(t is None or t.dim() == 1 for t in (weight, bias)):  # per-channel affine: aten does it all
+        z, mean, rstd = aten.native_group_norm(x, weight, bias, n, c, positions, num_groups, eps)
+        gz = activation_backward(grad, z, act, slope)
+        return aten.native_group_norm_backward(gz, x, mean, rstd, weight, n, c, positions, num_groups, list(need))
+    # per-sample affine (AdaIN): the affine and its gradients here, the normalization in aten
+    xhat, mean, rstd = aten.native_group_norm(x, None, None, n, c, positions, num_groups, eps)
+    gz = activation_backward(grad, _pre_activation(xhat, x, weight, bias), act, slope)
+    gw = _sum_to(gz * xhat, weight) if need[1] else None
+    gb = _sum_to(gz, bias) if need[2] else None
+    gx = None
+    if need[0]:
+        gxhat = gz if weight is None else gz * _affine_view(weight, x)
+        gx = aten.native_group_norm_backward(gxhat, x, mean, rstd, None, n, c, positions, num_groups,
+                                             [True, False, False])[0]
+    return gx, gw, gb
 
 
 _group_norm_act_op.register_autograd(_backward_group_norm_act, setup_context=_setup_context_group_norm_act)
