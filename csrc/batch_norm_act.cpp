@@ -55,11 +55,8 @@ void batch_norm_act_kernel(const at::Tensor& x, at::Tensor& out, const at::Tenso
       std::vector<opmath_t> p1(tasks * C), p2(tasks * C);
       at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
         for (int64_t t = begin; t < end; ++t) {
-          opmath_t* a1 = p1.data() + t * C;
-          opmath_t* a2 = p2.data() + t * C;
-          for (int64_t r = t * per_task; r < std::min(rows, (t + 1) * per_task); ++r) {
-            shifted_sums_row(xp + r * C, C, k.data(), a1, a2);
-          }
+          const int64_t r0 = t * per_task, r1 = std::min(rows, r0 + per_task);
+          shifted_sums_rows(xp + r0 * C, r1 - r0, C, k.data(), p1.data() + t * C, p2.data() + t * C);
         }
       });
       for (int64_t t = 0; t < tasks; ++t)

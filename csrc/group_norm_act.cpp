@@ -90,9 +90,7 @@ void group_norm_act_kernel(const at::Tensor& x, at::Tensor& out, int64_t G, cons
       for (int64_t c = 0; c < C; ++c) k[c] = shift(n, c / CG);
       opmath_t* a1 = p1.data() + t * C;
       opmath_t* a2 = p2.data() + t * C;
-      for (int64_t l = l0; l < l1; ++l) {
-        shifted_sums_row(xp + (n * L + l) * C, C, k.data(), a1, a2);
-      }
+      shifted_sums_rows(xp + (n * L + l0) * C, l1 - l0, C, k.data(), a1, a2);
     }
   });
   std::vector<opmath_t> a(N * C), b(N * C);

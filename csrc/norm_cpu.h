@@ -64,21 +64,42 @@ void shifted_sums(const scalar_t* x, int64_t len, opmath_t k, double& s1, double
   }
 }
 
-// Channels-last rows: a1[c] += x[c] - k[c], a2[c] += (x[c] - k[c])^2 for the C values of one row.
+// Channels-last rows: for each channel c, a1[c] += sum_r (x[r][c] - k[c]) and
+// a2[c] += sum_r (x[r][c] - k[c])^2 over `rows` rows of C values (row stride C). Float: a strip of
+// four vectors of channels at a time, its sums in registers across all the rows, so that x is the
+// only memory stream (the block of rows stays in L2 across strips).
 template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
-void shifted_sums_row(const scalar_t* row, int64_t C, const opmath_t* k, opmath_t* a1, opmath_t* a2) {
+void shifted_sums_rows(const scalar_t* x, int64_t rows, int64_t C, const opmath_t* k, opmath_t* a1, opmath_t* a2) {
   int64_t c = 0;
   if constexpr (std::is_same_v<scalar_t, float>) {
-    for (; c + Vec::size() <= C; c += Vec::size()) {
-      const Vec d = Vec::loadu(row + c) - Vec::loadu(k + c);
-      (Vec::loadu(a1 + c) + d).store(a1 + c);
-      (Vec::loadu(a2 + c) + d * d).store(a2 + c);
+    constexpr int64_t kStrip = 4, V = Vec::size();
+    for (; c + kStrip * V <= C; c += kStrip * V) {
+      Vec s1[kStrip], s2[kStrip], kv[kStrip];
+      for (int64_t j = 0; j < kStrip; ++j) {
+        s1[j] = Vec(0.f);
+        s2[j] = Vec(0.f);
+        kv[j] = Vec::loadu(k + c + j * V);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* row = x + r * C + c;
+        for (int64_t j = 0; j < kStrip; ++j) {
+          const Vec d = Vec::loadu(row + j * V) - kv[j];
+          s1[j] += d;
+          s2[j] += d * d;
+        }
+      }
+      for (int64_t j = 0; j < kStrip; ++j) {
+        (Vec::loadu(a1 + c + j * V) + s1[j]).store(a1 + c + j * V);
+        (Vec::loadu(a2 + c + j * V) + s2[j]).store(a2 + c + j * V);
+      }
     }
   }
-  for (; c < C; ++c) {
-    const opmath_t d = static_cast<opmath_t>(row[c]) - k[c];
-    a1[c] += d;
-    a2[c] += d * d;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t cc = c; cc < C; ++cc) {
+      const opmath_t d = static_cast<opmath_t>(x[r * C + cc]) - k[cc];
+      a1[cc] += d;
+      a2[cc] += d * d;
+    }
   }
 }
 
