@@ -1,11 +1,13 @@
 """fastgen's fused ops. Each is one torch.library custom op under torch.ops.fastgen."""
 
 from fastgen.ops.batch_norm_act import batch_norm_act, batch_norm_act_ref
+from fastgen.ops.bias_act import bias_act, bias_act_ref
 from fastgen.ops.group_norm_act import group_norm_act, group_norm_act_ref
 from fastgen.ops.instance_norm import (adaptive_instance_norm, adaptive_instance_norm_ref, instance_norm_act,
                                        instance_norm_act_ref)
 from fastgen.ops.pixel_norm import pixel_norm, pixel_norm_ref
 from fastgen.ops.upsample_conv import upsample_conv2d, upsample_conv2d_ref
 
-__all__ = ["adaptive_instance_norm", "adaptive_instance_norm_ref", "batch_norm_act", "batch_norm_act_ref", "group_norm_act", "group_norm_act_ref",
-           "instance_norm_act", "instance_norm_act_ref", "pixel_norm", "pixel_norm_ref", "upsample_conv2d", "upsample_conv2d_ref"]
+__all__ = ["adaptive_instance_norm", "adaptive_instance_norm_ref", "batch_norm_act", "batch_norm_act_ref",
+           "bias_act", "bias_act_ref", "group_norm_act", "group_norm_act_ref", "instance_norm_act",
+           "instance_norm_act_ref", "pixel_norm", "pixel_norm_ref", "upsample_conv2d", "upsample_conv2d_ref"]

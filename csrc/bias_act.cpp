@@ -1,0 +1,133 @@
+// Bias + activation + gain + clamp on the CPU: the "cpu" backend of fastgen::bias_act, and the
+// schema of the kernel op that the "cpu" and "cuda" backends call.
+//
+// In PyTorch:
+//   y = (act(x + b.view(shape along dim)) * gain).clamp(-clamp, clamp)
+// x is dense and seen in memory order as (outer, C, inner), b along C (the Python side computes the
+// three sizes from dim and the memory format). One read and one write; vectorized for float.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include "bias_act.h"
+
+TORCH_LIBRARY_FRAGMENT(fastgen, m) {
+  m.def(
+      "_bias_act_fused(Tensor x, Tensor? b, int outer, int C, int inner, int act, float alpha, float gain, "
+      "float clamp) -> Tensor");
+}
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+
+template <int ACT>
+inline Vec bias_act_vec(Vec z, Vec alpha, Vec gain, float clamp) {
+  using namespace fastgen;
+  Vec y = z;
+  if constexpr (ACT == kBaRelu) y = at::vec::clamp_min(z, Vec(0.f));
+  if constexpr (ACT == kLrelu) y = Vec::blendv(z * alpha, z, z > Vec(0.f));
+  if constexpr (ACT == kTanh) y = z.tanh();
+  if constexpr (ACT == kSigmoid) y = Vec(1.f) / (Vec(1.f) + z.neg().exp());
+  if constexpr (ACT == kElu) y = Vec::blendv(z.expm1(), z, z > Vec(0.f));
+  if constexpr (ACT == kSelu)
+    y = Vec(static_cast<float>(kSeluScale)) * Vec::blendv(Vec(static_cast<float>(kSeluAlpha)) * z.expm1(), z, z > Vec(0.f));
+  if constexpr (ACT == kSoftplus) {
+    const Vec big(static_cast<float>(kSoftplusThreshold));
+    y = Vec::blendv(at::vec::minimum(z, big).exp().log1p(), z, z > big);
+  }
+  if constexpr (ACT == kSwish) y = z / (Vec(1.f) + z.neg().exp());
+  y = y * gain;
+  if (clamp >= 0.f) y = at::vec::clamp(y, Vec(-clamp), Vec(clamp));
+  return y;
+}
+
+// y[i] = f(x[i] + bias), over len values; bias one scalar (inner > 1) or one per value (inner == 1).
+template <typename scalar_t, int ACT, bool kPerValue>
+void bias_act_span(const scalar_t* x, scalar_t* y, int64_t len, const scalar_t* b, double alpha, double gain,
+                   double clamp) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  int64_t i = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    const Vec va(static_cast<float>(alpha)), vg(static_cast<float>(gain));
+    const Vec scalar_bias(b && !kPerValue ? *b : 0.f);
+    for (; i + Vec::size() <= len; i += Vec::size()) {
+      const Vec bias = kPerValue && b ? Vec::loadu(b + i) : scalar_bias;
+      bias_act_vec<ACT>(Vec::loadu(x + i) + bias, va, vg, static_cast<float>(clamp)).store(y + i);
+    }
+  }
+  for (; i < len; ++i) {
+    const opmath_t bias = b ? static_cast<opmath_t>(kPerValue ? b[i] : *b) : opmath_t(0);
+    y[i] = static_cast<scalar_t>(fastgen::bias_act_value<opmath_t>(
+        static_cast<opmath_t>(x[i]) + bias, ACT, static_cast<opmath_t>(alpha), static_cast<opmath_t>(gain),
+        static_cast<opmath_t>(clamp)));
+  }
+}
+
+template <typename scalar_t, int ACT>
+void bias_act_kernel(const scalar_t* x, const scalar_t* b, scalar_t* y, int64_t outer, int64_t C, int64_t inner,
+                     double alpha, double gain, double clamp) {
+  constexpr int64_t kGrain = 32768;  // values per task: OpenMP's start-up is not worth less
+  if (inner == 1) {  // rows of C values, one bias per value (channels_last, or no bias with C = 1)
+    const int64_t rows_per_task = std::max<int64_t>(1, kGrain / C);
+    at::parallel_for(0, outer, rows_per_task, [&](int64_t r0, int64_t r1) {
+      if (C == 1 && !b) {  // no bias: one flat span
+        bias_act_span<scalar_t, ACT, false>(x + r0, y + r0, r1 - r0, nullptr, alpha, gain, clamp);
+        return;
+      }
+      for (int64_t r = r0; r < r1; ++r) bias_act_span<scalar_t, ACT, true>(x + r * C, y + r * C, C, b, alpha, gain, clamp);
+    });
+    return;
+  }
+  // rows of inner values sharing one bias (NCHW along channels)
+  at::parallel_for(0, outer * C, std::max<int64_t>(1, kGrain / inner), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      bias_act_span<scalar_t, ACT, false>(x + r * inner, y + r * inner, inner, b ? b + r % C : nullptr, alpha, gain,
+                                          clamp);
+  });
+}
+
+template <typename F>
+void with_bias_act(int64_t act, F&& f) {
+  using namespace fastgen;
+  switch (act) {
+    case kBaRelu: f(std::integral_constant<int, kBaRelu>{}); break;
+    case kLrelu: f(std::integral_constant<int, kLrelu>{}); break;
+    case kTanh: f(std::integral_constant<int, kTanh>{}); break;
+    case kSigmoid: f(std::integral_constant<int, kSigmoid>{}); break;
+    case kElu: f(std::integral_constant<int, kElu>{}); break;
+    case kSelu: f(std::integral_constant<int, kSelu>{}); break;
+    case kSoftplus: f(std::integral_constant<int, kSoftplus>{}); break;
+    case kSwish: f(std::integral_constant<int, kSwish>{}); break;
+    default: f(std::integral_constant<int, kLinear>{});
+  }
+}
+
+at::Tensor bias_act_cpu(const at::Tensor& x, const std::optional<at::Tensor>& b, int64_t outer, int64_t C,
+                        int64_t inner, int64_t act, double alpha, double gain, double clamp) {
+  TORCH_CHECK(outer * C * inner == x.numel(), "bias_act: outer * C * inner must be x.numel()");
+  TORCH_CHECK(x.is_non_overlapping_and_dense(), "bias_act: x must be dense");
+  TORCH_CHECK(!b.has_value() || (b->numel() == C && b->scalar_type() == x.scalar_type()), "bias_act: b must be (C,)");
+  TORCH_CHECK(act >= 0 && act <= 8, "bias_act: unknown activation code ", act);
+  at::Tensor y = at::empty_like(x);  // x's dense strides: the same memory order
+  if (x.numel() == 0) return y;
+  const at::Tensor bc = b.has_value() ? b->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bias_act_cpu", [&] {
+    with_bias_act(act, [&](auto a) {
+      bias_act_kernel<scalar_t, decltype(a)::value>(x.const_data_ptr<scalar_t>(),
+                                                    bc.defined() ? bc.const_data_ptr<scalar_t>() : nullptr,
+                                                    y.mutable_data_ptr<scalar_t>(), outer, C, inner, alpha,
+                                                    gain, clamp);
+    });
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastgen, CPU, m) {
+  m.impl("_bias_act_fused", &bias_act_cpu);
+}
