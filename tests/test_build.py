@@ -8,9 +8,10 @@ import torch
 import fastgen  # noqa: F401  (registers everything)
 from fastgen.dispatch import backends
 
-PUBLIC_OPS = ["upsample_conv2d", "group_norm_act", "batch_norm_act", "pixel_norm", "bias_act"]
-CPU_KERNELS = ["_group_norm_act_fused", "_batch_norm_act_fused", "_bias_act_fused"]
-CUDA_KERNELS = ["_upsample_conv2d_fused", "_group_norm_act_fused", "_batch_norm_act_fused", "_pixel_norm_fused", "_bias_act_fused"]
+PUBLIC_OPS = ["upsample_conv2d", "group_norm_act", "batch_norm_act", "pixel_norm", "bias_act", "upfirdn2d"]
+CPU_KERNELS = ["_group_norm_act_fused", "_batch_norm_act_fused", "_bias_act_fused", "_upfirdn2d_fused"]
+CUDA_KERNELS = ["_upsample_conv2d_fused", "_group_norm_act_fused", "_batch_norm_act_fused", "_pixel_norm_fused", "_bias_act_fused",
+                "_upfirdn2d_fused"]
 
 
 def has_kernel(op: str, key: str) -> bool:
