@@ -6,6 +6,8 @@ import torch
 from torch import nn
 
 from fastgen.ops.bias_act import bias_act
+from fastgen.ops.modulated_conv import modulated_conv2d
+from fastgen.ops.upfirdn2d import upfirdn2d
 
 
 class BiasAct(nn.Module):
@@ -23,3 +25,116 @@ class BiasAct(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.bias.shape[0]}, act={self.act!r}, alpha={self.alpha}, gain={self.gain}, clamp={self.clamp}"
+
+
+def setup_filter(f, normalize: bool = True, gain: float = 1.0, separable: bool | None = None) -> torch.Tensor:
+    """StyleGAN2's FIR filter from taps, e.g. (1, 3, 3, 1): a 1-D list becomes its outer product
+    (unless separable, StyleGAN2's default for 8 taps or more), normalized to sum 1, times gain."""
+    f = torch.as_tensor(f, dtype=torch.float32)
+    if f.dim() == 0:
+        f = f[None]
+    if f.dim() not in (1, 2) or f.numel() == 0:
+        raise ValueError(f"resample_filter must be 1-D or 2-D taps, got shape {tuple(f.shape)}")
+    if separable is None:
+        separable = f.dim() == 1 and f.numel() >= 8
+    if f.dim() == 1 and not separable:
+        f = torch.outer(f, f)
+    if normalize:
+        f = f / f.sum()
+    return f * gain ** (f.dim() / 2)
+
+
+def _resample_padding(f: torch.Tensor, factor: int, up: bool) -> list[int]:
+    """StyleGAN2's upsample2d / downsample2d padding: the output is exactly factor times larger
+    (or smaller) and the filter centred."""
+    fh, fw = f.shape[0], f.shape[-1]
+    if up:
+        return [(fw + factor - 1) // 2, (fw - factor) // 2, (fh + factor - 1) // 2, (fh - factor) // 2]
+    return [(fw - factor + 1) // 2, (fw - factor) // 2, (fh - factor + 1) // 2, (fh - factor) // 2]
+
+
+class Upsample2dFIR(nn.Module):
+    """StyleGAN2's upsample2d: zero insertion by `factor`, then the FIR filter with gain factor^2
+    (fastgen.ops.upfirdn2d). Buffer `resample_filter`."""
+
+    def __init__(self, resample_filter=(1, 3, 3, 1), factor: int = 2, gain: float = 1.0):
+        super().__init__()
+        self.register_buffer("resample_filter", setup_filter(resample_filter))
+        self.factor, self.gain = factor, gain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.resample_filter
+        return upfirdn2d(x, f, up=self.factor, padding=_resample_padding(f, self.factor, True),
+                         gain=self.gain * self.factor ** 2)
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor}, filter={tuple(self.resample_filter.shape)}"
+
+
+class Downsample2dFIR(nn.Module):
+    """StyleGAN2's downsample2d: the FIR filter, then every factor-th pixel
+    (fastgen.ops.upfirdn2d). Buffer `resample_filter`."""
+
+    def __init__(self, resample_filter=(1, 3, 3, 1), factor: int = 2, gain: float = 1.0):
+        super().__init__()
+        self.register_buffer("resample_filter", setup_filter(resample_filter))
+        self.factor, self.gain = factor, gain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.resample_filter
+        return upfirdn2d(x, f, down=self.factor, padding=_resample_padding(f, self.factor, False), gain=self.gain)
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor}, filter={tuple(self.resample_filter.shape)}"
+
+
+class EqualizedLinear(nn.Module):
+    """StyleGAN2's FullyConnectedLayer: weights stored N(0, 1) / lr_multiplier and scaled at run
+    time by lr_multiplier / sqrt(in_features) (equalized learning rate), bias times lr_multiplier,
+    then bias_act's activation. State dict: `weight` (out, in), `bias` (out,)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str = "linear",
+                 lr_multiplier: float = 1.0, bias_init: float = 0.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_features, in_features) / lr_multiplier)
+        self.bias = nn.Parameter(torch.full((out_features,), float(bias_init))) if bias else None
+        self.activation = activation
+        self.weight_gain = lr_multiplier / in_features ** 0.5
+        self.bias_gain = lr_multiplier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.to(x.dtype) * self.weight_gain
+        b = None if self.bias is None else self.bias.to(x.dtype) * self.bias_gain
+        if self.activation == "linear" and b is not None:
+            return torch.addmm(b.unsqueeze(0), x, w.t())
+        return bias_act(x.matmul(w.t()), b, act=self.activation)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}, activation={self.activation}"
+
+
+class ModulatedConv2d(nn.Module):
+    """StyleGAN2's modulated convolution layer (the convolution of its SynthesisLayer): a style
+    vector w through `affine` (an EqualizedLinear, bias initialized to 1) gives per-input-channel
+    scales; the weight is modulated per sample, demodulated, and convolved with optional 2x up- or
+    downsampling through the FIR filter (fastgen.ops.modulated_conv2d). As in StyleGAN2's synthesis
+    layers, flip_weight = (up == 1): an upsampling layer's transposed convolution takes the weight
+    as stored.
+    State dict: `weight` (out, in, k, k), `affine.weight`, `affine.bias`, buffer `resample_filter`."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, style_dim: int, demodulate: bool = True,
+                 up: int = 1, down: int = 1, resample_filter=(1, 3, 3, 1)):
+        super().__init__()
+        self.affine = EqualizedLinear(style_dim, in_channels, bias_init=1.0)
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
+        self.register_buffer("resample_filter", setup_filter(resample_filter))
+        self.demodulate, self.up, self.down, self.padding = demodulate, up, down, kernel_size // 2
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor, fused_modconv: bool = True) -> torch.Tensor:
+        styles = self.affine(w.to(x.dtype))
+        return modulated_conv2d(x, self.weight.to(x.dtype), styles, self.demodulate, self.up, self.down,
+                                self.resample_filter, self.padding, fused_modconv, flip_weight=self.up == 1)
+
+    def extra_repr(self) -> str:
+        o, i, k, _ = self.weight.shape
+        return f"{i}, {o}, kernel_size={k}, demodulate={self.demodulate}, up={self.up}, down={self.down}"
