@@ -32,4 +32,27 @@ C10_HOST_DEVICE inline T bias_act_value(T z, int act, T alpha, T gain, T clamp) 
   return y;
 }
 
+// d y / d x for the same map at z = x + b: gain * act'(z), 0 where the clamp cut y (torch.clamp's
+// gradient passes -clamp <= y <= clamp). At the kinks, torch's one-sided choices (0 -> left).
+template <typename T>
+C10_HOST_DEVICE inline T bias_act_grad_value(T z, int act, T alpha, T gain, T clamp) {
+  if (clamp >= T(0)) {
+    const T y = bias_act_value<T>(z, act, alpha, gain, T(-1));
+    if (y < -clamp || y > clamp) return T(0);
+  }
+  T d;
+  switch (act) {
+    case kBaRelu: d = z > T(0) ? T(1) : T(0); break;
+    case kLrelu: d = z > T(0) ? T(1) : alpha; break;
+    case kTanh: { const T t = ::tanh(z); d = T(1) - t * t; break; }
+    case kSigmoid: { const T s = T(1) / (T(1) + ::exp(-z)); d = s * (T(1) - s); break; }
+    case kElu: d = z > T(0) ? T(1) : ::exp(z); break;
+    case kSelu: d = T(kSeluScale) * (z > T(0) ? T(1) : T(kSeluAlpha) * ::exp(z)); break;
+    case kSoftplus: d = z > T(kSoftplusThreshold) ? T(1) : T(1) / (T(1) + ::exp(-z)); break;
+    case kSwish: { const T s = T(1) / (T(1) + ::exp(-z)); d = s * (T(1) + z * (T(1) - s)); break; }
+    default: d = T(1);
+  }
+  return d * gain;
+}
+
 }  // namespace fastgen

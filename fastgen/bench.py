@@ -23,8 +23,11 @@ import torch
 import fastgen
 from fastgen.dispatch import backends
 from fastgen.ops.batch_norm_act import batch_norm_act, batch_norm_act_ref
+from fastgen.ops.bias_act import bias_act, bias_act_ref
 from fastgen.ops.group_norm_act import group_norm_act, group_norm_act_ref
+from fastgen.ops.modulated_conv import _modulated_conv2d, modulated_conv2d, modulated_conv2d_ref
 from fastgen.ops.pixel_norm import pixel_norm, pixel_norm_ref
+from fastgen.ops.upfirdn2d import upfirdn2d, upfirdn2d_ref
 from fastgen.ops.upsample_conv import upsample_conv2d, upsample_conv2d_ref
 
 
@@ -41,6 +44,10 @@ class Shape:
     scale: int = 2  # upsampling factor
     groups: int = 32  # GroupNorm groups
     activation: str = "silu"
+    up: int = 1  # StyleGAN2 resampling
+    down: int = 1
+    padding: tuple = (0, 0, 0, 0)  # upfirdn2d's (px0, px1, py0, py1)
+    gain: float = 1.0
 
 
 def _generator():
@@ -174,7 +181,110 @@ class PixelNorm:
         return {"bytes": 2.0 * s.n * s.c * s.h * s.w * itemsize}
 
 
-SUITES = {suite.op: suite for suite in (UpsampleConv, GroupNormAct, BatchNormAct, PixelNorm)}
+class BiasAct:
+    op = "bias_act"
+    # StyleGAN2 synthesis layers (bias + lrelu * sqrt 2, conv_clamp 256): 1024x1024 and 256x256 configs
+    gpu_shapes = [Shape("sg1024-128x256", 16, 128, 256, 256, activation="lrelu"),
+                  Shape("sg1024-32x1024", 16, 32, 1024, 1024, activation="lrelu"),
+                  Shape("sg256-64x256", 32, 64, 256, 256, activation="lrelu")]
+    cpu_shapes = [Shape("sg256-128x128", 4, 128, 128, 128, activation="lrelu"),
+                  Shape("sg256-64x256", 4, 64, 256, 256, activation="lrelu")]
+    backends = ("composite", "cpu", "cuda", "triton")
+
+    @staticmethod
+    def inputs(s: Shape):
+        g = _generator()
+        return torch.randn(s.n, s.c, s.h, s.w, generator=g), 0.1 * torch.randn(s.c, generator=g)
+
+    @staticmethod
+    def eager(x, b, s: Shape):
+        return bias_act_ref(x, b, act=s.activation, clamp=256.0)
+
+    @staticmethod
+    def fused(backend):
+        return lambda x, b, s: bias_act(x, b, act=s.activation, clamp=256.0, backend=backend)
+
+    @staticmethod
+    def work(s: Shape, itemsize: int) -> dict:
+        return {"bytes": 2.0 * s.n * s.c * s.h * s.w * itemsize}
+
+
+def _fir_filter():
+    f = torch.tensor([1.0, 3.0, 3.0, 1.0])
+    return torch.outer(f, f) / 64
+
+
+class Upfirdn2d:
+    op = "upfirdn2d"
+    # StyleGAN2's three uses: the FIR after an upsampling (transposed) conv, the ToRGB skip
+    # upsample of the image, the discriminator's downsample; 1024x1024 and 256x256 configs
+    gpu_shapes = [Shape("sg1024-fir-after-up", 16, 128, 257, 257, padding=(1, 1, 1, 1), gain=4.0),
+                  Shape("sg1024-torgb-up", 16, 3, 512, 512, up=2, padding=(2, 1, 2, 1), gain=4.0),
+                  Shape("sg1024-disc-down", 16, 64, 512, 512, down=2, padding=(1, 1, 1, 1))]
+    cpu_shapes = [Shape("sg256-fir-after-up", 4, 128, 129, 129, padding=(1, 1, 1, 1), gain=4.0),
+                  Shape("sg256-torgb-up", 4, 3, 128, 128, up=2, padding=(2, 1, 2, 1), gain=4.0),
+                  Shape("sg256-disc-down", 4, 64, 128, 128, down=2, padding=(1, 1, 1, 1))]
+    backends = ("composite", "cpu", "cuda", "triton")
+
+    @staticmethod
+    def inputs(s: Shape):
+        return torch.randn(s.n, s.c, s.h, s.w, generator=_generator()), _fir_filter()
+
+    @staticmethod
+    def eager(x, f, s: Shape):
+        return upfirdn2d_ref(x, f.detach(), s.up, s.down, list(s.padding), gain=s.gain)
+
+    @staticmethod
+    def fused(backend):
+        return lambda x, f, s: upfirdn2d(x, f.detach(), s.up, s.down, list(s.padding), gain=s.gain, backend=backend)
+
+    @staticmethod
+    def work(s: Shape, itemsize: int) -> dict:
+        out = s.n * s.c * (s.h * s.up + s.padding[2] + s.padding[3] - 3) // s.down * (
+            (s.w * s.up + s.padding[0] + s.padding[1] - 3) // s.down)
+        return {"bytes": float(s.n * s.c * s.h * s.w + out) * itemsize}
+
+
+class ModulatedConv:
+    op = "modulated_conv2d"
+    # StyleGAN2 synthesis conv0 (3x3, up 2, fused modconv) and conv1 (3x3) layers. `stylegan2` is
+    # StyleGAN2's own formulation: the same fast paths with its plain-torch upfirdn2d
+    gpu_shapes = [Shape("sg1024-up-512x64", 16, 512, 64, 64, co=256, up=2),
+                  Shape("sg1024-up-256x128", 16, 256, 128, 128, co=128, up=2),
+                  Shape("sg1024-conv-128x256", 16, 128, 256, 256, co=128)]
+    cpu_shapes = [Shape("sg256-up-256x64", 4, 256, 64, 64, co=128, up=2),
+                  Shape("sg256-conv-128x128", 4, 128, 128, 128, co=128)]
+    backends = ("composite", "cpu", "cuda", "triton")
+
+    @staticmethod
+    def inputs(s: Shape):
+        g = _generator()
+        return (torch.randn(s.n, s.c, s.h, s.w, generator=g), torch.randn(s.co, s.c, s.k, s.k, generator=g),
+                1 + 0.2 * torch.randn(s.n, s.c, generator=g), _fir_filter())
+
+    @staticmethod
+    def eager(x, w, styles, f, s: Shape):
+        return modulated_conv2d_ref(x, w, styles, True, s.up, s.down, f.detach(), s.k // 2, flip_weight=s.up == 1)
+
+    @staticmethod
+    def fused(backend):
+        return lambda x, w, styles, f, s: modulated_conv2d(x, w, styles, True, s.up, s.down, f.detach(), s.k // 2,
+                                                           flip_weight=s.up == 1, backend=backend)
+
+    @staticmethod
+    def stylegan2(x, w, styles, f, s: Shape):
+        return _modulated_conv2d(x, w, styles, True, s.up, s.down, f.detach(), (s.k // 2,) * 4, True, s.up == 1,
+                                 upfirdn2d_ref)
+
+    baselines = ("stylegan2",)
+
+    @staticmethod
+    def work(s: Shape, itemsize: int) -> dict:
+        return {"flops": 2.0 * s.n * s.co * s.c * s.k ** 2 * s.h * s.w}
+
+
+SUITES = {suite.op: suite for suite in (UpsampleConv, GroupNormAct, BatchNormAct, PixelNorm, BiasAct, Upfirdn2d,
+                                        ModulatedConv)}
 
 
 def make_inputs(suite, shape: Shape, dtype, device, channels_last: bool, requires_grad=False):
@@ -191,6 +301,7 @@ def providers(suite, device: str, compile_mode: str | None = "auto") -> dict:
         compile_mode = "max-autotune-no-cudagraphs" if device == "cuda" else None
     compiled = torch.compile(suite.eager, mode=compile_mode, dynamic=False)
     table = {"eager": suite.eager, "compile": compiled}
+    table.update({name: getattr(suite, name) for name in getattr(suite, "baselines", ())})
     # the fastgen backends that run here; on the CPU triton is the interpreter (correctness only)
     runs_here = {"composite"} | ({"cuda", "triton"} if device == "cuda" else {"cpu"})
     for name in suite.backends:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastgen.dispatch import _INTERPRET, select
+from fastgen.dispatch import _EXT_WHY, _INTERPRET, select
 from fastgen.ops._util import check_floating, check_tensor, opmath_dtype
 
 # name -> (default alpha, default gain), as StyleGAN2 defines them; the position is the kernels' code
@@ -251,21 +251,29 @@ def _fake_bias_act(x, b, dim, act, alpha, gain, clamp, backend):
 
 
 def _setup_context_bias_act(ctx, inputs, output):
-    x, b, dim, act, alpha, gain, clamp, _ = inputs
+    x, b, dim, act, alpha, gain, clamp, backend = inputs
     ctx.save_for_backward(x, b)
-    ctx.args = (dim, act, alpha, gain, clamp)
+    ctx.args = (dim, act, alpha, gain, clamp, backend)
 
 
 def _backward_bias_act(ctx, grad: Tensor):
     """dy/dz = gain * act'(z) where |y| is inside the clamp (torch.clamp's gradient), z = x + b
-    recomputed; db sums dz over every dimension but `dim`. Aten math: differentiable to any order."""
+    recomputed; db sums dz over every dimension but `dim`. A first-order backward (grad mode off
+    here without create_graph) of the cpu and cuda backends is one fused pass (C++); otherwise aten
+    math, differentiable to any order and XLA-lowerable."""
     x, b = ctx.saved_tensors
-    dim, act, alpha, gain, clamp = ctx.args
-    z = _with_bias(x, b, dim)
-    gz = grad.to(z.dtype) * (_activation_grad(z, act, alpha) * gain)
-    if clamp >= 0:
-        y = _activate(z, act, alpha) * gain
-        gz = gz * ((y >= -clamp) & (y <= clamp)).to(gz.dtype)
+    dim, act, alpha, gain, clamp, backend = ctx.args
+    if not torch.is_grad_enabled() and backend in ("cpu", "cuda"):
+        xd = _dense(x)
+        g = grad if grad.stride() == xd.stride() else torch.empty_like(xd).copy_(grad)  # x's memory order
+        gz = torch.ops.fastgen._bias_act_grad_fused(g, xd, b, *_outer_c_inner(xd, b, dim), _CODES[act], alpha, gain,
+                                                    clamp)
+    else:
+        z = _with_bias(x, b, dim)
+        gz = grad.to(z.dtype) * (_activation_grad(z, act, alpha) * gain)
+        if clamp >= 0:
+            y = _activate(z, act, alpha) * gain
+            gz = gz * ((y >= -clamp) & (y <= clamp)).to(gz.dtype)
     gx = gz.to(x.dtype) if ctx.needs_input_grad[0] else None
     gb = None
     if b is not None and ctx.needs_input_grad[1]:
@@ -274,3 +282,7 @@ def _backward_bias_act(ctx, grad: Tensor):
 
 
 _bias_act_op.register_autograd(_backward_bias_act, setup_context=_setup_context_bias_act)
+
+if not _EXT_WHY:  # the backward's kernel op, traced by torch.compile's backward graph: its shape rule
+    torch.library.register_fake("fastgen::_bias_act_grad_fused")(
+        lambda grad, x, b, outer, c, inner, act, alpha, gain, clamp: torch.empty_like(x))

@@ -14,6 +14,8 @@ with the activations scaled before and after (fused_modconv=False, better for la
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -37,6 +39,13 @@ def modulated_conv2d(x: Tensor, weight: Tensor, styles: Tensor, demodulate: bool
     name = select("upfirdn2d", x.device, backend, _KERNELS, _AUTO)
     if name == "reference":
         return modulated_conv2d_ref(x, weight, styles, demodulate, up, down, resample_filter, padding, flip_weight)
+    fir = functools.partial(upfirdn2d, backend=name)
+    return _modulated_conv2d(x, weight, styles, demodulate, up, down, f, pad, fused_modconv, flip_weight, fir)
+
+
+def _modulated_conv2d(x, weight, styles, demodulate, up, down, f, pad, fused_modconv, flip_weight, fir):
+    """StyleGAN2's modulated_conv2d, its FIR filtering done by fir(t, f, up=, down=, padding=, gain=)
+    (the benchmarks pass upfirdn2d_ref to time StyleGAN2's own formulation)."""
     n = x.shape[0]
     out_channels, in_channels, kh, kw = weight.shape
     if x.dtype == torch.float16 and demodulate:
@@ -48,13 +57,13 @@ def modulated_conv2d(x: Tensor, weight: Tensor, styles: Tensor, demodulate: bool
     dcoefs = (w.square().sum(dim=[2, 3, 4]) + _DEMOD_EPS).rsqrt() if demodulate else None  # (N, O)
     if not fused_modconv:
         x = x * styles.to(x.dtype).reshape(n, -1, 1, 1)
-        x = _conv2d_resample(x, weight.to(x.dtype), f, up, down, pad, 1, flip_weight, name)
+        x = _conv2d_resample(x, weight.to(x.dtype), f, up, down, pad, 1, flip_weight, fir)
         return x * dcoefs.to(x.dtype).reshape(n, -1, 1, 1) if demodulate else x
     if demodulate:
         w = w * dcoefs.reshape(n, -1, 1, 1, 1)
     fmt = memory_format(x)
     y = _conv2d_resample(x.reshape(1, -1, *x.shape[2:]), w.reshape(-1, in_channels, kh, kw).to(x.dtype), f, up,
-                         down, pad, n, flip_weight, name)
+                         down, pad, n, flip_weight, fir)
     return y.reshape(n, -1, *y.shape[2:]).contiguous(memory_format=fmt)
 
 
@@ -161,13 +170,13 @@ def _conv(x: Tensor, w: Tensor, groups: int, flip_weight: bool, stride: int = 1,
     return F.conv2d(x, w, stride=stride, padding=padding, groups=groups)
 
 
-def _conv2d_resample(x, w, f, up, down, pad, groups, flip_weight, backend):
-    """StyleGAN2's conv2d_resample fast paths, the FIR filtering through fastgen::upfirdn2d."""
+def _conv2d_resample(x, w, f, up, down, pad, groups, flip_weight, upfirdn):
+    """StyleGAN2's conv2d_resample fast paths, the FIR filtering through upfirdn (fastgen::upfirdn2d)."""
     out_channels, in_per_group, kh, kw = w.shape
     px0, px1, py0, py1 = _resample_padding(f, up, down, pad)
 
     def fir(t, **resampling):
-        return upfirdn2d(t, f, backend=backend, **resampling)
+        return upfirdn(t, f, **resampling)
 
     if kh == 1 and kw == 1 and down > 1 and up == 1:  # 1x1: downsample first, then convolve
         return _conv(fir(x, down=down, padding=[px0, px1, py0, py1]), w, groups, flip_weight)
