@@ -156,3 +156,35 @@ def test_bad_arguments():
         modulated_conv2d(x, weight.double(), styles)
     with pytest.raises(ValueError, match="resample_filter must be 1-D or 2-D"):
         setup_filter(torch.ones(2, 2, 2))
+
+
+def test_up2_never_materializes_the_zero_inserted_image():
+    # every tensor the fast path creates, recorded at the dispatcher: none has the input channels at
+    # twice the resolution (the reference's zero-inserted image does)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.seen.append(tuple(t.shape))
+            return out
+
+    f = setup_filter((1, 3, 3, 1))
+    x, weight, styles = make(2, 6, 4, 3, (8, 8), torch.float32)
+
+    def zero_inserted(shapes):  # (1, N*I, >=16, >=16) grouped or (N, I, >=16, >=16)
+        return [s for s in shapes if len(s) == 4 and s[1] in (6, 12) and s[2] >= 16]
+
+    for backend, fused in (("composite", True), ("cpu", True), ("cpu", False)):
+        with Shapes() as mode:
+            modulated_conv2d(x, weight, styles, True, 2, 1, f, 1, fused, backend=backend)
+        assert not zero_inserted(mode.seen), (backend, fused, zero_inserted(mode.seen))
+    with Shapes() as mode:  # the check does see the reference's
+        modulated_conv2d(x, weight, styles, True, 2, 1, f, 1, backend="reference")
+    assert zero_inserted(mode.seen)
