@@ -1,17 +1,19 @@
-# Sourced by tools/test.sh and tools/bench.sh: makes (once) and enters the main environment, then
-# builds fastgen from this checkout into it. Nothing needs to be installed by hand beforehand.
-#   FASTGEN_VENV  where the environment lives (default: ~/.cache/fastgen/venv-<hash of requirements>)
+# Sourced by tools/test.sh, tools/test_xla.sh and tools/bench.sh: makes (once) and enters an
+# environment, then builds fastgen from this checkout into it. Nothing needs to be installed by hand.
+#   FASTGEN_REQUIREMENTS  the environment's pip requirements (default: requirements.txt, the main one)
+#   FASTGEN_VENV  where it lives (default: ~/.cache/fastgen/venv-<hash of the requirements file>)
 #   FASTGEN_CUDA  1: compile csrc/*.cu (default wherever nvcc exists; no GPU needed), 0: don't
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-key=$(sha256sum "$root/requirements.txt" | cut -c1-12)
+reqs=${FASTGEN_REQUIREMENTS:-$root/requirements.txt}
+key=$(sha256sum "$reqs" | cut -c1-12)
 venv=${FASTGEN_VENV:-$HOME/.cache/fastgen/venv-$key}
 if [ ! -f "$venv/.complete" ]; then
   echo "== making the environment $venv"
   rm -rf "$venv"
   python3 -m venv "$venv"
   "$venv/bin/python" -m pip install -q --upgrade pip
-  "$venv/bin/python" -m pip install -q -r "$root/requirements.txt"
+  "$venv/bin/python" -m pip install -q -r "$reqs"
   touch "$venv/.complete"  # a half-made environment is made again next time
 fi
 export PATH="$venv/bin:$PATH"

@@ -151,7 +151,10 @@ def _phase_conv_input(x: Tensor, pads) -> tuple[Tensor, int]:
 # ---------------------------------------------------------------------------------------------
 # composite: aten only, so XLA lowers it and autograd needs no fallback.
 
-def _upsample_conv2d_composite(x, weight, bias, scale, mode, padding):
+def _upsample_conv2d_composite(x, weight, bias, scale, mode, padding, in_place_interleave=True):
+    """in_place_interleave: write the phases into one output through views (CPU, CUDA: the output is
+    written once); False stacks them (XLA, where a copy_ into a view of a fresh tensor inside a
+    kernel does not reach the tensor: the output came back all zeros)."""
     fmt = memory_format(x)
     if mode == "bilinear":
         return F.conv2d(_upsample(x, scale, mode).contiguous(memory_format=fmt), weight, bias, padding=padding)
@@ -162,13 +165,20 @@ def _upsample_conv2d_composite(x, weight, bias, scale, mode, padding):
     xp, conv_pad = _phase_conv_input(x, pads)
     phases = F.conv2d(xp, wf.flatten(0, 2), None if bias is None else bias.repeat(scale * scale),
                       padding=conv_pad)
-    out = torch.empty((n, co, scale * hm, scale * wm), dtype=x.dtype, device=x.device, memory_format=fmt)
-    interleaved = out.view(n, co, hm, scale, wm, scale)
-    for ry in range(scale):
-        for rx in range(scale):
-            p = (ry * scale + rx) * co
-            oy, ox = lo[ry] - lo[0], lo[rx] - lo[0]
-            interleaved[:, :, :, ry, :, rx].copy_(phases[:, p:p + co, oy:oy + hm, ox:ox + wm])
+
+    def phase(ry, rx):  # output pixels (scale * y + ry, scale * x + rx)
+        p, oy, ox = (ry * scale + rx) * co, lo[ry] - lo[0], lo[rx] - lo[0]
+        return phases[:, p:p + co, oy:oy + hm, ox:ox + wm]
+
+    if in_place_interleave:
+        out = torch.empty((n, co, scale * hm, scale * wm), dtype=x.dtype, device=x.device, memory_format=fmt)
+        interleaved = out.view(n, co, hm, scale, wm, scale)
+        for ry in range(scale):
+            for rx in range(scale):
+                interleaved[:, :, :, ry, :, rx].copy_(phase(ry, rx))
+    else:  # (n, co, hm, scale, wm, scale) indexed [y, ry, x, rx]
+        rows = [torch.stack([phase(ry, rx) for rx in range(scale)], dim=-1) for ry in range(scale)]
+        out = torch.stack(rows, dim=3).reshape(n, co, scale * hm, scale * wm).contiguous(memory_format=fmt)
     if (scale * hm, scale * wm) != (hout, wout):
         out = out[:, :, :hout, :wout].contiguous(memory_format=fmt)
     return out
@@ -273,7 +283,7 @@ def _upsample_conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale
 
 @_upsample_conv2d_op.register_kernel("xla")
 def _upsample_conv2d_xla(x, weight, bias, scale_factor, mode, padding, backend):
-    return _upsample_conv2d_composite(x, weight, bias, scale_factor, mode, padding)
+    return _upsample_conv2d_composite(x, weight, bias, scale_factor, mode, padding, in_place_interleave=False)
 
 
 @_upsample_conv2d_op.register_fake

@@ -1,0 +1,205 @@
+"""Every fastgen op and layer on an XLA device (torch_xla; PJRT_DEVICE=CPU in CI, TPU on a TPU VM):
+forward and backward against CPU eager (the op's _ref), and after each, no op may have fallen back
+to the CPU (torch_xla runs an op it cannot lower on the CPU silently: shared/TOOLCHAIN.md).
+
+Run by tools/test_xla.sh in the XLA environment (torch 2.9.0 + torch_xla 2.9.0). Adding an op or a
+layer is one line in OPS or LAYERS.
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch_xla
+import torch_xla.debug.metrics as met
+from torch import nn
+
+import fastgen
+from fastgen import nn as fnn
+from fastgen import ops
+from fastgen.nn.stylegan import setup_filter
+
+DEVICE = torch_xla.device()
+FIR = setup_filter((1, 3, 3, 1))
+
+
+def sync():
+    torch_xla.sync()
+
+
+def randn(*shape):
+    return torch.randn(*shape)
+
+
+# name -> (op, its reference, inputs (CPU tensors; the first is x), keyword arguments, the positions
+# of the inputs that get gradients)
+OPS = {
+    "upsample_conv2d_nearest": (ops.upsample_conv2d, ops.upsample_conv2d_ref,
+                                lambda: (randn(2, 4, 5, 6), randn(3, 4, 3, 3) / 6, randn(3)), {}, (0, 1, 2)),
+    "upsample_conv2d_bilinear": (ops.upsample_conv2d, ops.upsample_conv2d_ref,
+                                 lambda: (randn(2, 4, 5, 6), randn(3, 4, 3, 3) / 6, randn(3)), {"mode": "bilinear"},
+                                 (0, 1, 2)),
+    "group_norm_act": (ops.group_norm_act, ops.group_norm_act_ref,
+                       lambda: (randn(2, 8, 5, 6), 4, randn(8), randn(8)), {}, (0, 2, 3)),
+    "instance_norm_act": (ops.instance_norm_act, ops.instance_norm_act_ref,
+                          lambda: (randn(2, 6, 5, 4), randn(6), randn(6)), {}, (0, 1, 2)),
+    "adaptive_instance_norm": (ops.adaptive_instance_norm, ops.adaptive_instance_norm_ref,
+                               lambda: (randn(2, 6, 5, 4), randn(2, 6), randn(2, 6)), {"activation": "silu"},
+                               (0, 1, 2)),
+    "batch_norm_act_train": (ops.batch_norm_act, ops.batch_norm_act_ref,
+                             lambda: (randn(4, 6, 5, 4), None, None, randn(6), randn(6), True), {}, (0, 3, 4)),
+    "batch_norm_act_eval": (ops.batch_norm_act, ops.batch_norm_act_ref,
+                            lambda: (randn(4, 6, 5, 4), randn(6), randn(6).abs() + 0.5, randn(6), randn(6), False), {},
+                            (0, 3, 4)),
+    "pixel_norm": (ops.pixel_norm, ops.pixel_norm_ref, lambda: (randn(2, 8, 5, 6),), {}, (0,)),
+    "bias_act_lrelu_clamp": (ops.bias_act, ops.bias_act_ref, lambda: (randn(2, 8, 5, 6), randn(8)),
+                             {"act": "lrelu", "clamp": 1.5}, (0, 1)),
+    "bias_act_swish": (ops.bias_act, ops.bias_act_ref, lambda: (randn(2, 8, 5, 6), randn(8)), {"act": "swish"},
+                       (0, 1)),
+    "upfirdn2d_up2": (ops.upfirdn2d, ops.upfirdn2d_ref, lambda: (randn(2, 3, 8, 7), FIR),
+                      {"up": 2, "padding": [2, 1, 2, 1], "gain": 4.0}, (0,)),
+    "upfirdn2d_down2_separable": (ops.upfirdn2d, ops.upfirdn2d_ref,
+                                  lambda: (randn(2, 3, 8, 7), torch.tensor([1.0, 3, 3, 1]) / 8),
+                                  {"down": 2, "padding": 1}, (0,)),
+    "modulated_conv2d_up2": (ops.modulated_conv2d, ops.modulated_conv2d_ref,
+                             lambda: (randn(2, 4, 6, 6), randn(3, 4, 3, 3), randn(2, 4) + 1),
+                             {"up": 2, "resample_filter": FIR, "padding": 1}, (0, 1, 2)),
+}
+
+# name -> (a factory of the layer, a factory of its inputs (CPU tensors))
+LAYERS = {
+    "UpsampleConv2d": (lambda: fnn.UpsampleConv2d(4, 3, 3), lambda: (randn(2, 4, 5, 6),)),
+    "GroupNormAct": (lambda: fnn.GroupNormAct(4, 8), lambda: (randn(2, 8, 5, 6),)),
+    "InstanceNormAct2d": (lambda: fnn.InstanceNormAct2d(6, affine=True), lambda: (randn(2, 6, 5, 4),)),
+    "AdaIN": (lambda: fnn.AdaIN(6, 5), lambda: (randn(2, 6, 5, 4), randn(2, 5))),
+    "BatchNormAct2d": (lambda: fnn.BatchNormAct2d(6), lambda: (randn(4, 6, 5, 4),)),
+    "PixelNorm": (lambda: fnn.PixelNorm(), lambda: (randn(2, 8, 5, 6),)),
+    "BiasAct": (lambda: fnn.BiasAct(8, act="lrelu", bias_init=0.3), lambda: (randn(2, 8, 5, 6),)),
+    "EqualizedLinear": (lambda: fnn.EqualizedLinear(8, 5, activation="lrelu"), lambda: (randn(3, 8),)),
+    "Upsample2dFIR": (lambda: fnn.Upsample2dFIR(), lambda: (randn(2, 3, 6, 5),)),
+    "Downsample2dFIR": (lambda: fnn.Downsample2dFIR(), lambda: (randn(2, 3, 6, 8),)),
+    "ModulatedConv2d_up": (lambda: fnn.ModulatedConv2d(4, 3, 3, style_dim=5, up=2),
+                           lambda: (randn(2, 4, 6, 6), randn(2, 5))),
+    "ModulatedConv2d_down": (lambda: fnn.ModulatedConv2d(4, 3, 3, style_dim=5, down=2),
+                             lambda: (randn(2, 4, 6, 6), randn(2, 5))),
+}
+
+
+def to_xla(t):
+    if not isinstance(t, torch.Tensor):
+        return t
+    return t.detach().to(DEVICE).requires_grad_(t.requires_grad)
+
+
+def assert_no_fallback():
+    assert met.executed_fallback_ops() == [], f"ran on the CPU, not on XLA: {met.executed_fallback_ops()}"
+
+
+def close(got, want, what):
+    torch.testing.assert_close(got.cpu().double(), want.detach().double(), atol=1e-4, rtol=1e-4, msg=what)
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_op_forward_and_backward_on_xla(name):
+    op, ref, make_inputs, kw, grad_of = OPS[name]
+    torch.manual_seed(0)
+    inputs = [t.requires_grad_(True) if i in grad_of else t for i, t in enumerate(make_inputs())]
+    met.clear_all()
+    xs = [to_xla(t) for t in inputs]
+    out = op(*xs, **{k: to_xla(v) for k, v in kw.items()})
+    grad = torch.randn(out.shape)
+    grads = torch.autograd.grad(out, [xs[i] for i in grad_of], grad.to(DEVICE))
+    sync()
+    assert_no_fallback()
+    want = ref(*inputs, **kw)
+    close(out, want, f"{name}: output")
+    want_grads = torch.autograd.grad(want, [inputs[i] for i in grad_of], grad)
+    for i, g, w in zip(grad_of, grads, want_grads, strict=True):
+        close(g, w, f"{name}: gradient of input {i}")
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_layer_forward_and_backward_on_xla(name):
+    make_layer, make_inputs = LAYERS[name]
+    torch.manual_seed(0)
+    layer = make_layer()
+    with torch.no_grad():  # away from the default initial values (ones, zeros)
+        for p in layer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    layer_xla = copy.deepcopy(layer).to(DEVICE)
+    inputs = [t.requires_grad_(True) for t in make_inputs()]
+    met.clear_all()
+    xs = [to_xla(t) for t in inputs]
+    out = layer_xla(*xs)
+    grad = torch.randn(out.shape)
+    out.backward(grad.to(DEVICE))
+    sync()
+    assert_no_fallback()
+    with fastgen.use_backend("reference"):
+        want = layer(*inputs)
+    want.backward(grad)
+    close(out, want, f"{name}: output")
+    for i, (t, t_xla) in enumerate(zip(inputs, xs, strict=True)):
+        close(t_xla.grad, t.grad, f"{name}: gradient of input {i}")
+    for (pname, p), p_xla in zip(layer.named_parameters(), layer_xla.parameters(), strict=True):
+        close(p_xla.grad, p.grad, f"{name}: gradient of {pname}")
+    for (bname, b), b_xla in zip(layer.named_buffers(), layer_xla.buffers(), strict=True):
+        close(b_xla, b, f"{name}: buffer {bname}")  # BatchNorm's running statistics
+
+
+class Generator(nn.Module):
+    """A small generator of fastgen layers: latent -> 4x4 -> 8x8 -> 16x16 RGB."""
+
+    def __init__(self, latent=16, ch=16):
+        super().__init__()
+        self.fc = fnn.EqualizedLinear(latent, ch * 16, activation="lrelu")
+        self.up1 = fnn.UpsampleConv2d(ch, ch, 3)
+        self.norm1 = fnn.GroupNormAct(4, ch, activation="silu")
+        self.up2 = fnn.UpsampleConv2d(ch, ch // 2, 3)
+        self.norm2 = fnn.BatchNormAct2d(ch // 2, activation="relu")
+        self.to_rgb = nn.Conv2d(ch // 2, 3, 3, padding=1)
+        self.ch = ch
+
+    def forward(self, z):
+        x = self.fc(z).view(z.shape[0], self.ch, 4, 4)
+        x = self.norm1(self.up1(x))
+        x = self.norm2(self.up2(x))
+        return torch.tanh(self.to_rgb(x))
+
+
+def compiles() -> int:
+    data = met.metric_data("CompileTime")
+    return 0 if data is None else data[0]
+
+
+def test_training_step_compiles_a_bounded_number_of_graphs():
+    torch.manual_seed(0)
+    gen = Generator().to(DEVICE)
+    opt = torch.optim.SGD(gen.parameters(), lr=0.01)
+    met.clear_all()
+    counts = []
+    for _ in range(5):
+        z = torch.randn(4, 16).to(DEVICE)
+        loss = gen(z).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        sync()
+        counts.append(compiles())
+    assert_no_fallback()
+    assert math.isfinite(loss.item())
+    assert counts[1] == counts[4], f"graphs compiled after each of 5 steps: {counts} (recompiles after the 2nd)"
+
+
+def test_torch_compile_openxla_matches_eager():
+    torch.manual_seed(0)
+    gen = Generator().eval()
+    z = torch.randn(4, 16)
+    want = gen(z)
+    gen_xla = copy.deepcopy(gen).to(DEVICE)
+    met.clear_all()
+    got = torch.compile(gen_xla, backend="openxla")(z.to(DEVICE))
+    sync()
+    assert_no_fallback()
+    close(got, want, "openxla")

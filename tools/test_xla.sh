@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The XLA stage of README's test command (tools/test.sh runs it after the main tests): every op and
+# layer on an XLA device (torch_xla on the CPU, PJRT_DEVICE=CPU) against CPU eager, with no CPU
+# fallback allowed. Its own environment (requirements-xla.txt: torch 2.9.0 + torch_xla 2.9.0) and
+# its own CPU-only build of fastgen, made in a copy of the tree so that its fastgen._C (built for
+# torch 2.9) never replaces the main environment's in this checkout.
+set -euo pipefail
+src=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+copy=${FASTGEN_XLA_TREE:-$HOME/.cache/fastgen/xla-tree}
+rm -rf "$copy" && mkdir -p "$copy"  # a fresh copy: no file deleted here survives there
+(cd "$src" && tar --exclude=.git --exclude='*.so' --exclude=build --exclude='*.egg-info' --exclude=__pycache__ -cf - .) \
+  | (cd "$copy" && tar -xf -)
+export FASTGEN_REQUIREMENTS="$src/requirements-xla.txt" FASTGEN_CUDA=0 PJRT_DEVICE=CPU
+source "$copy/tools/env.sh"
+cd "$copy"
+python -m pytest tests/xla -q -p no:cacheprovider -rs "$@"
