@@ -6,6 +6,6 @@ source "$(dirname "$0")/env.sh"
 cd "$root"
 if ! nvidia-smi -L >/dev/null 2>&1; then export TRITON_INTERPRET=1; fi
 python -m fastgen info
-python -m pytest tests -q -p no:cacheprovider -rs --ignore=tests/xla "$@"
+python -m pytest tests -q -p no:cacheprovider -rs "$@"
 echo "== the XLA stage"
 env -u TRITON_INTERPRET bash "$root/tools/test_xla.sh"
