@@ -53,39 +53,35 @@ def _resample_padding(f: torch.Tensor, factor: int, up: bool) -> list[int]:
     return [(fw - factor + 1) // 2, (fw - factor) // 2, (fh - factor + 1) // 2, (fh - factor) // 2]
 
 
-class Upsample2dFIR(nn.Module):
-    """StyleGAN2's upsample2d: zero insertion by `factor`, then the FIR filter with gain factor^2
-    (fastgen.ops.upfirdn2d). Buffer `resample_filter`."""
+class _FIRResample(nn.Module):
+    """A FIR filter buffer `resample_filter` and a resampling factor."""
 
     def __init__(self, resample_filter=(1, 3, 3, 1), factor: int = 2, gain: float = 1.0):
         super().__init__()
         self.register_buffer("resample_filter", setup_filter(resample_filter))
         self.factor, self.gain = factor, gain
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor}, filter={tuple(self.resample_filter.shape)}"
+
+
+class Upsample2dFIR(_FIRResample):
+    """StyleGAN2's upsample2d: zero insertion by `factor`, then the FIR filter with gain factor^2
+    (fastgen.ops.upfirdn2d). Buffer `resample_filter`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.resample_filter
         return upfirdn2d(x, f, up=self.factor, padding=_resample_padding(f, self.factor, True),
                          gain=self.gain * self.factor ** 2)
 
-    def extra_repr(self) -> str:
-        return f"factor={self.factor}, filter={tuple(self.resample_filter.shape)}"
 
-
-class Downsample2dFIR(nn.Module):
+class Downsample2dFIR(_FIRResample):
     """StyleGAN2's downsample2d: the FIR filter, then every factor-th pixel
     (fastgen.ops.upfirdn2d). Buffer `resample_filter`."""
-
-    def __init__(self, resample_filter=(1, 3, 3, 1), factor: int = 2, gain: float = 1.0):
-        super().__init__()
-        self.register_buffer("resample_filter", setup_filter(resample_filter))
-        self.factor, self.gain = factor, gain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.resample_filter
         return upfirdn2d(x, f, down=self.factor, padding=_resample_padding(f, self.factor, False), gain=self.gain)
-
-    def extra_repr(self) -> str:
-        return f"factor={self.factor}, filter={tuple(self.resample_filter.shape)}"
 
 
 class EqualizedLinear(nn.Module):
