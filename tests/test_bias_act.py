@@ -121,9 +121,12 @@ def test_layer_compile_fullgraph_and_state_dict():
     torch.testing.assert_close(BiasAct(8, act="linear", dim=-1)(torch.ones(3, 8)), torch.ones(3, 8))
 
 
-def test_empty():
+def test_empty_and_scalar():
     x = torch.randn(0, 4, 3, 3)
     assert bias_act(x, torch.randn(4), act="relu", backend="cpu").shape == x.shape
+    for backend in ("cpu", "composite", "reference"):
+        torch.testing.assert_close(bias_act(torch.tensor(-0.5), act="lrelu", backend=backend),
+                                   torch.tensor(-0.5 * 0.2 * math.sqrt(2)))
 
 
 def test_bad_arguments():

@@ -44,7 +44,8 @@ def bias_act(x: Tensor, b: Tensor | None = None, dim: int = 1, act: str = "linea
     name = select("bias_act", x.device, backend, _KERNELS, _AUTO)
     if name == "reference":
         return bias_act_ref(x, b, dim, act, alpha, gain, clamp)
-    return torch.ops.fastgen.bias_act(x, b, dim % x.dim(), act, alpha, gain, -1.0 if clamp is None else clamp, name)
+    return torch.ops.fastgen.bias_act(x, b, dim % max(x.dim(), 1), act, alpha, gain, -1.0 if clamp is None else clamp,
+                                      name)
 
 
 def bias_act_ref(x: Tensor, b: Tensor | None = None, dim: int = 1, act: str = "linear", alpha: float | None = None,
@@ -95,8 +96,10 @@ def _check_bias_act(x, b, dim, act, alpha, gain, clamp) -> tuple[float, float, f
     """Validates the arguments; returns (alpha, gain, clamp) with the defaults filled in."""
     check_tensor("x", x)
     check_floating("x", x)
-    if isinstance(dim, bool) or not isinstance(dim, int) or not -max(x.dim(), 1) <= dim < max(x.dim(), 1):
-        raise IndexError(f"dim must be an int in [{-x.dim()}, {x.dim()}) for x of shape {tuple(x.shape)}, got {dim!r}")
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"dim must be an int, got {dim!r}")
+    if b is not None and not -x.dim() <= dim < x.dim():  # dim only places b (StyleGAN2 checks it then)
+        raise IndexError(f"dim must be in [{-x.dim()}, {x.dim()}) for x of shape {tuple(x.shape)}, got {dim}")
     if act not in BIAS_ACTS:
         raise ValueError(f"act must be one of {tuple(BIAS_ACTS)}, got {act!r}")
     if b is not None:
