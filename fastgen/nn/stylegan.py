@@ -7,7 +7,7 @@ from torch import nn
 
 from fastgen.ops.bias_act import bias_act
 from fastgen.ops.modulated_conv import modulated_conv2d
-from fastgen.ops.upfirdn2d import upfirdn2d
+from fastgen.ops.upfirdn2d import resample_padding, upfirdn2d
 
 
 class BiasAct(nn.Module):
@@ -44,15 +44,6 @@ def setup_filter(f, normalize: bool = True, gain: float = 1.0, separable: bool |
     return f * gain ** (f.dim() / 2)
 
 
-def _resample_padding(f: torch.Tensor, factor: int, up: bool) -> list[int]:
-    """StyleGAN2's upsample2d / downsample2d padding: the output is exactly factor times larger
-    (or smaller) and the filter centred."""
-    fh, fw = f.shape[0], f.shape[-1]
-    if up:
-        return [(fw + factor - 1) // 2, (fw - factor) // 2, (fh + factor - 1) // 2, (fh - factor) // 2]
-    return [(fw - factor + 1) // 2, (fw - factor) // 2, (fh - factor + 1) // 2, (fh - factor) // 2]
-
-
 class _FIRResample(nn.Module):
     """A FIR filter buffer `resample_filter` and a resampling factor."""
 
@@ -71,7 +62,7 @@ class Upsample2dFIR(_FIRResample):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.resample_filter
-        return upfirdn2d(x, f, up=self.factor, padding=_resample_padding(f, self.factor, True),
+        return upfirdn2d(x, f, up=self.factor, padding=list(resample_padding(f, up=self.factor)),
                          gain=self.gain * self.factor ** 2)
 
 
@@ -81,7 +72,7 @@ class Downsample2dFIR(_FIRResample):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.resample_filter
-        return upfirdn2d(x, f, down=self.factor, padding=_resample_padding(f, self.factor, False), gain=self.gain)
+        return upfirdn2d(x, f, down=self.factor, padding=list(resample_padding(f, down=self.factor)), gain=self.gain)
 
 
 class EqualizedLinear(nn.Module):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastgen.dispatch import _EXT_WHY, _INTERPRET, select
-from fastgen.ops._util import check_floating, check_tensor, opmath_dtype
+from fastgen.ops._util import check_floating, check_tensor, memory_format, opmath_dtype
 
 # name -> (default alpha, default gain), as StyleGAN2 defines them; the position is the kernels' code
 BIAS_ACTS = {
@@ -74,17 +74,7 @@ def bias_act_ref(x: Tensor, b: Tensor | None = None, dim: int = 1, act: str = "l
     alpha, gain, clamp = _check_bias_act(x, b, dim, act, alpha, gain, clamp)
     if b is not None:
         x = x + b.reshape([-1 if i == dim % x.dim() else 1 for i in range(x.dim())])
-    x = {
-        "linear": lambda z: z,
-        "relu": F.relu,
-        "lrelu": lambda z: F.leaky_relu(z, alpha),
-        "tanh": torch.tanh,
-        "sigmoid": torch.sigmoid,
-        "elu": F.elu,
-        "selu": F.selu,
-        "softplus": F.softplus,
-        "swish": lambda z: torch.sigmoid(z) * z,
-    }[act](x)
+    x = _activate(x, act, alpha)
     if gain != 1:
         x = x * gain
     if clamp is not None:
@@ -184,14 +174,12 @@ def _bias_act_composite(x, b, dim, act, alpha, gain, clamp):
 
 def _memory_order(x: Tensor) -> list[int]:
     """x's dimensions outermost first: (0, 2, 3, 1) for channels_last, else in order."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return [0, 2, 3, 1]
-    return list(range(x.dim()))
+    return [0, 2, 3, 1] if memory_format(x) == torch.channels_last else list(range(x.dim()))
 
 
 def _dense(x: Tensor) -> Tensor:
     """x itself when contiguous or channels_last (the kernels walk memory), else a contiguous copy."""
-    return x if x.is_contiguous() or _memory_order(x) != list(range(x.dim())) else x.contiguous()
+    return x.contiguous(memory_format=memory_format(x))
 
 
 def _outer_c_inner(x: Tensor, b: Tensor | None, dim: int) -> tuple[int, int, int]:

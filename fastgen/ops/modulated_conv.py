@@ -22,7 +22,7 @@ from torch import Tensor
 
 from fastgen.dispatch import select
 from fastgen.ops._util import check_floating, check_tensor, memory_format
-from fastgen.ops.upfirdn2d import _padding, upfirdn2d, upfirdn2d_ref
+from fastgen.ops.upfirdn2d import _padding, check_filter, resample_padding, upfirdn2d, upfirdn2d_ref
 
 _KERNELS = frozenset({"reference", "composite", "cpu", "cuda", "triton"})
 _AUTO = {"cpu": ("cpu", "composite"), "cuda": ("cuda", "triton", "composite")}  # of upfirdn2d
@@ -75,7 +75,7 @@ def modulated_conv2d_ref(x: Tensor, weight: Tensor, styles: Tensor, demodulate: 
     1. w[n] = weight * styles[n] (over input channels)                          (N, O, I, kh, kw)
     2. if demodulate: w[n, o] = w[n, o] / sqrt(sum(w[n, o]^2) + 1e-8)
     3. pad: padding (the convolution's) plus, for up > 1, ((f + up - 1) // 2, (f - up) // 2) per
-       side and, for down > 1, ((f - down + 1) // 2, (f - down) // 2)
+       side and, for down > 1, ((f - down + 1) // 2, (f - down) // 2) (upfirdn2d.resample_padding)
     4. up > 1: x = upfirdn2d_ref(x, f, up=up, padding=pad, gain=up^2)  (the zero-inserted image)
        else:   x = zero-padded by pad
     5. y[n] = conv2d(x[n], w[n]) (valid; correlation, or convolution when flip_weight is False)
@@ -104,7 +104,7 @@ def modulated_conv2d_ref(x: Tensor, weight: Tensor, styles: Tensor, demodulate: 
         w = w * (w.square().sum(dim=[2, 3, 4], keepdim=True) + _DEMOD_EPS).rsqrt()
     if not flip_weight:
         w = w.flip([3, 4])
-    p = _resample_padding(f, up, down, pad)
+    p = resample_padding(f, up, down, pad)
     if up > 1:
         x = upfirdn2d_ref(x, f, up=up, padding=list(p), gain=up ** 2)
     else:
@@ -141,24 +141,8 @@ def _check_modulated_conv2d(x, weight, styles, demodulate, up, down, f, padding,
     pad = _padding(padding)
     if f is None:
         return torch.ones(1, 1, dtype=torch.float32, device=x.device), pad
-    check_tensor("resample_filter", f)
-    check_floating("resample_filter", f)
-    if f.dim() not in (1, 2) or f.numel() == 0 or f.device != x.device:
-        raise RuntimeError(f"resample_filter must be a non-empty (fh, fw) or (k,) filter on {x.device}, "
-                           f"got shape {tuple(f.shape)} on {f.device}")
+    check_filter("resample_filter", f, x.device)
     return f, pad
-
-
-def _resample_padding(f: Tensor, up: int, down: int, pad) -> tuple[int, int, int, int]:
-    """StyleGAN2's conv2d_resample: the convolution's padding plus what the FIR filter needs."""
-    fh, fw = f.shape[0], f.shape[-1]
-    px0, px1, py0, py1 = pad
-    if up > 1:
-        px0, px1, py0, py1 = px0 + (fw + up - 1) // 2, px1 + (fw - up) // 2, py0 + (fh + up - 1) // 2, py1 + (fh - up) // 2
-    if down > 1:
-        px0, px1 = px0 + (fw - down + 1) // 2, px1 + (fw - down) // 2
-        py0, py1 = py0 + (fh - down + 1) // 2, py1 + (fh - down) // 2
-    return px0, px1, py0, py1
 
 
 def _conv(x: Tensor, w: Tensor, groups: int, flip_weight: bool, stride: int = 1, padding=0,
@@ -173,7 +157,7 @@ def _conv(x: Tensor, w: Tensor, groups: int, flip_weight: bool, stride: int = 1,
 def _conv2d_resample(x, w, f, up, down, pad, groups, flip_weight, upfirdn):
     """StyleGAN2's conv2d_resample fast paths, the FIR filtering through upfirdn (fastgen::upfirdn2d)."""
     out_channels, in_per_group, kh, kw = w.shape
-    px0, px1, py0, py1 = _resample_padding(f, up, down, pad)
+    px0, px1, py0, py1 = resample_padding(f, up, down, pad)
 
     def fir(t, **resampling):
         return upfirdn(t, f, **resampling)

@@ -95,12 +95,7 @@ def _check_upfirdn2d(x, f, up, down, padding, flip_filter, gain):
     check_floating("x", x)
     if f is None:
         f = torch.ones(1, 1, dtype=torch.float32, device=x.device)
-    check_tensor("f", f)
-    check_floating("f", f)
-    if f.dim() not in (1, 2) or f.numel() == 0:
-        raise RuntimeError(f"f must be a non-empty (fh, fw) or (k,) filter, got shape {tuple(f.shape)}")
-    if f.device != x.device:
-        raise RuntimeError(f"f must be on x's device {x.device}, got {f.device}")
+    check_filter("f", f, x.device)
     if f.requires_grad and torch.is_grad_enabled():
         raise ValueError("f: upfirdn2d has no gradient for the filter (it is a fixed buffer); pass f.detach()")
     upxy, downxy, pad = _pair("up", up), _pair("down", down), _padding(padding)
@@ -115,6 +110,31 @@ def _check_upfirdn2d(x, f, up, down, padding, flip_filter, gain):
         raise RuntimeError(f"upfirdn2d: the padded, upsampled image ({x.shape[2] * upxy[1] + pad[2] + pad[3]} x "
                            f"{x.shape[3] * upxy[0] + pad[0] + pad[1]}) is smaller than the filter ({fh} x {fw})")
     return f, upxy, downxy, pad
+
+
+def check_filter(name: str, f, device: torch.device) -> None:
+    """A FIR filter: a floating (fh, fw) or separable (k,) tensor on x's device."""
+    check_tensor(name, f)
+    check_floating(name, f)
+    if f.dim() not in (1, 2) or f.numel() == 0:
+        raise RuntimeError(f"{name} must be a non-empty (fh, fw) or (k,) filter, got shape {tuple(f.shape)}")
+    if f.device != device:
+        raise RuntimeError(f"{name} must be on x's device {device}, got {f.device}")
+
+
+def resample_padding(f: Tensor, up: int = 1, down: int = 1, pad=(0, 0, 0, 0)) -> tuple[int, int, int, int]:
+    """StyleGAN2's padding for resampling by the FIR filter f (upsample2d, downsample2d and
+    conv2d_resample): pad (x0, x1, y0, y1) plus, for up > 1, ((f + up - 1) // 2, (f - up) // 2) per
+    axis and, for down > 1, ((f - down + 1) // 2, (f - down) // 2): the output exactly up (or
+    1/down) times the input, the filter centred."""
+    fh, fw = f.shape[0], f.shape[-1]
+    px0, px1, py0, py1 = pad
+    if up > 1:
+        px0, px1, py0, py1 = px0 + (fw + up - 1) // 2, px1 + (fw - up) // 2, py0 + (fh + up - 1) // 2, py1 + (fh - up) // 2
+    if down > 1:
+        px0, px1 = px0 + (fw - down + 1) // 2, px1 + (fw - down) // 2
+        py0, py1 = py0 + (fh - down + 1) // 2, py1 + (fh - down) // 2
+    return px0, px1, py0, py1
 
 
 def _out_size(x: Tensor, fh: int, fw: int, up, down, pad) -> tuple[int, int]:
