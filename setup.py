@@ -88,7 +88,6 @@ def extension():
         "fastgen._C",
         sources + sorted(glob.glob("csrc/*.cu")),
         include_dirs=_pip_cuda_includes(),
-        define_macros=[("FASTGEN_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
         extra_link_args=["-fopenmp"],
     )

@@ -99,16 +99,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_cpu(
     int64_t activation, double negative_slope) {
   TORCH_CHECK(x_in.dim() >= 2, "x must be (N, C, *)");
   TORCH_CHECK(training || (mean.has_value() && var.has_value()), "mean and var are needed when not training");
+  TORCH_CHECK(activation >= 0 && activation < fastgen::kNumActivations, "unknown activation code ", activation);
   const bool channels_last = fastgen::is_channels_last(x_in);
-  const at::Tensor x = channels_last ? x_in : x_in.contiguous();
+  const at::Tensor x = fastgen::dense(x_in);
   at::Tensor out = at::empty_like(x, fastgen::output_format(x));
   const auto opmath = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t C = x.size(1);
   at::Tensor m = training ? at::empty({C}, x.options().dtype(opmath)) : mean->to(opmath).contiguous().clone();
   at::Tensor v = training ? at::empty({C}, x.options().dtype(opmath)) : var->to(opmath).contiguous().clone();
   if (x.numel() == 0) return {out, m.fill_(NAN), v.fill_(NAN)};
-  const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
-  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const at::Tensor w = fastgen::contiguous_or_undefined(weight), b = fastgen::contiguous_or_undefined(bias);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_act_cpu", [&] {
     with_activation(activation, [&](auto act) {
       batch_norm_act_kernel<scalar_t, decltype(act)::value>(x, out, w, b, m, v, training, eps,

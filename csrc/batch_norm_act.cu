@@ -139,17 +139,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_cuda(
     int64_t activation, double negative_slope) {
   TORCH_CHECK(x_in.is_cuda() && x_in.dim() >= 2, "x must be a CUDA (N, C, *) tensor");
   TORCH_CHECK(training || (mean.has_value() && var.has_value()), "mean and var are needed when not training");
+  TORCH_CHECK(activation >= 0 && activation < fastgen::kNumActivations, "unknown activation code ", activation);
   const at::cuda::CUDAGuard guard(x_in.device());
   const bool channels_last = fastgen::is_channels_last(x_in);
-  const at::Tensor x = channels_last ? x_in : x_in.contiguous();
+  const at::Tensor x = fastgen::dense(x_in);
   at::Tensor out = at::empty_like(x, fastgen::output_format(x));
   const auto opmath = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t N = x.size(0), C = x.size(1), L = x.numel() / std::max<int64_t>(1, N * C);
   at::Tensor mean_out = at::empty({C}, x.options().dtype(opmath));
   at::Tensor var_out = at::empty_like(mean_out);
   if (x.numel() == 0) return {out, mean_out.fill_(NAN), var_out.fill_(NAN)};
-  const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
-  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const at::Tensor w = fastgen::contiguous_or_undefined(weight), b = fastgen::contiguous_or_undefined(bias);
 
   const int tc = channels_last ? 32 : kThreads / 32;
   const int64_t channel_blocks = (C + tc - 1) / tc, rows = N * L;

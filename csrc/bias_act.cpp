@@ -26,56 +26,21 @@ TORCH_LIBRARY_FRAGMENT(fastgen, m) {
 
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
+using fastgen::cpu::Vec;
 
 template <int ACT>
 inline Vec bias_act_vec(Vec z, Vec alpha, Vec gain, float clamp) {
-  using namespace fastgen;
-  Vec y = z;
-  if constexpr (ACT == kBaRelu) y = at::vec::clamp_min(z, Vec(0.f));
-  if constexpr (ACT == kLrelu) y = Vec::blendv(z * alpha, z, z > Vec(0.f));
-  if constexpr (ACT == kTanh) y = z.tanh();
-  if constexpr (ACT == kSigmoid) y = Vec(1.f) / (Vec(1.f) + z.neg().exp());
-  if constexpr (ACT == kElu) y = Vec::blendv(z.expm1(), z, z > Vec(0.f));
-  if constexpr (ACT == kSelu)
-    y = Vec(static_cast<float>(kSeluScale)) * Vec::blendv(Vec(static_cast<float>(kSeluAlpha)) * z.expm1(), z, z > Vec(0.f));
-  if constexpr (ACT == kSoftplus) {
-    const Vec big(static_cast<float>(kSoftplusThreshold));
-    y = Vec::blendv(at::vec::minimum(z, big).exp().log1p(), z, z > big);
-  }
-  if constexpr (ACT == kSwish) y = z / (Vec(1.f) + z.neg().exp());
-  y = y * gain;
+  Vec y = fastgen::cpu::activate_vec<ACT>(z, alpha) * gain;
   if (clamp >= 0.f) y = at::vec::clamp(y, Vec(-clamp), Vec(clamp));
   return y;
 }
 
 template <int ACT>
 inline Vec bias_act_grad_vec(Vec z, Vec alpha, Vec gain, float clamp) {
-  using namespace fastgen;
-  const Vec one(1.f), zero(0.f);
-  Vec d = one;
-  if constexpr (ACT == kBaRelu) d = Vec::blendv(zero, one, z > zero);
-  if constexpr (ACT == kLrelu) d = Vec::blendv(alpha, one, z > zero);
-  if constexpr (ACT == kTanh) {
-    const Vec t = z.tanh();
-    d = one - t * t;
-  }
-  if constexpr (ACT == kSigmoid || ACT == kSwish || ACT == kSoftplus) {
-    const Vec s = one / (one + z.neg().exp());
-    if constexpr (ACT == kSigmoid) d = s * (one - s);
-    if constexpr (ACT == kSwish) d = s * (one + z * (one - s));
-    if constexpr (ACT == kSoftplus) d = Vec::blendv(s, one, z > Vec(static_cast<float>(kSoftplusThreshold)));
-  }
-  if constexpr (ACT == kElu) d = Vec::blendv(at::vec::minimum(z, zero).exp(), one, z > zero);
-  if constexpr (ACT == kSelu)
-    d = Vec(static_cast<float>(kSeluScale)) *
-        Vec::blendv(Vec(static_cast<float>(kSeluAlpha)) * at::vec::minimum(z, zero).exp(), one, z > zero);
-  d = d * gain;
-  if (clamp >= 0.f) {
-    const Vec y = bias_act_vec<ACT>(z, alpha, gain, -1.f);
-    d = Vec::blendv(zero, d, (y >= Vec(-clamp)) & (y <= Vec(clamp)));
-  }
-  return d;
+  const Vec d = fastgen::cpu::activate_grad_vec<ACT>(z, alpha) * gain;
+  if (clamp < 0.f) return d;
+  const Vec y = fastgen::cpu::activate_vec<ACT>(z, alpha) * gain;
+  return Vec::blendv(Vec(0.f), d, (y >= Vec(-clamp)) & (y <= Vec(clamp)));
 }
 
 // y[i] = f(x[i] + bias), over len values; bias one scalar (inner > 1) or one per value (inner == 1).
@@ -130,28 +95,12 @@ void bias_act_kernel(const scalar_t* x, const scalar_t* grad, const scalar_t* b,
   });
 }
 
-template <typename F>
-void with_bias_act(int64_t act, F&& f) {
-  using namespace fastgen;
-  switch (act) {
-    case kBaRelu: f(std::integral_constant<int, kBaRelu>{}); break;
-    case kLrelu: f(std::integral_constant<int, kLrelu>{}); break;
-    case kTanh: f(std::integral_constant<int, kTanh>{}); break;
-    case kSigmoid: f(std::integral_constant<int, kSigmoid>{}); break;
-    case kElu: f(std::integral_constant<int, kElu>{}); break;
-    case kSelu: f(std::integral_constant<int, kSelu>{}); break;
-    case kSoftplus: f(std::integral_constant<int, kSoftplus>{}); break;
-    case kSwish: f(std::integral_constant<int, kSwish>{}); break;
-    default: f(std::integral_constant<int, kLinear>{});
-  }
-}
-
 void check_args(const at::Tensor& x, const std::optional<at::Tensor>& b, int64_t outer, int64_t C, int64_t inner,
                 int64_t act) {
   TORCH_CHECK(outer * C * inner == x.numel(), "bias_act: outer * C * inner must be x.numel()");
   TORCH_CHECK(x.is_non_overlapping_and_dense(), "bias_act: x must be dense");
   TORCH_CHECK(!b.has_value() || (b->numel() == C && b->scalar_type() == x.scalar_type()), "bias_act: b must be (C,)");
-  TORCH_CHECK(act >= 0 && act <= 8, "bias_act: unknown activation code ", act);
+  TORCH_CHECK(act >= 0 && act < fastgen::kNumActivations, "bias_act: unknown activation code ", act);
 }
 
 at::Tensor run(const at::Tensor& x, const at::Tensor& grad, const std::optional<at::Tensor>& b, int64_t outer,
@@ -160,7 +109,7 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& grad, const std::optional<
   if (x.numel() == 0) return y;
   const at::Tensor bc = b.has_value() ? b->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bias_act_cpu", [&] {
-    with_bias_act(act, [&](auto a) {
+    fastgen::cpu::with_activation(act, [&](auto a) {
       bias_act_kernel<scalar_t, decltype(a)::value>(
           x.const_data_ptr<scalar_t>(), grad.defined() ? grad.const_data_ptr<scalar_t>() : nullptr,
           bc.defined() ? bc.const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(), outer, C, inner,

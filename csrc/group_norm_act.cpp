@@ -116,13 +116,12 @@ at::Tensor group_norm_act_cpu(const at::Tensor& x_in, int64_t num_groups, const 
                               const std::optional<at::Tensor>& bias, double eps, int64_t activation,
                               double negative_slope) {
   TORCH_CHECK(x_in.dim() >= 2 && x_in.size(1) % num_groups == 0, "x must be (N, C, *) with C divisible by num_groups");
-  TORCH_CHECK(activation >= 0 && activation <= 5, "unknown activation code ", activation);
+  TORCH_CHECK(activation >= 0 && activation < fastgen::kNumActivations, "unknown activation code ", activation);
   const bool channels_last = fastgen::is_channels_last(x_in);
-  const at::Tensor x = channels_last ? x_in : x_in.contiguous();
+  const at::Tensor x = fastgen::dense(x_in);
   at::Tensor out = at::empty_like(x, fastgen::output_format(x));
   if (x.numel() == 0) return out;
-  const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
-  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const at::Tensor w = fastgen::contiguous_or_undefined(weight), b = fastgen::contiguous_or_undefined(bias);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_act_cpu", [&] {
     fastgen::cpu::with_activation(activation, [&](auto act) {
       group_norm_act_kernel<scalar_t, decltype(act)::value>(x, out, num_groups, w, b, eps,

@@ -136,14 +136,13 @@ at::Tensor group_norm_act_cuda(const at::Tensor& x_in, int64_t num_groups, const
                                double negative_slope) {
   TORCH_CHECK(x_in.is_cuda() && x_in.dim() >= 2 && x_in.size(1) % num_groups == 0,
               "x must be a CUDA (N, C, *) tensor with C divisible by num_groups");
-  TORCH_CHECK(activation >= 0 && activation <= 5, "unknown activation code ", activation);
+  TORCH_CHECK(activation >= 0 && activation < fastgen::kNumActivations, "unknown activation code ", activation);
   const at::cuda::CUDAGuard guard(x_in.device());
   const bool channels_last = fastgen::is_channels_last(x_in);
-  const at::Tensor x = channels_last ? x_in : x_in.contiguous();
+  const at::Tensor x = fastgen::dense(x_in);
   at::Tensor out = at::empty_like(x, fastgen::output_format(x));
   if (x.numel() == 0) return out;
-  const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
-  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const at::Tensor w = fastgen::contiguous_or_undefined(weight), b = fastgen::contiguous_or_undefined(bias);
 
   const int64_t N = x.size(0), C = x.size(1), L = x.numel() / (N * C), CG = C / num_groups;
   // enough blocks for the GPU: about 4 per SM, each chunk at least 2048 elements

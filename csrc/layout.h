@@ -13,4 +13,12 @@ inline at::MemoryFormat output_format(const at::Tensor& x) {
   return is_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
+// x dense in the format it keeps: itself when channels_last, else a contiguous copy (or itself).
+inline at::Tensor dense(const at::Tensor& x) { return is_channels_last(x) ? x : x.contiguous(); }
+
+// An optional 1-D parameter as the kernels read it: contiguous, or undefined when absent.
+inline at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->contiguous() : at::Tensor();
+}
+
 }  // namespace fastgen

@@ -1,5 +1,5 @@
-// CPU building blocks of the fused normalization kernels: vectorized activations, shifted sums
-// for the statistics, and the normalize + activate pass. Vectorized for float (at::vec, the ISA
+// CPU building blocks of the fused normalization kernels: shifted sums for the statistics, and the
+// normalize + activate pass (activations: activation.h). Vectorized for float (at::vec, the ISA
 // setup.py compiles for); scalar loops in opmath for the other dtypes.
 #pragma once
 #include <ATen/OpMathType.h>
@@ -12,22 +12,7 @@
 
 namespace fastgen::cpu {
 
-using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kBlock = 512;  // values summed in float before the double accumulators
-
-template <int ACT>
-inline Vec activate_vec(Vec z, Vec slope) {
-  using namespace fastgen;
-  if constexpr (ACT == kRelu) return at::vec::clamp_min(z, Vec(0.f));
-  if constexpr (ACT == kLeakyRelu) return Vec::blendv(z * slope, z, z > Vec(0.f));
-  if constexpr (ACT == kSilu) return z / (Vec(1.f) + z.neg().exp_u20());  // exp to 2 ulp: fast enough to hide
-  if constexpr (ACT == kGelu) return Vec(0.5f) * z * (Vec(1.f) + (z * Vec(0.70710678118654752440f)).erf());
-  if constexpr (ACT == kGeluTanh) {
-    const Vec u = Vec(0.79788456080286535588f) * (z + Vec(0.044715f) * z * z * z);
-    return Vec(0.5f) * z * (Vec(1.f) + u.tanh());
-  }
-  return z;
-}
 
 inline float horizontal_sum(const Vec& v) {
   alignas(64) float lanes[Vec::size()];
@@ -118,20 +103,6 @@ void apply_span(const scalar_t* x, scalar_t* y, int64_t len, const opmath_t* a, 
   for (; i < len; ++i) {
     const opmath_t z = static_cast<opmath_t>(x[i]) * (kPerValue ? a[i] : *a) + (kPerValue ? b[i] : *b);
     y[i] = static_cast<scalar_t>(fastgen::activate<opmath_t>(z, ACT, static_cast<opmath_t>(slope)));
-  }
-}
-
-// Calls f(std::integral_constant<int, ACT>{}) for the activation code, so that kernels are
-// instantiated per activation and the inner loops carry no switch.
-template <typename F>
-void with_activation(int64_t act, F&& f) {
-  switch (act) {
-    case kRelu: f(std::integral_constant<int, kRelu>{}); break;
-    case kLeakyRelu: f(std::integral_constant<int, kLeakyRelu>{}); break;
-    case kSilu: f(std::integral_constant<int, kSilu>{}); break;
-    case kGelu: f(std::integral_constant<int, kGelu>{}); break;
-    case kGeluTanh: f(std::integral_constant<int, kGeluTanh>{}); break;
-    default: f(std::integral_constant<int, kIdentity>{});
   }
 }
 

@@ -21,7 +21,8 @@ def main(argv=None) -> int:
     bench.add_argument("--out", default=None, help="JSON file for the results (rewritten after each row)")
     bench.add_argument("--layouts", default="nchw,nhwc")
     bench.add_argument("--shapes", default=None, help="comma-separated shape names (default: all)")
-    bench.add_argument("--ops", default=None, help="comma-separated ops (default: all)")
+    bench.add_argument("--ops", default=None, help="comma-separated ops (default: every op with a suite)")
+    bench.add_argument("--skip-ops", default="", help="comma-separated ops to leave out")
     bench.add_argument("--compile-mode", default="auto",
                        help="torch.compile mode of the compile provider (auto: max-autotune on a GPU)")
     args = parser.parse_args(argv)
@@ -44,7 +45,12 @@ def main(argv=None) -> int:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
 
-    for op in (args.ops.split(",") if args.ops else fb.SUITES):
+    ops = args.ops.split(",") if args.ops else list(fb.SUITES)
+    skip = [op for op in args.skip_ops.split(",") if op]
+    unknown = [op for op in ops + skip if op not in fb.SUITES]
+    if unknown:
+        parser.error(f"no benchmark suite for {unknown}; the suites: {list(fb.SUITES)}")
+    for op in (op for op in ops if op not in skip):
         suite = fb.SUITES[op]
         shapes = suite.gpu_shapes if args.device == "cuda" else suite.cpu_shapes
         if args.shapes:

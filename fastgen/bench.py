@@ -25,10 +25,11 @@ from fastgen.dispatch import backends
 from fastgen.ops.batch_norm_act import batch_norm_act, batch_norm_act_ref
 from fastgen.ops.bias_act import bias_act, bias_act_ref
 from fastgen.ops.group_norm_act import group_norm_act, group_norm_act_ref
-from fastgen.ops.modulated_conv import _modulated_conv2d, modulated_conv2d, modulated_conv2d_ref
+from fastgen.ops import REGISTRY
+from fastgen.ops.modulated_conv2d import _modulated_conv2d, modulated_conv2d, modulated_conv2d_ref
 from fastgen.ops.pixel_norm import pixel_norm, pixel_norm_ref
 from fastgen.ops.upfirdn2d import upfirdn2d, upfirdn2d_ref
-from fastgen.ops.upsample_conv import upsample_conv2d, upsample_conv2d_ref
+from fastgen.ops.upsample_conv2d import upsample_conv2d, upsample_conv2d_ref
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,16 @@ class Shape:
     gain: float = 1.0
 
 
+_SUITES: list = []
+
+
+def suite(cls):
+    """Registers a benchmark suite: a class naming its `op` (its backends are the op's spec's) with
+    cpu_shapes, gpu_shapes, inputs(shape), eager(*inputs, shape), fused(backend) and work(shape, itemsize)."""
+    _SUITES.append(cls)
+    return cls
+
+
 def _generator():
     return torch.Generator(device="cpu").manual_seed(0)
 
@@ -61,7 +72,8 @@ def _norm_inputs(s: "Shape"):
             0.1 * torch.randn(s.c, generator=g))
 
 
-class UpsampleConv:
+@suite
+class UpsampleConv2d:
     op = "upsample_conv2d"
     # Real generator layers. SD-VAE decoder: Upsample2D (nearest 2x + 3x3 conv) at 64, 128, 256.
     gpu_shapes = [
@@ -76,7 +88,6 @@ class UpsampleConv:
         Shape("dcgan-up", 16, 256, 8, 8, co=128),
         Shape("c64-32x32-bilinear", 1, 64, 32, 32, co=64, mode="bilinear"),
     ]
-    backends = ("composite", "cuda", "triton")
 
     @staticmethod
     def inputs(s: Shape):
@@ -98,6 +109,7 @@ class UpsampleConv:
         return {"flops": 2.0 * s.n * s.co * s.c * s.k ** 2 * s.h * s.w * s.scale ** 2}
 
 
+@suite
 class GroupNormAct:
     op = "group_norm_act"
     # SD-VAE decoder GroupNorm(32) + SiLU at its largest maps; a batch; instance norm + ReLU
@@ -115,7 +127,6 @@ class GroupNormAct:
         Shape("batch-8x64x32", 8, 64, 32, 32),
         Shape("instance-norm-64x32", 8, 64, 32, 32, groups=64, activation="relu"),  # G = C
     ]
-    backends = ("composite", "cpu", "cuda", "triton")
 
     inputs = staticmethod(_norm_inputs)
 
@@ -132,7 +143,8 @@ class GroupNormAct:
         return {"bytes": 3.0 * s.n * s.c * s.h * s.w * itemsize}
 
 
-class BatchNormAct:
+@suite
+class BatchNormAct2d:
     op = "batch_norm_act"
     # DCGAN generator BatchNorm + ReLU layers, training mode (batch statistics)
     gpu_shapes = [Shape("dcgan-256x16", 128, 256, 16, 16, activation="relu"),
@@ -140,7 +152,6 @@ class BatchNormAct:
                   Shape("dcgan-64x64", 128, 64, 64, 64, activation="relu")]
     cpu_shapes = [Shape("dcgan-128x16", 16, 128, 16, 16, activation="relu"),
                   Shape("dcgan-64x32", 16, 64, 32, 32, activation="relu")]
-    backends = ("composite", "cpu")
 
     inputs = staticmethod(_norm_inputs)
 
@@ -157,12 +168,12 @@ class BatchNormAct:
         return {"bytes": 3.0 * s.n * s.c * s.h * s.w * itemsize}
 
 
+@suite
 class PixelNorm:
     op = "pixel_norm"
     # 512- and 256-channel maps, as in the synthesis networks of ProGAN and StyleGAN1
     gpu_shapes = [Shape("stylegan-512x64", 16, 512, 64, 64), Shape("stylegan-256x256", 16, 256, 256, 256)]
     cpu_shapes = [Shape("c512-32x32", 4, 512, 32, 32)]
-    backends = ("composite", "cuda", "triton")
 
     @staticmethod
     def inputs(s: Shape):
@@ -181,6 +192,7 @@ class PixelNorm:
         return {"bytes": 2.0 * s.n * s.c * s.h * s.w * itemsize}
 
 
+@suite
 class BiasAct:
     op = "bias_act"
     # StyleGAN2 synthesis layers (bias + lrelu * sqrt 2, conv_clamp 256): 1024x1024 and 256x256 configs
@@ -189,7 +201,6 @@ class BiasAct:
                   Shape("sg256-64x256", 32, 64, 256, 256, activation="lrelu")]
     cpu_shapes = [Shape("sg256-128x128", 4, 128, 128, 128, activation="lrelu"),
                   Shape("sg256-64x256", 4, 64, 256, 256, activation="lrelu")]
-    backends = ("composite", "cpu", "cuda", "triton")
 
     @staticmethod
     def inputs(s: Shape):
@@ -214,6 +225,7 @@ def _fir_filter():
     return torch.outer(f, f) / 64
 
 
+@suite
 class Upfirdn2d:
     op = "upfirdn2d"
     # StyleGAN2's three uses: the FIR after an upsampling (transposed) conv, the ToRGB skip
@@ -224,7 +236,6 @@ class Upfirdn2d:
     cpu_shapes = [Shape("sg256-fir-after-up", 4, 128, 129, 129, padding=(1, 1, 1, 1), gain=4.0),
                   Shape("sg256-torgb-up", 4, 3, 128, 128, up=2, padding=(2, 1, 2, 1), gain=4.0),
                   Shape("sg256-disc-down", 4, 64, 128, 128, down=2, padding=(1, 1, 1, 1))]
-    backends = ("composite", "cpu", "cuda", "triton")
 
     @staticmethod
     def inputs(s: Shape):
@@ -245,7 +256,8 @@ class Upfirdn2d:
         return {"bytes": float(s.n * s.c * s.h * s.w + out) * itemsize}
 
 
-class ModulatedConv:
+@suite
+class ModulatedConv2d:
     op = "modulated_conv2d"
     # StyleGAN2 synthesis conv0 (3x3, up 2, fused modconv) and conv1 (3x3) layers. `stylegan2` is
     # StyleGAN2's own formulation: the same fast paths with its plain-torch upfirdn2d
@@ -254,7 +266,6 @@ class ModulatedConv:
                   Shape("sg1024-conv-128x256", 16, 128, 256, 256, co=128)]
     cpu_shapes = [Shape("sg256-up-256x64", 4, 256, 64, 64, co=128, up=2),
                   Shape("sg256-conv-128x128", 4, 128, 128, 128, co=128)]
-    backends = ("composite", "cpu", "cuda", "triton")
 
     @staticmethod
     def inputs(s: Shape):
@@ -283,8 +294,8 @@ class ModulatedConv:
         return {"flops": 2.0 * s.n * s.co * s.c * s.k ** 2 * s.h * s.w}
 
 
-SUITES = {suite.op: suite for suite in (UpsampleConv, GroupNormAct, BatchNormAct, PixelNorm, BiasAct, Upfirdn2d,
-                                        ModulatedConv)}
+# in the registry's order (fastgen.ops.REGISTRY)
+SUITES = {name: cls for name in REGISTRY for cls in _SUITES if cls.op == name}
 
 
 def make_inputs(suite, shape: Shape, dtype, device, channels_last: bool, requires_grad=False):
@@ -304,7 +315,7 @@ def providers(suite, device: str, compile_mode: str | None = "auto") -> dict:
     table.update({name: getattr(suite, name) for name in getattr(suite, "baselines", ())})
     # the fastgen backends that run here; on the CPU triton is the interpreter (correctness only)
     runs_here = {"composite"} | ({"cuda", "triton"} if device == "cuda" else {"cpu"})
-    for name in suite.backends:
+    for name in REGISTRY[suite.op].impls:
         if name in runs_here and backends()[name].available:
             table[name] = suite.fused(name)
     return table

@@ -25,6 +25,9 @@ import torch
 log = logging.getLogger("fastgen")
 
 NAMES = ("reference", "composite", "cpu", "cuda", "triton")
+# the device types each backend runs on (triton on CPU tensors only under the interpreter)
+DEVICES = {"reference": ("cpu", "cuda", "xla"), "composite": ("cpu", "cuda", "xla"), "cpu": ("cpu",),
+           "cuda": ("cuda",), "triton": ("cpu", "cuda")}
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -127,37 +130,50 @@ def _unavailable(name: str, device: torch.device) -> str:
     return f"Triton does not run on {kind} tensors"
 
 
+def _unsupported(spec, name: str, dtype: torch.dtype) -> str:
+    """Why backend `name` of op `spec` cannot take `dtype` ('' when it can)."""
+    impl = spec.impls.get(name)
+    if impl is None or dtype in impl.dtypes:
+        return ""
+    takes = ", ".join(sorted(str(d).replace("torch.", "") for d in impl.dtypes))
+    return f"the {name} backend takes {takes}, not {str(dtype).replace('torch.', '')}"
+
+
 _warned: set[tuple[str, str, str]] = set()
 
 
-def select(op: str, device: torch.device, backend: str | None, kernels: frozenset[str],
-           auto_order: dict[str, tuple[str, ...]]) -> str:
-    """The backend op `op` runs on a tensor on `device`.
+def select(spec, x: torch.Tensor, backend: str | None, variant: str | None = None) -> str:
+    """The backend op `spec` (a fastgen.ops._registry.OpSpec) runs on for input x.
 
-    kernels:    the backends op implements (reference and composite always);
-    auto_order: per device type, the op's backends fastest first, measured (benchmarks/NOTES.md).
+    An explicitly named backend runs or raises. `auto` walks the spec's order for x's device (the
+    "<device>/<variant>" entry first when the op has variants, e.g. upsample_conv2d's modes) and
+    takes the first backend that this install has and that takes x's dtype; XLA tensors always take
+    the composite. Falling past the first choice is logged once per op, device and choice.
+    Backends in the order that the op does not have are passed over (orders are shared).
     """
     name = requested(backend)
+    device = x.device
     if name != "auto":
-        if name not in kernels:
-            raise NotImplementedError(f"{op} has no '{name}' backend; it has {sorted(kernels)}")
-        why = _unavailable(name, device)
+        if name not in spec.backends:
+            raise NotImplementedError(f"{spec.name} has no '{name}' backend; it has {sorted(spec.backends)}")
+        why = _unavailable(name, device) or _unsupported(spec, name, x.dtype)
         if why:
-            raise RuntimeError(f"{op}: backend '{name}' is not available: {why}")
+            raise RuntimeError(f"{spec.name}: backend '{name}' is not available: {why}")
         return name
     kind = device.type
     if kind == "xla":
         return "composite"
-    order = auto_order.get(kind, ("composite",))
-    for choice in order:
-        if choice in kernels and not _unavailable(choice, device):
-            if choice != order[0]:
-                key = (op, kind, choice)
-                if key not in _warned:  # an explicit, logged fallback, once per op and device
-                    _warned.add(key)
-                    log.warning("fastgen: %s on %s: '%s' is unavailable (%s); auto uses '%s'",
-                                op, kind, order[0], _unavailable(order[0], device), choice)
+    order = spec.auto.get(f"{kind}/{variant}") or spec.auto.get(kind, ("composite",))
+    candidates = [c for c in order if c in spec.backends]  # an op without a backend passes it over
+    for choice in candidates:
+        why = _unavailable(choice, device) or _unsupported(spec, choice, x.dtype)
+        if not why:
             return choice
+        key = (spec.name, kind, choice)
+        if choice == candidates[0] and key not in _warned:  # an explicit, logged fallback, once
+            _warned.add(key)
+            log.warning("fastgen: %s on %s: '%s' is unavailable (%s); auto takes the next in %s",
+                        spec.name, kind, choice, why, order)
     return "composite"
 
 

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ._common import _round_to_bf16
-from .group_norm_act import _act
+from .activation import _activate
 
 
 @triton.jit
@@ -102,7 +102,7 @@ def _batch_norm_act_fwd_kernel(
         l = rows % L
         ch = offs_c.to(tl.int64)[None, :]
         v = tl.load(x_ptr + (n * stride_xn + l * stride_xl)[:, None] + ch * stride_xc, mask=mask, other=0.0)
-        y = _act(v.to(tl.float32) * a[None, :] + b[None, :], ACT, SLOPE)
+        y = _activate(v.to(tl.float32) * a[None, :] + b[None, :], ACT, SLOPE)
         if EMULATE_BF16:
             y = _round_to_bf16(y)
         tl.store(out_ptr + (n * stride_on + l * stride_ol)[:, None] + ch * stride_oc,

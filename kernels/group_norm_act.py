@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from ._common import _round_to_bf16
+from .activation import _activate
 
 
 @triton.jit
@@ -54,23 +55,6 @@ def _group_norm_stats_kernel(
             count = total
     tl.store(mean_ptr + row * split + part, mean)
     tl.store(m2_ptr + row * split + part, m2)
-
-
-@triton.jit
-def _act(z, ACT: tl.constexpr, SLOPE):
-    # codes: fastgen/ops/_activation.py ACTIVATIONS
-    if ACT == 1:
-        z = tl.maximum(z, 0.0)
-    elif ACT == 2:
-        z = tl.where(z > 0, z, z * SLOPE)
-    elif ACT == 3:
-        z = z * tl.sigmoid(z)
-    elif ACT == 4:
-        z = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
-    elif ACT == 5:
-        u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
-        z = z * tl.sigmoid(2.0 * u)  # 0.5 z (1 + tanh u)
-    return z
 
 
 @triton.jit
@@ -123,7 +107,7 @@ def _group_norm_act_fwd_kernel(
         offs_l = start + l0 + tl.arange(0, BLOCK_L)
         mask = mask_c[:, None] & (offs_l < L)[None, :] & (offs_l < start + CHUNK)[None, :]
         v = tl.load(x_base + offs_l[None, :] * stride_xl, mask=mask, other=0.0).to(tl.float32)
-        y = _act(v * a[:, None] + b[:, None], ACT, SLOPE)
+        y = _activate(v * a[:, None] + b[:, None], ACT, SLOPE)
         if EMULATE_BF16:
             y = _round_to_bf16(y)
         tl.store(o_base + offs_l[None, :] * stride_ol, y.to(out_ptr.dtype.element_ty), mask=mask)

@@ -1,17 +1,44 @@
-"""The backend x device cases the op tests run, and the one reason a CPU case is skipped."""
+"""The backend x device cases the op tests run, read from the op's spec (fastgen.ops.REGISTRY), and
+the one reason a CPU case is skipped."""
 
 import os
 
 import pytest
+import torch
+
+import fastgen
+
+from fastgen.dispatch import DEVICES
+from fastgen.ops import REGISTRY
 
 
-def fast_backends(cpu: tuple[str, ...], cuda: tuple[str, ...] = ("composite", "triton", "cuda")) -> list:
-    """pytest params (backend, device): the op's fast backends on CPU tensors, and on CUDA tensors
-    (marked `cuda`, skipped cleanly without a GPU)."""
-    return [pytest.param(b, "cpu", id=f"{b}-cpu") for b in cpu] + [
-        pytest.param(b, "cuda", id=f"{b}-cuda", marks=pytest.mark.cuda) for b in cuda]
+def fast_backends(op: str) -> list:
+    """pytest params (backend, device): every fast backend of `op` on CPU tensors, then on CUDA
+    tensors (marked `cuda`, skipped cleanly without a GPU)."""
+    names = sorted(REGISTRY[op].impls, key=("composite", "cpu", "triton", "cuda").index)
+    return [pytest.param(b, "cpu", id=f"{b}-cpu") for b in names if "cpu" in DEVICES[b]] + [
+        pytest.param(b, "cuda", id=f"{b}-cuda", marks=pytest.mark.cuda) for b in names if "cuda" in DEVICES[b]]
+
+
+def cpu_backends(op: str, dtype: torch.dtype | None = None) -> list[str]:
+    """The fast backends of `op` that run on CPU tensors (and take `dtype`, when given)."""
+    impls = REGISTRY[op].impls
+    return [p.values[0] for p in fast_backends(op)
+            if p.values[1] == "cpu" and (dtype is None or dtype in impls[p.values[0]].dtypes)]
 
 
 def skip_unavailable(backend: str, device: str) -> None:
     if device == "cpu" and backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1")
+
+
+def check_compiled_layer(layer, x: torch.Tensor, backend: str) -> None:
+    """torch.compile(fullgraph=True) of the layer gives eager's output, and its backward runs."""
+    skip_unavailable(backend, "cpu")
+    torch._dynamo.reset()
+    with fastgen.use_backend(backend):
+        eager = layer(x)
+        compiled = torch.compile(layer, fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager)
+    compiled.sum().backward()
+    assert x.grad is not None and x.grad.isfinite().all()

@@ -2,16 +2,23 @@ import logging
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import fastgen
 from fastgen import dispatch as fb
+from fastgen.ops._registry import NO_FLOAT64, Impl, OpSpec
 
-KERNELS = frozenset({"reference", "composite", "cuda", "triton"})
-AUTO = {"cpu": ("composite",), "cuda": ("cuda", "triton", "composite")}
-CPU = torch.device("cpu")
+SPEC = OpSpec("op", public=None, ref=None, impls={"composite": Impl(None), "cuda": Impl(None), "triton": Impl(None, NO_FLOAT64)},
+              auto={"cpu": ("composite",), "cpu/slow": ("reference",), "cuda": ("cuda", "triton", "composite")})
+CPU = torch.empty(1)
+
+
+def on(device: str, dtype=torch.float32):
+    """What select reads of an input: its device and dtype."""
+    return SimpleNamespace(device=torch.device(device), dtype=dtype)
 
 
 def test_every_backend_is_reported_with_a_reason():
@@ -24,15 +31,15 @@ def test_every_backend_is_reported_with_a_reason():
 
 def test_keyword_beats_block_beats_environment(monkeypatch):
     monkeypatch.setattr(fb, "_env_default", "reference")
-    assert fb.select("op", CPU, None, KERNELS, AUTO) == "reference"
+    assert fb.select(SPEC, CPU, None) == "reference"
     with fastgen.use_backend("composite"):
-        assert fb.select("op", CPU, None, KERNELS, AUTO) == "composite"
+        assert fb.select(SPEC, CPU, None) == "composite"
         with fastgen.use_backend("reference"):
-            assert fb.select("op", CPU, None, KERNELS, AUTO) == "reference"
-        assert fb.select("op", CPU, "reference", KERNELS, AUTO) == "reference"
-        assert fb.select("op", CPU, None, KERNELS, AUTO) == "composite"
+            assert fb.select(SPEC, CPU, None) == "reference"
+        assert fb.select(SPEC, CPU, "reference") == "reference"
+        assert fb.select(SPEC, CPU, None) == "composite"
     monkeypatch.setattr(fb, "_env_default", "auto")
-    assert fb.select("op", CPU, None, KERNELS, AUTO) == "composite"
+    assert fb.select(SPEC, CPU, None) == "composite"
 
 
 def test_use_backend_restores_after_an_error():
@@ -46,24 +53,24 @@ def test_unknown_and_unavailable_backends_raise():
     with pytest.raises(ValueError, match="backend must be one of"):
         fastgen.use_backend("fastest").__enter__()
     with pytest.raises(ValueError, match="backend"):
-        fb.select("op", CPU, "gpu", KERNELS, AUTO)
+        fb.select(SPEC, CPU, "gpu")
     with pytest.raises(NotImplementedError, match="has no 'cpu' backend"):
-        fb.select("op", CPU, "cpu", KERNELS, AUTO)
+        fb.select(SPEC, CPU, "cpu")
     with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
-        fb.select("op", CPU, "cuda", KERNELS, AUTO)
+        fb.select(SPEC, CPU, "cuda")
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setattr(fb, "_INTERPRET", False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        fb.select("op", CPU, "triton", KERNELS, AUTO)
+        fb.select(SPEC, CPU, "triton")
     assert not fb.backends()["triton"].available or torch.cuda.is_available()
 
 
 def test_xla_tensors_always_take_the_composite():
-    assert fb.select("op", torch.device("xla"), None, KERNELS, AUTO) == "composite"
+    assert fb.select(SPEC, on("xla"), None) == "composite"
     with fastgen.use_backend("auto"):
-        assert fb.select("op", torch.device("xla"), None, KERNELS, AUTO) == "composite"
+        assert fb.select(SPEC, on("xla"), None) == "composite"
 
 
 def test_auto_without_the_cuda_build_logs_its_fallback_once(monkeypatch, caplog):
@@ -72,8 +79,23 @@ def test_auto_without_the_cuda_build_logs_its_fallback_once(monkeypatch, caplog)
     monkeypatch.setattr(fb, "_warned", set())
     with caplog.at_level(logging.WARNING, logger="fastgen"):
         for _ in range(3):
-            assert fb.select("op", torch.device("cuda"), None, KERNELS, AUTO) == "composite"
+            assert fb.select(SPEC, on("cuda"), None) == "composite"
     assert len(caplog.records) == 1 and "'cuda' is unavailable" in caplog.records[0].getMessage()
+
+
+def test_auto_skips_a_backend_that_cannot_take_the_dtype(monkeypatch, caplog):
+    monkeypatch.setattr(fb, "_CUDA_WHY", "fastgen._C was built without CUDA (test)")
+    monkeypatch.setattr(fb, "_TRITON_WHY", "")
+    monkeypatch.setattr(fb, "_warned", set())
+    assert fb.select(SPEC, on("cuda", torch.float32), None) == "triton"
+    assert fb.select(SPEC, on("cuda", torch.float64), None) == "composite"  # triton takes no float64
+    with pytest.raises(RuntimeError, match="the triton backend takes bfloat16, float16, float32, not float64"):
+        fb.select(SPEC, on("cuda", torch.float64), "triton")
+
+
+def test_a_variant_has_its_own_auto_order():
+    assert fb.select(SPEC, CPU, None, variant="slow") == "reference"
+    assert fb.select(SPEC, CPU, None, variant="other") == "composite"
 
 
 def _in_fresh_python(code: str, **env) -> subprocess.CompletedProcess:

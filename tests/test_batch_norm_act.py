@@ -9,10 +9,11 @@ from torch import nn
 
 from fastgen.nn import BatchNormAct2d
 from fastgen.ops import batch_norm_act, batch_norm_act_ref
-from fastgen.ops._activation import ACTIVATIONS
+from fastgen.activations import ACTIVATIONS
+from cases import cpu_backends
 from tolerances import assert_close, assert_close_grad
 
-BACKENDS = ["composite", "cpu", "triton"]
+BACKENDS = cpu_backends("batch_norm_act")
 FORMATS = [torch.contiguous_format, torch.channels_last]
 # odd sizes, one position, C not a multiple of 8, one channel, many rows (several row chunks)
 SHAPES = [(4, 6, 5, 7), (2, 3, 1, 1), (1, 40, 9, 3), (3, 1, 4, 4), (8, 3, 20, 20)]
@@ -165,7 +166,7 @@ def test_compile_fullgraph_eval():
     (dict(training=False, running_mean=None, running_var=None), ValueError, "needed when training=False"),
     (dict(running_var=None), ValueError, "together"),
     (dict(weight=torch.randn(5)), RuntimeError, "weight must be a"),
-    (dict(activation="swish"), ValueError, "activation"),
+    (dict(activation="mish"), ValueError, "activation must be one of"),
     (dict(eps=-1.0), ValueError, "eps"),
     (dict(backend="cuda"), RuntimeError, "backend 'cuda' is not available"),
 ])

@@ -2,11 +2,10 @@ import pytest
 import torch
 from torch import nn
 
-import fastgen
 from fastgen.nn import GroupNormAct
 from fastgen.ops import group_norm_act, group_norm_act_ref
-from fastgen.ops._activation import ACTIVATIONS
-from cases import fast_backends, skip_unavailable
+from fastgen.activations import ACTIVATIONS
+from cases import check_compiled_layer, cpu_backends, fast_backends, skip_unavailable
 from tolerances import assert_close, assert_close_grad
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -15,7 +14,7 @@ FORMATS = [torch.contiguous_format, torch.channels_last]
 # several chunks per group in the kernels
 SHAPES = [((2, 8, 5, 7), 4), ((1, 6, 1, 1), 3), ((3, 4, 9, 2), 4), ((2, 5, 3, 3), 5), ((2, 6, 4, 3), 1),
           ((1, 40, 33, 31), 8)]
-FAST = fast_backends(cpu=("composite", "cpu", "triton"))
+FAST = fast_backends("group_norm_act")
 SHAPE_IDS = lambda s: "x".join(map(str, s)) if isinstance(s, tuple) else f"G{s}"  # noqa: E731
 
 
@@ -132,18 +131,9 @@ def test_opcheck(backend, device):
     torch.library.opcheck(torch.ops.fastgen.group_norm_act.default, (x, 3, w, b, 1e-5, "silu", 0.01, backend))
 
 
-@pytest.mark.parametrize("backend", ["composite", "cpu", "triton"])
+@pytest.mark.parametrize("backend", cpu_backends("group_norm_act"))
 def test_compile_fullgraph(backend):
-    skip_unavailable(backend, "cpu")
-    torch._dynamo.reset()
-    layer = GroupNormAct(2, 6)
-    x = torch.randn(2, 6, 5, 7, requires_grad=True)
-    with fastgen.use_backend(backend):
-        eager = layer(x)
-        compiled = torch.compile(layer, fullgraph=True)(x)
-    torch.testing.assert_close(compiled, eager)
-    compiled.sum().backward()
-    assert x.grad is not None and x.grad.isfinite().all()
+    check_compiled_layer(GroupNormAct(2, 6), torch.randn(2, 6, 5, 7, requires_grad=True), backend)
 
 
 def test_layer_is_a_group_norm():
@@ -166,14 +156,14 @@ def test_from_modules(act, name):
     assert fused.activation == name and fused.weight is norm.weight and fused.bias is norm.bias
     x = torch.randn(2, 6, 4, 4)
     torch.testing.assert_close(fused(x), (act or nn.Identity())(norm(x)), atol=1e-5, rtol=1e-5)
-    with pytest.raises(TypeError, match="Tanh"):
-        GroupNormAct.from_modules(norm, nn.Tanh())
+    with pytest.raises(TypeError, match="Hardswish"):
+        GroupNormAct.from_modules(norm, nn.Hardswish())
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(num_groups=4), ValueError, "num_groups"),
     (dict(num_groups=0), ValueError, "num_groups"),
-    (dict(activation="tanh"), ValueError, "activation"),
+    (dict(activation="mish"), ValueError, "activation must be one of"),
     (dict(eps=-1.0), ValueError, "eps"),
     (dict(weight=torch.randn(5)), RuntimeError, "weight must be"),
     (dict(bias=torch.randn(6, dtype=torch.float64)), RuntimeError, "bias must have x's dtype"),

@@ -7,7 +7,7 @@ from tolerances import assert_close, assert_close_grad
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FORMATS = [torch.contiguous_format, torch.channels_last]
-FAST = fast_backends(cpu=("composite", "cpu", "triton"))
+FAST = fast_backends("upfirdn2d")
 # (up, down, padding): StyleGAN2's upsample (up 2, pad [2, 1, 2, 1]) and downsample (down 2, pad 1), the
 # FIR after a transposed conv (pad only), per-axis factors, negative padding (crops), 3x and 4x
 RESAMPLINGS = [(1, 1, 0), (2, 1, [2, 1, 2, 1]), (1, 2, [1, 1]), (1, 1, [2, 1, 2, 1]), (2, 2, [1, 2, 0, 3]),

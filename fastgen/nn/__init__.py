@@ -2,7 +2,7 @@
 
 from fastgen.nn.norm_act import AdaIN, BatchNormAct2d, GroupNormAct, InstanceNormAct2d, PixelNorm
 from fastgen.nn.stylegan import BiasAct, Downsample2dFIR, EqualizedLinear, ModulatedConv2d, Upsample2dFIR
-from fastgen.nn.upsample_conv import UpsampleConv2d
+from fastgen.nn.upsample_conv2d import UpsampleConv2d
 
 __all__ = ["AdaIN", "BatchNormAct2d", "BiasAct", "Downsample2dFIR", "EqualizedLinear", "GroupNormAct",
            "InstanceNormAct2d", "ModulatedConv2d", "PixelNorm", "Upsample2dFIR", "UpsampleConv2d"]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastgen.ops._activation import activation_of, check_activation
+from fastgen.activations import activation_of, check_activation
 from fastgen.ops.batch_norm_act import batch_norm_act, update_running_stats
 from fastgen.ops.group_norm_act import group_norm_act
-from fastgen.ops.instance_norm import adaptive_instance_norm, instance_norm_act
+from fastgen.ops.instance_norm_act import adaptive_instance_norm, instance_norm_act
 from fastgen.ops.pixel_norm import pixel_norm
 
 

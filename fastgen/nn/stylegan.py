@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from fastgen.ops.bias_act import bias_act
-from fastgen.ops.modulated_conv import modulated_conv2d
-from fastgen.ops.upfirdn2d import resample_padding, upfirdn2d
+from fastgen.ops.modulated_conv2d import modulated_conv2d
+from fastgen.ops.upfirdn2d import resample_padding, setup_filter, upfirdn2d
 
 
 class BiasAct(nn.Module):
@@ -25,23 +25,6 @@ class BiasAct(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.bias.shape[0]}, act={self.act!r}, alpha={self.alpha}, gain={self.gain}, clamp={self.clamp}"
-
-
-def setup_filter(f, normalize: bool = True, gain: float = 1.0, separable: bool | None = None) -> torch.Tensor:
-    """StyleGAN2's FIR filter from taps, e.g. (1, 3, 3, 1): a 1-D list becomes its outer product
-    (unless separable, StyleGAN2's default for 8 taps or more), normalized to sum 1, times gain."""
-    f = torch.as_tensor(f, dtype=torch.float32)
-    if f.dim() == 0:
-        f = f[None]
-    if f.dim() not in (1, 2) or f.numel() == 0:
-        raise ValueError(f"resample_filter must be 1-D or 2-D taps, got shape {tuple(f.shape)}")
-    if separable is None:
-        separable = f.dim() == 1 and f.numel() >= 8
-    if f.dim() == 1 and not separable:
-        f = torch.outer(f, f)
-    if normalize:
-        f = f / f.sum()
-    return f * gain ** (f.dim() / 2)
 
 
 class _FIRResample(nn.Module):

@@ -14,12 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastgen.activations import activation as activation_row, activation_backward, check_activation, torch_layer
 from fastgen.dispatch import _INTERPRET, select
-from fastgen.ops._activation import CODES, activation_backward, activation_grad, apply_activation, check_activation
+from fastgen.ops._registry import NO_FLOAT64, Example, Impl, OpSpec, cpp_impls, define
 from fastgen.ops._util import check_floating, check_tensor, as_ncl, memory_format, opmath_dtype
-
-_KERNELS = frozenset({"reference", "composite", "cpu", "cuda", "triton"})
-_AUTO = {"cpu": ("cpu", "composite"), "cuda": ("cuda", "triton", "composite")}
 
 
 def batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -31,13 +29,13 @@ def batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
     does. See batch_norm_act_ref."""
     _check_batch_norm_act(x, running_mean, running_var, weight, bias, training, momentum, eps, activation,
                           negative_slope)
-    name = select("batch_norm_act", x.device, backend, _KERNELS, _AUTO)
+    name = select(SPEC, x, backend)
     if name == "reference":
         return batch_norm_act_ref(x, running_mean, running_var, weight, bias, training, momentum, eps,
                                   activation, negative_slope)
     stats = (None, None) if training else (running_mean, running_var)
-    out, mean, var = torch.ops.fastgen.batch_norm_act(x, weight, bias, *stats, training, float(eps), activation,
-                                                      float(negative_slope), name)
+    out, mean, var = torch.ops.fastgen.batch_norm_act(x, weight, bias, *stats, training, float(eps),
+                                                      activation_row(activation).name, float(negative_slope), name)
     if training and running_mean is not None:
         update_running_stats(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
     return out
@@ -53,7 +51,7 @@ def batch_norm_act_ref(x: Tensor, running_mean: Optional[Tensor], running_var: O
        training: batch statistics over (N, *) per channel; running_mean and running_var (if given)
        become (1 - momentum) * running + momentum * batch (the variance unbiased).
        eval: the running statistics.
-    2. return act(y)
+    2. return act(y)                  (the torch layer of fastgen.activations: nn.ReLU(), nn.LeakyReLU(), ...)
 
     Args:
         x:                          (N, C, *) floating point, NCHW or channels_last.
@@ -61,7 +59,7 @@ def batch_norm_act_ref(x: Tensor, running_mean: Optional[Tensor], running_var: O
         weight, bias:               (C,) or None.
     """
     y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
-    return apply_activation(y, activation, negative_slope)
+    return torch_layer(activation, negative_slope)(y)
 
 
 def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: int,
@@ -127,12 +125,12 @@ def _batch_norm_act_composite(x, weight, bias, mean, var, training, eps, act, sl
     if bias is not None:
         b = b + bias.to(b.dtype)
     z = torch.addcmul(_channel_view(b, x), x.to(a.dtype), _channel_view(a, x))
-    return apply_activation(z, act, slope).to(x.dtype).contiguous(memory_format=memory_format(x)), mean.clone(), var.clone()
+    return activation_row(act).value(z, slope).to(x.dtype).contiguous(memory_format=memory_format(x)), mean.clone(), var.clone()
 
 
 def _batch_norm_act_fused(x, weight, bias, mean, var, training, eps, act, slope):
     """The C++ kernels: CPU ("cpu" backend) or CUDA ("cuda" backend), by x's device."""
-    return torch.ops.fastgen._batch_norm_act_fused(x, weight, bias, mean, var, training, eps, CODES[act], slope)
+    return torch.ops.fastgen._batch_norm_act_fused(x, weight, bias, mean, var, training, eps, activation_row(act).code, slope)
 
 
 def _batch_norm_act_triton(x, weight, bias, mean, var, training, eps, act, slope):
@@ -140,8 +138,6 @@ def _batch_norm_act_triton(x, weight, bias, mean, var, training, eps, act, slope
 
     from fastgen.kernels.batch_norm_act import _batch_norm_act_fwd_kernel, _batch_norm_stats_kernel
 
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise RuntimeError(f"batch_norm_act: the triton backend takes float32/16 and bfloat16, got {x.dtype}")
     out = torch.empty_like(x, memory_format=memory_format(x))
     xv, ov = as_ncl(x), as_ncl(out)
     n, c, length = xv.shape
@@ -166,33 +162,18 @@ def _batch_norm_act_triton(x, weight, bias, mean, var, training, eps, act, slope
     _batch_norm_act_fwd_kernel[grid](
         xv, ov, weight if weight is not None else xv, bias if bias is not None else xv, mean, var,
         mean_out, var_out, n, c, length, chunk, split, *xv.stride(), *ov.stride(), eps, slope,
-        TRAINING=training, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT=CODES[act],
+        TRAINING=training, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT=activation_row(act).code,
         EMULATE_BF16=x.dtype == torch.bfloat16 and _INTERPRET, SPLIT_P2=triton.next_power_of_2(split),
         BLOCK_R=block_r, BLOCK_C=block_c)
     return out, mean_out, var_out
 
 
-_IMPLS = {"composite": _batch_norm_act_composite, "cpu": _batch_norm_act_fused, "cuda": _batch_norm_act_fused,
-          "triton": _batch_norm_act_triton}
-
-
 # ---------------------------------------------------------------------------------------------
 # registration: out, and the statistics used (batch statistics when training), in opmath
 
-@torch.library.custom_op("fastgen::batch_norm_act", mutates_args=(), device_types=("cpu", "cuda"))
-def _batch_norm_act_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Optional[Tensor],
-                       var: Optional[Tensor], training: bool, eps: float, activation: str, negative_slope: float,
-                       backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return _IMPLS[backend](x, weight, bias, mean, var, training, eps, activation, negative_slope)
-
-
-@_batch_norm_act_op.register_kernel("xla")
-def _batch_norm_act_xla(x, weight, bias, mean, var, training, eps, activation, negative_slope, backend):
-    return _batch_norm_act_composite(x, weight, bias, mean, var, training, eps, activation, negative_slope)
-
-
-@_batch_norm_act_op.register_fake
-def _fake_batch_norm_act(x, weight, bias, mean, var, training, eps, activation, negative_slope, backend):
+def _fake_batch_norm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Optional[Tensor],
+                         var: Optional[Tensor], training: bool, eps: float, activation: str, negative_slope: float,
+                         backend: str) -> tuple[Tensor, Tensor, Tensor]:
     stat = x.new_empty((x.shape[1],), dtype=opmath_dtype(x.dtype))
     return torch.empty_like(x, memory_format=memory_format(x)), stat, torch.empty_like(stat)
 
@@ -229,7 +210,7 @@ def _backward_batch_norm_act(ctx, grad: Tensor, _grad_mean, _grad_var):
     z = xhat if w is None else xhat * w
     if bias is not None:
         z = z + _channel_view(bias.to(op), x)
-    gz = grad.to(op) * activation_grad(z, act, slope)
+    gz = grad.to(op) * activation_row(act).grad(z, slope)
     gw = (gz * xhat).sum(dims).to(weight.dtype) if need[1] and weight is not None else None
     gb = gz.sum(dims).to(bias.dtype) if need[2] and bias is not None else None
     gxhat = gz if w is None else gz * w
@@ -264,4 +245,14 @@ def _backward_aten(grad, x, weight, bias, mean, var, eps, act, slope, need):
     return gx, (None if gw is None else gw.to(weight.dtype)), (None if gb is None else gb.to(bias.dtype))
 
 
-_batch_norm_act_op.register_autograd(_backward_batch_norm_act, setup_context=_setup_context_batch_norm_act)
+SPEC = define(OpSpec(
+    name="batch_norm_act", public=batch_norm_act,
+    impls={"composite": Impl(_batch_norm_act_composite), "triton": Impl(_batch_norm_act_triton, NO_FLOAT64),
+           **cpp_impls(_batch_norm_act_fused, "_batch_norm_act_fused")},
+    custom_op=True,
+    launch_empty=True,  # the kernels return NaN statistics for an empty batch
+    examples=(Example("batch_norm_act_train", lambda: (torch.randn(4, 6, 5, 4), None, None, torch.randn(6),
+                                                       torch.randn(6), True), grad_of=(0, 3, 4)),
+              Example("batch_norm_act_eval", lambda: (torch.randn(4, 6, 5, 4), torch.randn(6), torch.rand(6) + 0.5,
+                                                      torch.randn(6), torch.randn(6), False), grad_of=(0, 3, 4))),
+))

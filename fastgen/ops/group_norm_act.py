@@ -2,7 +2,7 @@
 
 Eager reads the activation map three times and writes it twice (statistics, normalize, activate);
 the fused kernels read it twice and write it once. The same op serves instance norm (one channel
-per group) and AdaIN (per-sample affine): see fastgen/ops/instance_norm.py. Kernels:
+per group) and AdaIN (per-sample affine): see fastgen/ops/instance_norm_act.py. Kernels:
 kernels/group_norm_act.py (Triton), csrc/group_norm_act.{cpp,cu} (C++ CPU and CUDA).
 """
 
@@ -14,12 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastgen.activations import activation as activation_row, activation_backward, check_activation, torch_layer
 from fastgen.dispatch import _INTERPRET, select
-from fastgen.ops._activation import CODES, activation_backward, activation_grad, apply_activation, check_activation
+from fastgen.ops._registry import NO_FLOAT64, Example, Impl, OpSpec, cpp_impls, define
 from fastgen.ops._util import check_floating, check_tensor, as_ncl, memory_format, opmath_dtype
-
-_KERNELS = frozenset({"reference", "composite", "cpu", "cuda", "triton"})
-_AUTO = {"cpu": ("cpu", "composite"), "cuda": ("cuda", "triton", "composite")}  # benchmarks/NOTES.md
 
 
 def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor] = None,
@@ -28,10 +26,10 @@ def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor] = None,
     """activation(group_norm(x, num_groups, weight, bias, eps)) in two reads and one write of x.
     weight and bias are (C,), or (N, C) for a per-sample affine (AdaIN). See group_norm_act_ref."""
     _check_group_norm_act(x, num_groups, weight, bias, eps, activation, negative_slope)
-    name = select("group_norm_act", x.device, backend, _KERNELS, _AUTO)
+    name = select(SPEC, x, backend)
     if name == "reference":
         return group_norm_act_ref(x, num_groups, weight, bias, eps, activation, negative_slope)
-    return torch.ops.fastgen.group_norm_act(x, num_groups, weight, bias, float(eps), activation,
+    return torch.ops.fastgen.group_norm_act(x, num_groups, weight, bias, float(eps), activation_row(activation).name,
                                             float(negative_slope), name)
 
 
@@ -42,14 +40,14 @@ def group_norm_act_ref(x: Tensor, num_groups: int, weight: Optional[Tensor] = No
 
     1. y = F.group_norm(x, num_groups, weight, bias, eps)      (nn.GroupNorm)
        per-sample affine: y = F.group_norm(x, num_groups, eps=eps) * weight[n, c] + bias[n, c]
-    2. return act(y)                                           (nn.SiLU, nn.ReLU, nn.GELU, ...)
+    2. return act(y)                  (the torch layer of fastgen.activations: nn.SiLU(), nn.ReLU(), ...)
 
     Args:
         x:              (N, C, *) floating point, NCHW or channels_last.
         num_groups:     G, dividing C; statistics over each sample's C/G channels and all positions.
         weight, bias:   (C,) or (N, C) or None; x's dtype and device.
         eps:            added to the (biased) variance.
-        activation:     identity, relu, leaky_relu, silu, gelu (exact) or gelu_tanh.
+        activation:     a name in fastgen.activations (identity, relu, leaky_relu, silu, gelu, ...).
         negative_slope: for leaky_relu.
     Returns:
         x's shape, dtype and memory format.
@@ -59,11 +57,12 @@ def group_norm_act_ref(x: Tensor, num_groups: int, weight: Optional[Tensor] = No
         y = F.group_norm(x, num_groups, weight, bias, eps)
     else:  # per-sample affine
         y = F.group_norm(x, num_groups, eps=eps)
+        spatial = (1,) * (x.dim() - 2)
         if weight is not None:
-            y = y * _affine_view(weight, x)
+            y = y * weight.reshape(*weight.shape, *spatial)
         if bias is not None:
-            y = y + _affine_view(bias, x)
-    return apply_activation(y, activation, negative_slope)
+            y = y + bias.reshape(*bias.shape, *spatial)
+    return torch_layer(activation, negative_slope)(y)
 
 
 def _check_group_norm_act(x, num_groups, weight, bias, eps, act, negative_slope) -> None:
@@ -139,7 +138,7 @@ def _group_norm_act_composite(x, num_groups, weight, bias, eps, act, slope):
         b = b + bias.to(b.dtype)
     spatial = (1,) * (x.dim() - 2)
     z = torch.addcmul(b.view(n, c, *spatial), x.to(a.dtype), a.view(n, c, *spatial))
-    return apply_activation(z, act, slope).to(x.dtype).contiguous(memory_format=memory_format(x))
+    return activation_row(act).value(z, slope).to(x.dtype).contiguous(memory_format=memory_format(x))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,8 +149,6 @@ def _group_norm_act_triton(x, num_groups, weight, bias, eps, act, slope):
 
     from fastgen.kernels.group_norm_act import _group_norm_act_fwd_kernel, _group_norm_stats_kernel
 
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise RuntimeError(f"group_norm_act: the triton backend takes float32/16 and bfloat16, got {x.dtype}")
     out = torch.empty_like(x, memory_format=memory_format(x))
     xv, ov = as_ncl(x), as_ncl(out)
     weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
@@ -173,7 +170,7 @@ def _group_norm_act_triton(x, num_groups, weight, bias, eps, act, slope):
         xv, ov, weight if weight is not None else xv, bias if bias is not None else xv, means, m2s,
         c, length, cg, chunk, split, *xv.stride(), *ov.stride(),
         _sample_stride(weight), _sample_stride(bias), eps, slope,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT=CODES[act], EMULATE_BF16=x.dtype == torch.bfloat16 and _INTERPRET,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT=activation_row(act).code, EMULATE_BF16=x.dtype == torch.bfloat16 and _INTERPRET,
         SPLIT_P2=triton.next_power_of_2(split), **common)
     return out
 
@@ -185,31 +182,14 @@ def _sample_stride(t: Optional[Tensor]) -> int:
 
 def _group_norm_act_fused(x, num_groups, weight, bias, eps, act, slope):
     """The C++ kernels: CPU ("cpu" backend) or CUDA ("cuda" backend), by x's device."""
-    return torch.ops.fastgen._group_norm_act_fused(x, num_groups, weight, bias, eps, CODES[act], slope)
-
-
-_IMPLS = {"composite": _group_norm_act_composite, "triton": _group_norm_act_triton,
-          "cpu": _group_norm_act_fused, "cuda": _group_norm_act_fused}
+    return torch.ops.fastgen._group_norm_act_fused(x, num_groups, weight, bias, eps, activation_row(act).code, slope)
 
 
 # ---------------------------------------------------------------------------------------------
 # registration
 
-@torch.library.custom_op("fastgen::group_norm_act", mutates_args=(), device_types=("cpu", "cuda"))
-def _group_norm_act_op(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
-                       eps: float, activation: str, negative_slope: float, backend: str) -> Tensor:
-    if x.numel() == 0:
-        return torch.empty_like(x, memory_format=memory_format(x))
-    return _IMPLS[backend](x, num_groups, weight, bias, eps, activation, negative_slope)
-
-
-@_group_norm_act_op.register_kernel("xla")
-def _group_norm_act_xla(x, num_groups, weight, bias, eps, activation, negative_slope, backend):
-    return _group_norm_act_composite(x, num_groups, weight, bias, eps, activation, negative_slope)
-
-
-@_group_norm_act_op.register_fake
-def _fake_group_norm_act(x, num_groups, weight, bias, eps, activation, negative_slope, backend):
+def _fake_group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                         activation: str, negative_slope: float, backend: str) -> Tensor:
     _check_group_norm_act(x, num_groups, weight, bias, eps, activation, negative_slope)
     return torch.empty_like(x, memory_format=memory_format(x))
 
@@ -234,7 +214,7 @@ def _backward_group_norm_act(ctx, grad: Tensor):
         return gx, None, gw, gb, None, None, None, None
     xhat5, rstd = _normalized(x, num_groups, eps)
     xhat = xhat5.flatten(1, 2)
-    gz = grad.to(xhat.dtype) * activation_grad(_pre_activation(xhat, x, weight, bias), act, slope)
+    gz = grad.to(xhat.dtype) * activation_row(act).grad(_pre_activation(xhat, x, weight, bias), slope)
     gw = _sum_to(gz * xhat, weight) if need_w else None
     gb = _sum_to(gz, bias) if need_b else None
     gx = None
@@ -278,4 +258,11 @@ def _backward_aten(grad, x, weight, bias, num_groups, eps, act, slope, need):
     return gx, gw, gb
 
 
-_group_norm_act_op.register_autograd(_backward_group_norm_act, setup_context=_setup_context_group_norm_act)
+SPEC = define(OpSpec(
+    name="group_norm_act", public=group_norm_act,
+    impls={"composite": Impl(_group_norm_act_composite), "triton": Impl(_group_norm_act_triton, NO_FLOAT64),
+           **cpp_impls(_group_norm_act_fused, "_group_norm_act_fused")},
+    custom_op=True,
+    examples=(Example("group_norm_act", lambda: (torch.randn(2, 8, 5, 6), 4, torch.randn(8), torch.randn(8)),
+                      grad_of=(0, 2, 3)),),
+))

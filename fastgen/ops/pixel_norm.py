@@ -9,16 +9,14 @@ import torch
 from torch import Tensor
 
 from fastgen.dispatch import _INTERPRET, select
+from fastgen.ops._registry import NO_FLOAT64, Example, Impl, OpSpec, define
 from fastgen.ops._util import check_floating, check_tensor, memory_format, opmath_dtype
-
-_KERNELS = frozenset({"reference", "composite", "cuda", "triton"})
-_AUTO = {"cpu": ("composite",), "cuda": ("cuda", "triton", "composite")}
 
 
 def pixel_norm(x: Tensor, eps: float = 1e-8, *, backend: Optional[str] = None) -> Tensor:
     """x / sqrt(mean(x^2 over channels) + eps) at every position. See pixel_norm_ref."""
     _check_pixel_norm(x, eps)
-    name = select("pixel_norm", x.device, backend, _KERNELS, _AUTO)
+    name = select(SPEC, x, backend)
     if name == "reference":
         return pixel_norm_ref(x, eps)
     return torch.ops.fastgen.pixel_norm(x, float(eps), name)
@@ -68,8 +66,6 @@ def _pixel_norm_triton(x, eps):
 
     from fastgen.kernels.pixel_norm import _pixel_norm_fwd_kernel
 
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise RuntimeError(f"pixel_norm: the triton backend takes float32/16 and bfloat16, got {x.dtype}")
     out = torch.empty_like(x, memory_format=memory_format(x))
     xv, ov = _as_nlc(x), _as_nlc(out)
     n, length, c = xv.shape
@@ -86,23 +82,7 @@ def _pixel_norm_cuda(x, eps):
     return torch.ops.fastgen._pixel_norm_fused(x, eps)
 
 
-_IMPLS = {"composite": _pixel_norm_composite, "triton": _pixel_norm_triton, "cuda": _pixel_norm_cuda}
-
-
-@torch.library.custom_op("fastgen::pixel_norm", mutates_args=(), device_types=("cpu", "cuda"))
-def _pixel_norm_op(x: Tensor, eps: float, backend: str) -> Tensor:
-    if x.numel() == 0:
-        return torch.empty_like(x, memory_format=memory_format(x))
-    return _IMPLS[backend](x, eps)
-
-
-@_pixel_norm_op.register_kernel("xla")
-def _pixel_norm_xla(x, eps, backend):
-    return _pixel_norm_composite(x, eps)
-
-
-@_pixel_norm_op.register_fake
-def _fake_pixel_norm(x, eps, backend):
+def _fake_pixel_norm(x: Tensor, eps: float, backend: str) -> Tensor:
     _check_pixel_norm(x, eps)
     return torch.empty_like(x, memory_format=memory_format(x))
 
@@ -125,4 +105,11 @@ def _backward_pixel_norm(ctx, grad: Tensor):
     return gx.to(x.dtype), None, None
 
 
-_pixel_norm_op.register_autograd(_backward_pixel_norm, setup_context=_setup_context_pixel_norm)
+SPEC = define(OpSpec(
+    name="pixel_norm", public=pixel_norm,
+    impls={"composite": Impl(_pixel_norm_composite),
+           "triton": Impl(_pixel_norm_triton, NO_FLOAT64),
+           "cuda": Impl(_pixel_norm_cuda, kernels=("_pixel_norm_fused",))},
+    custom_op=True,
+    examples=(Example("pixel_norm", lambda: (torch.randn(2, 8, 5, 6),)),),
+))

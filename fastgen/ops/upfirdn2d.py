@@ -15,10 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastgen.dispatch import _INTERPRET, select
+from fastgen.ops._registry import NO_FLOAT64, Example, Impl, OpSpec, cpp_impls, define
 from fastgen.ops._util import check_floating, check_tensor, memory_format, opmath_dtype
-
-_KERNELS = frozenset({"reference", "composite", "cpu", "cuda", "triton"})
-_AUTO = {"cpu": ("cpu", "composite"), "cuda": ("cuda", "triton", "composite")}  # benchmarks/NOTES.md
 
 
 def upfirdn2d(x: Tensor, f: Tensor | None, up=1, down=1, padding=0, flip_filter: bool = False, gain: float = 1.0,
@@ -26,7 +24,7 @@ def upfirdn2d(x: Tensor, f: Tensor | None, up=1, down=1, padding=0, flip_filter:
     """Upsample, pad, FIR-filter and downsample x without materializing the upsampled image.
     See upfirdn2d_ref."""
     f, (upx, upy), (downx, downy), pad = _check_upfirdn2d(x, f, up, down, padding, flip_filter, gain)
-    name = select("upfirdn2d", x.device, backend, _KERNELS, _AUTO)
+    name = select(SPEC, x, backend)
     if name == "reference":
         return upfirdn2d_ref(x, f, up, down, padding, flip_filter, gain)
     return torch.ops.fastgen.upfirdn2d(x, f, [upx, upy], [downx, downy], list(pad), flip_filter, float(gain), name)
@@ -122,6 +120,23 @@ def check_filter(name: str, f, device: torch.device) -> None:
         raise RuntimeError(f"{name} must be on x's device {device}, got {f.device}")
 
 
+def setup_filter(f, normalize: bool = True, gain: float = 1.0, separable: bool | None = None) -> torch.Tensor:
+    """StyleGAN2's FIR filter from taps, e.g. (1, 3, 3, 1): a 1-D list becomes its outer product
+    (unless separable, StyleGAN2's default for 8 taps or more), normalized to sum 1, times gain."""
+    f = torch.as_tensor(f, dtype=torch.float32)
+    if f.dim() == 0:
+        f = f[None]
+    if f.dim() not in (1, 2) or f.numel() == 0:
+        raise ValueError(f"resample_filter must be 1-D or 2-D taps, got shape {tuple(f.shape)}")
+    if separable is None:
+        separable = f.dim() == 1 and f.numel() >= 8
+    if f.dim() == 1 and not separable:
+        f = torch.outer(f, f)
+    if normalize:
+        f = f / f.sum()
+    return f * gain ** (f.dim() / 2)
+
+
 def resample_padding(f: Tensor, up: int = 1, down: int = 1, pad=(0, 0, 0, 0)) -> tuple[int, int, int, int]:
     """StyleGAN2's padding for resampling by the FIR filter f (upsample2d, downsample2d and
     conv2d_resample): pad (x0, x1, y0, y1) plus, for up > 1, ((f + up - 1) // 2, (f - up) // 2) per
@@ -210,8 +225,6 @@ def _upfirdn2d_triton(x, f, up, down, pad, flip_filter, gain):
 
     from fastgen.kernels.upfirdn2d import _upfirdn2d_fwd_kernel
 
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise RuntimeError(f"upfirdn2d: the triton backend takes float32/16 and bfloat16, got {x.dtype}")
     taps = _taps(f, flip_filter, gain, torch.float32)
     fh, fw = taps.shape
     oh, ow = _out_size(x, fh, fw, up, down, pad)
@@ -224,28 +237,11 @@ def _upfirdn2d_triton(x, f, up, down, pad, flip_filter, gain):
     return out
 
 
-_IMPLS = {"composite": _upfirdn2d_composite, "cpu": _upfirdn2d_fused, "cuda": _upfirdn2d_fused,
-          "triton": _upfirdn2d_triton}
-
-
 # ---------------------------------------------------------------------------------------------
-# registration
+# registration (up, down and padding arrive as lists)
 
-@torch.library.custom_op("fastgen::upfirdn2d", mutates_args=(), device_types=("cpu", "cuda"))
-def _upfirdn2d_op(x: Tensor, f: Tensor, up: list[int], down: list[int], padding: list[int], flip_filter: bool,
-                  gain: float, backend: str) -> Tensor:
-    if x.numel() == 0:
-        return _fake_upfirdn2d(x, f, up, down, padding, flip_filter, gain, backend)
-    return _IMPLS[backend](x, f, tuple(up), tuple(down), tuple(padding), flip_filter, gain)
-
-
-@_upfirdn2d_op.register_kernel("xla")
-def _upfirdn2d_xla(x, f, up, down, padding, flip_filter, gain, backend):
-    return _upfirdn2d_composite(x, f, tuple(up), tuple(down), tuple(padding), flip_filter, gain)
-
-
-@_upfirdn2d_op.register_fake
-def _fake_upfirdn2d(x, f, up, down, padding, flip_filter, gain, backend):
+def _fake_upfirdn2d(x: Tensor, f: Tensor, up: list[int], down: list[int], padding: list[int], flip_filter: bool,
+                    gain: float, backend: str) -> Tensor:
     oh, ow = _out_size(x, f.shape[0], f.shape[-1], tuple(up), tuple(down), tuple(padding))
     return x.new_empty((x.shape[0], x.shape[1], oh, ow)).contiguous(memory_format=memory_format(x))
 
@@ -271,4 +267,13 @@ def _backward_upfirdn2d(ctx, grad: Tensor):
     return gx, None, None, None, None, None, None, None
 
 
-_upfirdn2d_op.register_autograd(_backward_upfirdn2d, setup_context=_setup_context_upfirdn2d)
+SPEC = define(OpSpec(
+    name="upfirdn2d", public=upfirdn2d,
+    impls={"composite": Impl(_upfirdn2d_composite), "triton": Impl(_upfirdn2d_triton, NO_FLOAT64),
+           **cpp_impls(_upfirdn2d_fused, "_upfirdn2d_fused")},
+    custom_op=True,
+    examples=(Example("upfirdn2d_up2", lambda: (torch.randn(2, 3, 8, 7), setup_filter((1, 3, 3, 1))),
+                      {"up": 2, "padding": [2, 1, 2, 1], "gain": 4.0}),
+              Example("upfirdn2d_down2_separable", lambda: (torch.randn(2, 3, 8, 7), torch.tensor([1.0, 3, 3, 1]) / 8),
+                      {"down": 2, "padding": 1})),
+))

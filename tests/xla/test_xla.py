@@ -2,8 +2,8 @@
 forward and backward against CPU eager (the op's _ref), and after each, no op may have fallen back
 to the CPU (torch_xla runs an op it cannot lower on the CPU silently: shared/TOOLCHAIN.md).
 
-Run by tools/test_xla.sh in the XLA environment (torch 2.9.0 + torch_xla 2.9.0). Adding an op or a
-layer is one line in OPS or LAYERS.
+Run by tools/test_xla.sh in the XLA environment (torch 2.9.0 + torch_xla 2.9.0). The ops and their
+inputs are the examples in each op's spec (fastgen.ops.REGISTRY); adding a layer is one line in LAYERS.
 """
 
 import copy
@@ -18,54 +18,19 @@ from torch import nn
 import fastgen
 from fastgen import nn as fnn
 from fastgen import ops
-from fastgen.nn.stylegan import setup_filter
 
 DEVICE = torch_xla.device()
-FIR = setup_filter((1, 3, 3, 1))
 
 
 def sync():
     torch_xla.sync()
 
 
-def randn(*shape):
-    return torch.randn(*shape)
+randn = torch.randn
 
 
-# name -> (op, its reference, inputs (CPU tensors; the first is x), keyword arguments, the positions
-# of the inputs that get gradients)
-OPS = {
-    "upsample_conv2d_nearest": (ops.upsample_conv2d, ops.upsample_conv2d_ref,
-                                lambda: (randn(2, 4, 5, 6), randn(3, 4, 3, 3) / 6, randn(3)), {}, (0, 1, 2)),
-    "upsample_conv2d_bilinear": (ops.upsample_conv2d, ops.upsample_conv2d_ref,
-                                 lambda: (randn(2, 4, 5, 6), randn(3, 4, 3, 3) / 6, randn(3)), {"mode": "bilinear"},
-                                 (0, 1, 2)),
-    "group_norm_act": (ops.group_norm_act, ops.group_norm_act_ref,
-                       lambda: (randn(2, 8, 5, 6), 4, randn(8), randn(8)), {}, (0, 2, 3)),
-    "instance_norm_act": (ops.instance_norm_act, ops.instance_norm_act_ref,
-                          lambda: (randn(2, 6, 5, 4), randn(6), randn(6)), {}, (0, 1, 2)),
-    "adaptive_instance_norm": (ops.adaptive_instance_norm, ops.adaptive_instance_norm_ref,
-                               lambda: (randn(2, 6, 5, 4), randn(2, 6), randn(2, 6)), {"activation": "silu"},
-                               (0, 1, 2)),
-    "batch_norm_act_train": (ops.batch_norm_act, ops.batch_norm_act_ref,
-                             lambda: (randn(4, 6, 5, 4), None, None, randn(6), randn(6), True), {}, (0, 3, 4)),
-    "batch_norm_act_eval": (ops.batch_norm_act, ops.batch_norm_act_ref,
-                            lambda: (randn(4, 6, 5, 4), randn(6), randn(6).abs() + 0.5, randn(6), randn(6), False), {},
-                            (0, 3, 4)),
-    "pixel_norm": (ops.pixel_norm, ops.pixel_norm_ref, lambda: (randn(2, 8, 5, 6),), {}, (0,)),
-    "bias_act_lrelu_clamp": (ops.bias_act, ops.bias_act_ref, lambda: (randn(2, 8, 5, 6), randn(8)),
-                             {"act": "lrelu", "clamp": 1.5}, (0, 1)),
-    "bias_act_swish": (ops.bias_act, ops.bias_act_ref, lambda: (randn(2, 8, 5, 6), randn(8)), {"act": "swish"},
-                       (0, 1)),
-    "upfirdn2d_up2": (ops.upfirdn2d, ops.upfirdn2d_ref, lambda: (randn(2, 3, 8, 7), FIR),
-                      {"up": 2, "padding": [2, 1, 2, 1], "gain": 4.0}, (0,)),
-    "upfirdn2d_down2_separable": (ops.upfirdn2d, ops.upfirdn2d_ref,
-                                  lambda: (randn(2, 3, 8, 7), torch.tensor([1.0, 3, 3, 1]) / 8),
-                                  {"down": 2, "padding": 1}, (0,)),
-    "modulated_conv2d_up2": (ops.modulated_conv2d, ops.modulated_conv2d_ref,
-                             lambda: (randn(2, 4, 6, 6), randn(3, 4, 3, 3), randn(2, 4) + 1),
-                             {"up": 2, "resample_filter": FIR, "padding": 1}, (0, 1, 2)),
-}
+# every example of every op spec (fastgen.ops.REGISTRY): name -> (spec, example)
+OPS = {ex.name: (spec, ex) for spec in ops.REGISTRY.values() for ex in spec.examples}
 
 # name -> (a factory of the layer, a factory of its inputs (CPU tensors))
 LAYERS = {
@@ -102,9 +67,10 @@ def close(got, want, what):
 
 @pytest.mark.parametrize("name", OPS)
 def test_op_forward_and_backward_on_xla(name):
-    op, ref, make_inputs, kw, grad_of = OPS[name]
+    spec, example = OPS[name]
+    op, ref, kw, grad_of = spec.public, spec.ref, dict(example.kwargs), example.grad_of
     torch.manual_seed(0)
-    inputs = [t.requires_grad_(True) if i in grad_of else t for i, t in enumerate(make_inputs())]
+    inputs = [t.requires_grad_(True) if i in grad_of else t for i, t in enumerate(example.inputs())]
     met.clear_all()
     xs = [to_xla(t) for t in inputs]
     out = op(*xs, **{k: to_xla(v) for k, v in kw.items()})

@@ -4,7 +4,7 @@
 //   xu  = F.interpolate(x, scale_factor=S, mode=mode)     # never materialized here
 //   out = F.conv2d(xu, weight, bias, padding=PAD)
 // computed per output phase as an implicit GEMM over the un-upsampled x (derivation in
-// kernels/upsample_conv.py; the host folds and packs the weights):
+// kernels/upsample_conv2d.py; the host folds and packs the weights):
 //   out[n, o, Y, X] = bias[o] + sum_{tap, c} A[(n, my, mx), (tap, c)] * Wp[phase, tap, c, o]
 // One block computes a BM x BN tile (pixels x output channels) in fp32 (fp64 for double):
 // tensor cores (WMMA) for fp16/bf16, FMA for fp32/fp64. The tile is written straight to its

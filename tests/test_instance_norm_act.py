@@ -7,7 +7,7 @@ from fastgen.ops import adaptive_instance_norm, adaptive_instance_norm_ref, inst
 from cases import fast_backends, skip_unavailable
 from tolerances import assert_close, assert_close_grad
 
-FAST = fast_backends(cpu=("composite", "cpu", "triton"))
+FAST = fast_backends("instance_norm_act")
 
 
 def f64(*ts):

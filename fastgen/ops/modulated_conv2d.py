@@ -21,11 +21,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastgen.dispatch import select
+from fastgen.ops._registry import Example, OpSpec, define
 from fastgen.ops._util import check_floating, check_tensor, memory_format
-from fastgen.ops.upfirdn2d import _padding, check_filter, resample_padding, upfirdn2d, upfirdn2d_ref
-
-_KERNELS = frozenset({"reference", "composite", "cpu", "cuda", "triton"})
-_AUTO = {"cpu": ("cpu", "composite"), "cuda": ("cuda", "triton", "composite")}  # of upfirdn2d
+from fastgen.ops.upfirdn2d import SPEC as UPFIRDN2D
+from fastgen.ops.upfirdn2d import _padding, check_filter, resample_padding, setup_filter, upfirdn2d, upfirdn2d_ref
 _DEMOD_EPS = 1e-8
 
 
@@ -36,7 +35,7 @@ def modulated_conv2d(x: Tensor, weight: Tensor, styles: Tensor, demodulate: bool
     See modulated_conv2d_ref for the semantics."""
     f, pad = _check_modulated_conv2d(x, weight, styles, demodulate, up, down, resample_filter, padding,
                                      fused_modconv, flip_weight)
-    name = select("upfirdn2d", x.device, backend, _KERNELS, _AUTO)
+    name = select(SPEC, x, backend)
     if name == "reference":
         return modulated_conv2d_ref(x, weight, styles, demodulate, up, down, resample_filter, padding, flip_weight)
     fir = functools.partial(upfirdn2d, backend=name)
@@ -104,11 +103,16 @@ def modulated_conv2d_ref(x: Tensor, weight: Tensor, styles: Tensor, demodulate: 
         w = w * (w.square().sum(dim=[2, 3, 4], keepdim=True) + _DEMOD_EPS).rsqrt()
     if not flip_weight:
         w = w.flip([3, 4])
-    p = resample_padding(f, up, down, pad)
+    p = list(pad)  # step 3, per axis (x, then y): the filter centred on the resampled image
+    for axis, taps in ((0, f.shape[-1]), (2, f.shape[0])):
+        if up > 1:
+            p[axis], p[axis + 1] = p[axis] + (taps + up - 1) // 2, p[axis + 1] + (taps - up) // 2
+        if down > 1:
+            p[axis], p[axis + 1] = p[axis] + (taps - down + 1) // 2, p[axis + 1] + (taps - down) // 2
     if up > 1:
-        x = upfirdn2d_ref(x, f, up=up, padding=list(p), gain=up ** 2)
+        x = upfirdn2d_ref(x, f, up=up, padding=p, gain=up ** 2)
     else:
-        x = F.pad(x, list(p))
+        x = F.pad(x, p)
     y = F.conv2d(x.reshape(1, -1, *x.shape[2:]), w.reshape(-1, in_channels, kh, kw), groups=n)
     y = y.reshape(n, -1, *y.shape[2:])
     if down > 1:
@@ -180,3 +184,13 @@ def _conv2d_resample(x, w, f, up, down, pad, groups, flip_weight, upfirdn):
         return _conv(x, w, groups, flip_weight, padding=[py0, px0])
     x = F.pad(x, [px0, px1, py0, py1])  # asymmetric or negative padding
     return _conv(x, w, groups, flip_weight)
+
+
+# A composition: its backends are upfirdn2d's (the FIR kernels), selected under its own name.
+SPEC = define(OpSpec(
+    name="modulated_conv2d", public=modulated_conv2d, impls=UPFIRDN2D.impls,
+    auto=UPFIRDN2D.auto,
+    examples=(Example("modulated_conv2d_up2", lambda: (torch.randn(2, 4, 6, 6), torch.randn(3, 4, 3, 3),
+                                                       torch.randn(2, 4) + 1),
+                      {"up": 2, "resample_filter": setup_filter((1, 3, 3, 1)), "padding": 1}, (0, 1, 2)),),
+))

@@ -1,8 +1,8 @@
 """fastgen::upsample_conv2d: nearest or bilinear upsampling followed by a convolution, fused.
 
 Public function, reference (the spec), checks, the composite rewrite, kernel launchers, fake,
-autograd and registration, top to bottom. Kernels: kernels/upsample_conv.py (Triton),
-csrc/upsample_conv.cu (CUDA).
+autograd and registration, top to bottom. Kernels: kernels/upsample_conv2d.py (Triton),
+csrc/upsample_conv2d.cu (CUDA).
 """
 
 from __future__ import annotations
@@ -14,14 +14,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastgen.dispatch import _INTERPRET, select
+from fastgen.ops._registry import KERNELS_FIRST, NO_FLOAT64, Example, Impl, OpSpec, define
 from fastgen.ops._util import check_floating, check_tensor, memory_format, opmath_dtype
 
 SCALES = {"nearest": (2, 3, 4), "bilinear": (2,)}
-_KERNELS = frozenset({"reference", "composite", "cuda", "triton"})
-# fastest first, per mode and device type (benchmarks/NOTES.md). On the CPU, aten's bilinear
-# upsampling kernel beats the composite's explicit one: auto takes the plain eager layers there.
-_AUTO = {"nearest": {"cpu": ("composite",), "cuda": ("cuda", "triton", "composite")},
-         "bilinear": {"cpu": ("reference",), "cuda": ("cuda", "triton", "composite")}}
 
 
 def upsample_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, scale_factor=2,
@@ -31,7 +27,7 @@ def upsample_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     materializing the upsampled image. See `upsample_conv2d_ref` for the exact semantics;
     `backend` picks the implementation (fastgen.dispatch)."""
     scale, pad = _check_upsample_conv2d(x, weight, bias, scale_factor, mode, padding)
-    name = select("upsample_conv2d", x.device, backend, _KERNELS, _AUTO[mode])
+    name = select(SPEC, x, backend, variant=mode)
     if name == "reference":
         return upsample_conv2d_ref(x, weight, bias, scale_factor=scale, mode=mode, padding=pad)
     return torch.ops.fastgen.upsample_conv2d(x, weight, bias, scale, mode, pad, name)
@@ -101,7 +97,7 @@ def _out_size(x: Tensor, k: int, scale: int, padding: int) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The nearest-mode phase fold (derivation: kernels/upsample_conv.py). Per axis, phase r reads
+# The nearest-mode phase fold (derivation: kernels/upsample_conv2d.py). Per axis, phase r reads
 # x rows lo(r) .. lo(r) + kf - 1 relative to its output's source row.
 
 def _fold_axis(scale: int, k: int, padding: int) -> tuple[list[int], int, list[list[list[float]]]]:
@@ -228,10 +224,8 @@ def _lerp2x_last_adjoint(g: Tensor) -> Tensor:
 def _upsample_conv2d_triton(x, weight, bias, scale, mode, padding):
     import triton
 
-    from fastgen.kernels.upsample_conv import _upsample_conv2d_fwd_kernel
+    from fastgen.kernels.upsample_conv2d import _upsample_conv2d_fwd_kernel
 
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise RuntimeError(f"upsample_conv2d: the triton backend takes float32/16 and bfloat16, got {x.dtype}")
     packed, kf = _packed_weight(weight, scale, mode, padding)
     n, c, h, w = x.shape
     co, k = weight.shape[0], weight.shape[-1]
@@ -265,29 +259,15 @@ def _upsample_conv2d_cuda(x, weight, bias, scale, mode, padding):
                                                     weight.shape[-1])
 
 
-_IMPLS = {"composite": _upsample_conv2d_composite, "triton": _upsample_conv2d_triton,
-          "cuda": _upsample_conv2d_cuda}
-
-
 # ---------------------------------------------------------------------------------------------
-# registration: one custom op with CPU, CUDA and XLA kernels; `backend` is always a concrete name
-# here (resolved by the public function).
+# registration: `backend` is always a concrete name here (resolved by the public function).
 
-@torch.library.custom_op("fastgen::upsample_conv2d", mutates_args=(), device_types=("cpu", "cuda"))
-def _upsample_conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale_factor: int,
-                        mode: str, padding: int, backend: str) -> Tensor:
-    if x.shape[0] == 0:  # an empty batch launches no kernel
-        return _fake_upsample_conv2d(x, weight, bias, scale_factor, mode, padding, backend)
-    return _IMPLS[backend](x, weight, bias, scale_factor, mode, padding)
-
-
-@_upsample_conv2d_op.register_kernel("xla")
-def _upsample_conv2d_xla(x, weight, bias, scale_factor, mode, padding, backend):
+def _upsample_conv2d_xla(x, weight, bias, scale_factor, mode, padding):
     return _upsample_conv2d_composite(x, weight, bias, scale_factor, mode, padding, in_place_interleave=False)
 
 
-@_upsample_conv2d_op.register_fake
-def _fake_upsample_conv2d(x, weight, bias, scale_factor, mode, padding, backend):
+def _fake_upsample_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale_factor: int, mode: str, padding: int,
+                          backend: str) -> Tensor:
     _check_upsample_conv2d(x, weight, bias, scale_factor, mode, padding)
     hout, wout = _out_size(x, weight.shape[-1], scale_factor, padding)
     return torch.empty((x.shape[0], weight.shape[0], hout, wout), dtype=x.dtype, device=x.device,
@@ -344,4 +324,19 @@ def _backward_nearest(grad, x, weight, scale, padding, need_x, need_w):
     return gx, gw
 
 
-_upsample_conv2d_op.register_autograd(_backward_upsample_conv2d, setup_context=_setup_context_upsample_conv2d)
+def _example_inputs():
+    return torch.randn(2, 4, 5, 6), torch.randn(3, 4, 3, 3) / 6, torch.randn(3)
+
+
+SPEC = define(OpSpec(
+    name="upsample_conv2d", public=upsample_conv2d,
+    impls={"composite": Impl(_upsample_conv2d_composite), "triton": Impl(_upsample_conv2d_triton, NO_FLOAT64),
+           "cuda": Impl(_upsample_conv2d_cuda, kernels=("_upsample_conv2d_fused",))},
+    # fastest first (benchmarks/NOTES.md). On the CPU, aten's bilinear upsampling kernel beats the
+    # composite's explicit one: auto takes the plain eager layers there.
+    auto={**KERNELS_FIRST, "cpu/bilinear": ("reference",)},
+    custom_op=True,
+    xla=_upsample_conv2d_xla,
+    examples=(Example("upsample_conv2d_nearest", _example_inputs, grad_of=(0, 1, 2)),
+              Example("upsample_conv2d_bilinear", _example_inputs, {"mode": "bilinear"}, (0, 1, 2))),
+))

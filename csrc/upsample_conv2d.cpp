@@ -1,5 +1,5 @@
 // Schema of the fused upsample+conv kernel op. The public op fastgen::upsample_conv2d is defined in
-// fastgen/ops/upsample_conv.py; its "cuda" backend calls this one with weights already packed:
+// fastgen/ops/upsample_conv2d.py; its "cuda" backend calls this one with weights already packed:
 //
 //   packed_weight: (P, KF, KF, C, CO), P = scale^2 phases for nearest (weights folded per phase,
 //                  KF = folded kernel size), P = 1 and KF = kernel_size for bilinear.

@@ -4,10 +4,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import fastgen
 from fastgen.nn import UpsampleConv2d
 from fastgen.ops import upsample_conv2d, upsample_conv2d_ref
-from cases import fast_backends, skip_unavailable
+from cases import check_compiled_layer, cpu_backends, fast_backends, skip_unavailable
 from tolerances import assert_close, assert_close_grad
 
 MODES = [("nearest", 2), ("nearest", 3), ("nearest", 4), ("bilinear", 2)]
@@ -15,7 +14,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FORMATS = [torch.contiguous_format, torch.channels_last]
 # (N, C, H, W), CO: odd sizes, H or W of 1, C not a multiple of 8, several K and N blocks
 SHAPES = [((2, 5, 7, 9), 6), ((1, 1, 1, 3), 2), ((1, 12, 4, 1), 20), ((1, 40, 3, 5), 70)]
-FAST = fast_backends(cpu=("composite", "triton"))
+FAST = fast_backends("upsample_conv2d")
 
 
 def make(shape, co, k, dtype, device="cpu", fmt=torch.contiguous_format, bias=True, grad=False):
@@ -102,18 +101,9 @@ def test_opcheck(backend, device, mode, scale):
     torch.library.opcheck(torch.ops.fastgen.upsample_conv2d.default, (x, w, b, scale, mode, 1, backend))
 
 
-@pytest.mark.parametrize("backend", ["composite", "triton"])
+@pytest.mark.parametrize("backend", cpu_backends("upsample_conv2d"))
 def test_compile_fullgraph(backend):
-    skip_unavailable(backend, "cpu")
-    torch._dynamo.reset()
-    layer = UpsampleConv2d(6, 8, 3, mode="nearest")
-    x = torch.randn(2, 6, 5, 7, requires_grad=True)
-    with fastgen.use_backend(backend):
-        eager = layer(x)
-        compiled = torch.compile(layer, fullgraph=True)(x)
-    torch.testing.assert_close(compiled, eager)
-    compiled.sum().backward()
-    assert x.grad is not None and x.grad.isfinite().all()
+    check_compiled_layer(UpsampleConv2d(6, 8, 3, mode="nearest"), torch.randn(2, 6, 5, 7, requires_grad=True), backend)
 
 
 @pytest.mark.parametrize("mode,scale", MODES)

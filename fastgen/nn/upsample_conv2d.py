@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastgen.ops.upsample_conv import SCALES, upsample_conv2d
+from fastgen.ops.upsample_conv2d import SCALES, upsample_conv2d
 
 
 class UpsampleConv2d(nn.Conv2d):

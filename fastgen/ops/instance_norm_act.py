@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastgen.ops._activation import apply_activation
+from fastgen.activations import torch_layer
+from fastgen.ops._registry import Example, OpSpec, define
 from fastgen.ops._util import check_tensor
+from fastgen.ops.group_norm_act import SPEC as GROUP_NORM_ACT
 from fastgen.ops.group_norm_act import group_norm_act
 
 
@@ -33,7 +36,7 @@ def instance_norm_act_ref(x: Tensor, weight: Optional[Tensor] = None, bias: Opti
         x:            (N, C, *) floating point.
         weight, bias: (C,) or None.
     """
-    return apply_activation(F.instance_norm(x, weight=weight, bias=bias, eps=eps), activation, negative_slope)
+    return torch_layer(activation, negative_slope)(F.instance_norm(x, weight=weight, bias=bias, eps=eps))
 
 
 def adaptive_instance_norm(x: Tensor, style_scale: Tensor, style_bias: Tensor, eps: float = 1e-5,
@@ -65,4 +68,18 @@ def adaptive_instance_norm_ref(x: Tensor, style_scale: Tensor, style_bias: Tenso
     spatial = (1,) * (x.dim() - 2)
     y = F.instance_norm(x, eps=eps) * style_scale.view(*style_scale.shape, *spatial) \
         + style_bias.view(*style_bias.shape, *spatial)
-    return apply_activation(y, activation, negative_slope)
+    return torch_layer(activation, negative_slope)(y)
+
+
+# Compositions on fastgen::group_norm_act: its backends, selected under its name.
+define(OpSpec(
+    name="instance_norm_act", public=instance_norm_act, impls=GROUP_NORM_ACT.impls,
+    auto=GROUP_NORM_ACT.auto,
+    examples=(Example("instance_norm_act", lambda: (torch.randn(2, 6, 5, 4), torch.randn(6), torch.randn(6)),
+                      grad_of=(0, 1, 2)),),
+))
+define(OpSpec(
+    name="adaptive_instance_norm", public=adaptive_instance_norm, impls=GROUP_NORM_ACT.impls, auto=GROUP_NORM_ACT.auto,
+    examples=(Example("adaptive_instance_norm", lambda: (torch.randn(2, 6, 5, 4), torch.randn(2, 6), torch.randn(2, 6)),
+                      {"activation": "silu"}, (0, 1, 2)),),
+))

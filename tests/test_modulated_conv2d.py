@@ -2,12 +2,12 @@ import pytest
 import torch
 
 from fastgen.nn import Downsample2dFIR, EqualizedLinear, ModulatedConv2d, Upsample2dFIR
-from fastgen.nn.stylegan import setup_filter
+from fastgen.ops.upfirdn2d import setup_filter
 from fastgen.ops import modulated_conv2d, modulated_conv2d_ref, upfirdn2d_ref
-from cases import fast_backends, skip_unavailable
+from cases import cpu_backends, fast_backends, skip_unavailable
 from tolerances import assert_close, assert_close_grad
 
-FAST = fast_backends(cpu=("composite", "cpu", "triton"))
+FAST = fast_backends("modulated_conv2d")
 # (kernel, up, down): StyleGAN2's 3x3 up and down layers, the 1x1 fast paths, plain
 RESAMPLINGS = [(3, 1, 1), (3, 2, 1), (3, 1, 2), (1, 2, 1), (1, 1, 2), (3, 2, 2)]
 RESAMPLING_IDS = ["k3", "k3-up2", "k3-down2", "k1-up2", "k1-down2", "k3-up2-down2"]
@@ -81,7 +81,7 @@ def test_backward(backend, device, resampling, fused):
 
 
 @pytest.mark.parametrize("resampling", [(3, 2, 1), (3, 1, 2)], ids=["up2", "down2"])
-@pytest.mark.parametrize("backend", ["composite", "cpu"])
+@pytest.mark.parametrize("backend", cpu_backends("modulated_conv2d", torch.float64))
 def test_gradcheck_gradgradcheck(resampling, backend):
     k, up, down = resampling
     f = setup_filter((1, 3, 3, 1)).double()

@@ -1,0 +1,32 @@
+"""The activations of every fused op, by code: the Triton side of the one activation table
+(fastgen/activations.py; tests/test_activations.py pins each code here against torch). fp32 in,
+fp32 out."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _activate(z, ACT: tl.constexpr, ALPHA):
+    if ACT == 1:  # relu
+        z = tl.maximum(z, 0.0)
+    elif ACT == 2:  # leaky_relu
+        z = tl.where(z > 0, z, z * ALPHA)
+    elif ACT == 3:  # silu
+        z = z * tl.sigmoid(z)
+    elif ACT == 4:  # gelu (erf)
+        z = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    elif ACT == 5:  # gelu_tanh: 0.5 z (1 + tanh u) = z sigmoid(2u)
+        u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+        z = z * tl.sigmoid(2.0 * u)
+    elif ACT == 6:  # tanh = 2 sigmoid(2z) - 1, saturating cleanly at both ends
+        z = 2.0 * tl.sigmoid(2.0 * z) - 1.0
+    elif ACT == 7:  # sigmoid
+        z = tl.sigmoid(z)
+    elif ACT == 8:  # elu
+        z = tl.where(z > 0, z, tl.exp(tl.minimum(z, 0.0)) - 1.0)
+    elif ACT == 9:  # selu
+        z = 1.0507009873554805 * tl.where(z > 0, z, 1.6732632423543772 * (tl.exp(tl.minimum(z, 0.0)) - 1.0))
+    elif ACT == 10:  # softplus, linear above F.softplus's threshold 20
+        z = tl.where(z > 20.0, z, tl.log(1.0 + tl.exp(tl.minimum(z, 20.0))))
+    return z

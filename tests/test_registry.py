@@ -1,0 +1,114 @@
+"""The op registry (fastgen.ops.REGISTRY): every spec complete and consistent, every reference an
+independent oracle, every example right on every CPU backend, and the lists read from it."""
+
+import ast
+import builtins
+import inspect
+import textwrap
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastgen import activations
+from fastgen import bench
+from fastgen.bench import SUITES
+from fastgen.dispatch import NAMES
+from fastgen.ops import REGISTRY
+from fastgen.ops.pixel_norm import _pixel_norm_composite
+from cases import cpu_backends, skip_unavailable
+from tolerances import assert_close, assert_close_grad
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECS = list(REGISTRY.values())
+IDS = [spec.name for spec in SPECS]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_spec_is_complete(spec):
+    assert spec.public.__name__ == spec.name
+    assert "composite" in spec.impls and set(spec.impls) <= set(NAMES) - {"reference"}
+    for key, order in spec.auto.items():
+        assert key.split("/")[0] in ("cpu", "cuda") and set(order) <= set(NAMES), key
+        assert set(order) & spec.backends, f"{spec.name}: auto[{key}] names none of its backends"
+    assert spec.examples, f"{spec.name} has no example (the XLA stage and the tests below run them)"
+    assert spec.ref.__name__ == spec.name + "_ref"
+    if spec.custom_op:
+        assert spec.fake.__name__ == f"_fake_{spec.name}" and spec.backward and spec.setup_context
+        schema = str(getattr(torch.ops.fastgen, spec.name).default._schema)
+        assert schema.startswith(f"fastgen::{spec.name}(") and "str backend) ->" in schema
+
+
+def _globals_used(fn) -> set[str]:
+    """The module-level names a function's body reads."""
+    (node,) = ast.parse(textwrap.dedent(inspect.getsource(fn))).body
+    body = [n for stmt in node.body for n in ast.walk(stmt)]  # not the annotations
+    local = {a.arg for a in ast.walk(node.args) if isinstance(a, ast.arg)}
+    local |= {n.id for n in body if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    return {n.id for n in body if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)} - local
+
+
+def _independent(name: str, value) -> bool:
+    """What a reference may use: torch and math, builtins, constants, other references, its own
+    argument check, and the torch layer of an activation."""
+    if isinstance(value, types.ModuleType):
+        return value.__name__.split(".")[0] in ("torch", "math")
+    if value is activations.torch_layer or isinstance(value, type):
+        return True
+    if callable(value):
+        return name.endswith("_ref") or name.startswith("_check_")
+    return isinstance(value, (int, float, str, tuple))
+
+
+def _violations(ref) -> list[str]:
+    found = []
+    for name in _globals_used(ref):
+        value = ref.__globals__[name] if name in ref.__globals__ else getattr(builtins, name)
+        if not _independent(name, value):
+            found.append(name)
+    return found + (["torch.ops"] if "torch.ops" in inspect.getsource(ref) else [])
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_reference_is_an_independent_oracle(spec):
+    """The reference shares no code with the fast paths: any other fastgen function it called could
+    change the spec and the implementation together."""
+    assert _violations(spec.ref) == [], f"{spec.ref.__name__} uses code that is not torch's"
+
+
+def _shared_pixel_norm_ref(x, eps=1e-8):  # the composite dressed up as a reference
+    return _pixel_norm_composite(x, eps)
+
+
+def test_the_guard_catches_a_shared_helper():
+    assert _violations(_shared_pixel_norm_ref) == ["_pixel_norm_composite"]
+
+
+EXAMPLES = [pytest.param(spec, ex, backend, id=f"{ex.name}-{backend}")
+            for spec in SPECS for ex in spec.examples for backend in ["reference", *cpu_backends(spec.name)]]
+
+
+@pytest.mark.parametrize("spec,example,backend", EXAMPLES)
+def test_example_matches_the_float64_reference(spec, example, backend):
+    skip_unavailable(backend, "cpu")
+    inputs = [t.requires_grad_(True) if i in example.grad_of else t for i, t in enumerate(example.inputs())]
+    out = spec.public(*inputs, **example.kwargs, backend=backend)
+    as64 = [t.detach().double().requires_grad_(t.requires_grad) if torch.is_tensor(t) else t for t in inputs]
+    kw64 = {k: v.double() if torch.is_tensor(v) else v for k, v in example.kwargs.items()}
+    want = spec.ref(*as64, **kw64)
+    assert_close(out, want, torch.float32)
+    grad = torch.randn(out.shape)
+    got = torch.autograd.grad(out, [inputs[i] for i in example.grad_of], grad)
+    wanted = torch.autograd.grad(want, [as64[i] for i in example.grad_of], grad.double())
+    for g, w in zip(got, wanted, strict=True):
+        assert_close_grad(g, w, torch.float32)
+
+
+def test_every_custom_op_has_a_benchmark_suite_and_a_readme_row():
+    readme = (ROOT / "README.md").read_text()
+    for spec in SPECS:
+        if spec.custom_op:
+            assert spec.name in SUITES, f"{spec.name} has no suite in fastgen/bench.py"
+        assert f"`fastgen.ops.{spec.name}`" in readme, f"README's ops table lacks {spec.name}"
+    assert sorted(s.op for s in bench._SUITES) == sorted(SUITES), "a suite names an op that is not registered"
