@@ -97,10 +97,11 @@ setup(
     name="fastgen",
     version="0.1.0",
     description="Fused PyTorch kernels for image generators",
-    packages=["fastgen", "fastgen.ops", "fastgen.nn", "fastgen.kernels"],
+    packages=["fastgen", "fastgen.ops", "fastgen.nn", "fastgen.models", "fastgen.kernels"],
     package_dir={"fastgen.kernels": "kernels"},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.10",
     install_requires=["torch>=2.9"],
+    extras_require={"diffusers": ["diffusers>=0.30"]},  # fastgen.convert of diffusers models (never imported by it)
 )

@@ -6,9 +6,10 @@ ops from fastgen.ops). `fastgen.backends()` says which implementations this inst
 
 from fastgen.dispatch import backends, summary, use_backend
 from fastgen import activations, ops, nn  # noqa: E402  (registers the custom ops)
+from fastgen.conversion import convert, unconvert  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["backends", "use_backend", "activations", "ops", "nn", "__version__"]
+__all__ = ["backends", "use_backend", "activations", "ops", "nn", "convert", "unconvert", "__version__"]
 
 # Said once, at import: which backends this install has.
 from fastgen.dispatch import log as _log  # noqa: E402

@@ -23,6 +23,10 @@ def main(argv=None) -> int:
     bench.add_argument("--shapes", default=None, help="comma-separated shape names (default: all)")
     bench.add_argument("--ops", default=None, help="comma-separated ops (default: every op with a suite)")
     bench.add_argument("--skip-ops", default="", help="comma-separated ops to leave out")
+    bench.add_argument("--models", nargs="?", const="all", default=None,
+                       help="time whole models instead of ops (eager vs torch.compile vs fastgen.convert); "
+                            "optionally comma-separated names")
+    bench.add_argument("--reps", type=int, default=5, help="timed repetitions per model and provider")
     bench.add_argument("--compile-mode", default="auto",
                        help="torch.compile mode of the compile provider (auto: max-autotune on a GPU)")
     args = parser.parse_args(argv)
@@ -38,6 +42,16 @@ def main(argv=None) -> int:
     print(f"on {env['device']} ({args.device}), torch {env['torch']}, triton {env['triton']}, {dtype}, "
           f"git {env['git_sha']}")
     rows = []
+    if args.models:
+        from fastgen import bench_models
+
+        names = None if args.models == "all" else args.models.split(",")
+        rows = bench_models.run(names, tuple(args.layouts.split(",")), args.reps)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({"environment": env, "models": rows}, indent=1))
+            print(f"wrote {args.out}")
+        return 0
 
     def save(row):
         rows.append(row)

@@ -24,3 +24,15 @@ def assert_close_grad(actual: torch.Tensor, expected: torch.Tensor, dtype: torch
     flash-attention rule for gradients)."""
     norm = max(1.0, expected.abs().max().item())
     assert_close(actual.double() / norm, expected.double() / norm, dtype, scale=3.0)
+
+
+def assert_within_eager_error(got, eager, want, factor: float = 3.0):
+    """The flash-attention rule, per tensor of a list: against the float64 oracle `want`, the fused
+    result errs by at most `factor` times what the unfused layers err in the same dtype (`eager`),
+    plus a floor of 1e-6 of the list's largest magnitude (some values are 0 in exact arithmetic,
+    e.g. the gradient of a bias just before a normalization)."""
+    floor = 1e-6 * max(w.abs().max().item() for w in want)
+    for i, (g, e, w) in enumerate(zip(got, eager, want, strict=True)):
+        assert not g.isnan().any(), f"NaN in result {i}"
+        err, base = (g.double() - w).abs().max().item(), (e.double() - w).abs().max().item()
+        assert err <= factor * base + floor, f"result {i}: error {err:.3g} > {factor} x eager's {base:.3g} + {floor:.3g}"

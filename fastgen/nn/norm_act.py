@@ -32,7 +32,7 @@ class GroupNormAct(nn.GroupNorm):
         layer = cls(norm.num_groups, norm.num_channels, norm.eps, False, name, slope)
         layer.affine = norm.affine
         layer.weight, layer.bias = norm.weight, norm.bias
-        return layer
+        return layer.train(norm.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps, self.activation,
@@ -116,6 +116,20 @@ class BatchNormAct2d(nn.BatchNorm2d):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.activation, self.negative_slope = activation, negative_slope
         self.sync, self.process_group = sync, process_group
+
+    @classmethod
+    def from_modules(cls, norm: nn.BatchNorm2d, act: nn.Module | None = None) -> "BatchNormAct2d":
+        """Fuse an nn.BatchNorm2d and the activation layer after it; shares norm's parameters and
+        running statistics (and its training mode)."""
+        if not isinstance(norm, nn.BatchNorm2d):
+            raise TypeError(f"norm must be an nn.BatchNorm2d, got {type(norm).__name__}")
+        name, slope = activation_of(act)
+        layer = cls(norm.num_features, norm.eps, norm.momentum, False, False, name, slope)
+        layer.affine, layer.track_running_stats = norm.affine, norm.track_running_stats
+        layer.weight, layer.bias = norm.weight, norm.bias
+        for buffer in ("running_mean", "running_var", "num_batches_tracked"):
+            layer._buffers[buffer] = norm._buffers.get(buffer)
+        return layer.train(norm.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # nn.BatchNorm2d's bookkeeping, unchanged

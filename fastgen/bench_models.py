@@ -1,0 +1,102 @@
+"""Whole generators side by side: `python -m fastgen bench --models`.
+
+Each model is timed three ways, each in a fresh Python process (so that each one's peak resident
+memory is its own): `eager` (the model as built), `compile` (torch.compile of it) and `converted`
+(fastgen.convert of it, auto backends). The same seed builds the same weights in each process; the
+converted output is checked against eager's in the same process. Rows: median ms, speedup over
+eager and compile, peak RSS (MiB; the process's, so torch and the weights are in every figure).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import fastgen
+
+PROVIDERS = ("eager", "compile", "converted")
+
+
+def _reduced_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(32, 64, 128, 128), layers_per_block=2, latent_channels=4,
+                         norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4)
+
+
+# name -> (builder of the model, builder of its input, what is timed, the work's description)
+MODELS = {
+    "sd-vae-reduced-decode": (_reduced_vae, lambda: torch.randn(1, 4, 32, 32),
+                              lambda m, z: m.decode(z).sample, "AutoencoderKL (32, 64, 128, 128) decode 32x32 -> 256x256"),
+}
+
+
+def _measure_in_this_process(name: str, provider: str, channels_last: bool, reps: int) -> dict:
+    build, make_input, run, _ = MODELS[name]
+    torch.manual_seed(0)
+    model = build().eval()
+    z = make_input()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model, z = model.to(memory_format=fmt), z.to(memory_format=fmt)
+    with torch.no_grad():
+        reference = run(model, z)
+        if provider == "compile":
+            model = torch.compile(model)
+        elif provider == "converted":
+            model = fastgen.convert(model)
+        out = run(model, z)  # the warm-up (and compilation)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            run(model, z)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return {"ms": statistics.median(times), "max_err_vs_eager": (out - reference).abs().max().item(),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def measure(name: str, provider: str, channels_last: bool = False, reps: int = 5) -> dict:
+    """One provider of one model, in a fresh process."""
+    code = (f"import json, fastgen.bench_models as b; print(json.dumps(b._measure_in_this_process("
+            f"{name!r}, {provider!r}, {channels_last!r}, {reps})))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800,
+                          env=dict(os.environ))
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1][:300] if done.stderr.strip() else "failed"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run(names=None, layouts=("nchw", "nhwc"), reps: int = 5, log=print) -> list[dict]:
+    unknown = [n for n in names or () if n not in MODELS]
+    if unknown:
+        raise ValueError(f"no model benchmark named {unknown}; the models: {list(MODELS)}")
+    rows = []
+    for name in names or MODELS:
+        for layout in layouts:
+            results = {p: measure(name, p, layout == "nhwc", reps) for p in PROVIDERS}
+            for r in results.values():
+                for base in ("eager", "compile"):
+                    if "ms" in r and "ms" in results[base]:
+                        r[f"speedup_vs_{base}"] = results[base]["ms"] / r["ms"]
+            row = {"model": name, "what": MODELS[name][3], "layout": layout, "providers": results}
+            rows.append(row)
+            log(format_row(row))
+    return rows
+
+
+def format_row(row: dict) -> str:
+    cells = []
+    for name, r in row["providers"].items():
+        if "ms" not in r:
+            cells.append(f"{name} FAILED ({r.get('error')})")
+            continue
+        speed = "" if name == "eager" else f" x{r['speedup_vs_eager']:.2f} vs eager, x{r['speedup_vs_compile']:.2f} vs compile"
+        cells.append(f"{name} {r['ms']:.1f} ms{speed}, peak RSS {r['peak_rss_mib']:.0f} MiB")
+    return f"{row['model']} {row['layout']} ({row['what']})\n    " + "\n    ".join(cells)
