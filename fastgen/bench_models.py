@@ -3,18 +3,21 @@
 Each model is timed three ways, each in a fresh Python process (so that each one's peak resident
 memory is its own): `eager` (the model as built), `compile` (torch.compile of it) and `converted`
 (fastgen.convert of it, auto backends). The same seed builds the same weights in each process; the
-converted output is checked against eager's in the same process. Rows: median ms, speedup over
-eager and compile, peak RSS (MiB; the process's, so torch and the weights are in every figure).
+converted and compiled outputs are compared with eager's. Rows: median ms, speedup over eager and
+compile, peak RSS of the process (torch and the weights included) and the peak above the resident
+memory just before the first call (the run's own working memory, compilation included).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -39,33 +42,41 @@ MODELS = {
 }
 
 
-def _measure_in_this_process(name: str, provider: str, channels_last: bool, reps: int) -> dict:
+def _measure_in_this_process(name: str, provider: str, channels_last: bool, reps: int, out_path: str) -> dict:
     build, make_input, run, _ = MODELS[name]
     torch.manual_seed(0)
     model = build().eval()
     z = make_input()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model, z = model.to(memory_format=fmt), z.to(memory_format=fmt)
+    if provider == "converted":
+        model = fastgen.convert(model, inplace=True)  # as a user would: the original is not kept
+    step = functools.partial(run, model)
+    if provider == "compile":
+        step = torch.compile(step)  # what is timed (decode, generate), not only forward
     with torch.no_grad():
-        reference = run(model, z)
-        if provider == "compile":
-            model = torch.compile(model)
-        elif provider == "converted":
-            model = fastgen.convert(model)
-        out = run(model, z)  # the warm-up (and compilation)
+        before = _rss_mib()
+        out = step(z)  # the warm-up (and compilation)
         times = []
         for _ in range(reps):
             t0 = time.perf_counter()
-            run(model, z)
+            step(z)
             times.append((time.perf_counter() - t0) * 1e3)
-    return {"ms": statistics.median(times), "max_err_vs_eager": (out - reference).abs().max().item(),
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    torch.save(out, out_path)  # compared with eager's by the parent: no eager run in this process
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"ms": statistics.median(times), "peak_rss_mib": peak, "peak_above_model_mib": peak - before}
 
 
-def measure(name: str, provider: str, channels_last: bool = False, reps: int = 5) -> dict:
-    """One provider of one model, in a fresh process."""
+def _rss_mib() -> float:
+    """The process's resident memory now (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def measure(name: str, provider: str, channels_last: bool = False, reps: int = 5, out_path: str = "") -> dict:
+    """One provider of one model, in a fresh process; its output is saved to out_path."""
     code = (f"import json, fastgen.bench_models as b; print(json.dumps(b._measure_in_this_process("
-            f"{name!r}, {provider!r}, {channels_last!r}, {reps})))")
+            f"{name!r}, {provider!r}, {channels_last!r}, {reps}, {out_path!r})))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800,
                           env=dict(os.environ))
     if done.returncode != 0:
@@ -80,7 +91,13 @@ def run(names=None, layouts=("nchw", "nhwc"), reps: int = 5, log=print) -> list[
     rows = []
     for name in names or MODELS:
         for layout in layouts:
-            results = {p: measure(name, p, layout == "nhwc", reps) for p in PROVIDERS}
+            with tempfile.TemporaryDirectory() as tmp:
+                results = {p: measure(name, p, layout == "nhwc", reps, os.path.join(tmp, p)) for p in PROVIDERS}
+                if "ms" in results["eager"]:
+                    eager_out = torch.load(os.path.join(tmp, "eager"))
+                    for p, r in results.items():
+                        if "ms" in r:
+                            r["max_err_vs_eager"] = (torch.load(os.path.join(tmp, p)) - eager_out).abs().max().item()
             for r in results.values():
                 for base in ("eager", "compile"):
                     if "ms" in r and "ms" in results[base]:
@@ -98,5 +115,7 @@ def format_row(row: dict) -> str:
             cells.append(f"{name} FAILED ({r.get('error')})")
             continue
         speed = "" if name == "eager" else f" x{r['speedup_vs_eager']:.2f} vs eager, x{r['speedup_vs_compile']:.2f} vs compile"
-        cells.append(f"{name} {r['ms']:.1f} ms{speed}, peak RSS {r['peak_rss_mib']:.0f} MiB")
+        cells.append(f"{name} {r['ms']:.1f} ms{speed}, peak RSS {r['peak_rss_mib']:.0f} MiB "
+                     f"({r['peak_above_model_mib']:.0f} above the model), "
+                     f"max |out - eager's| {r.get('max_err_vs_eager', float('nan')):.2g}")
     return f"{row['model']} {row['layout']} ({row['what']})\n    " + "\n    ".join(cells)
