@@ -1,8 +1,9 @@
 """Whole generators side by side: `python -m fastgen bench --models`.
 
 Each model is timed three ways, each in a fresh Python process (so that each one's peak resident
-memory is its own): `eager` (the model as built), `compile` (torch.compile of it) and `converted`
-(fastgen.convert of it, auto backends). The same seed builds the same weights in each process; the
+memory is its own): `eager` (the model built from torch's layers, or fastgen's references),
+`compile` (torch.compile of that) and `converted` (fastgen.convert of it, or its fused build; auto
+backends). The same seed builds the same weights in each process; the
 converted and compiled outputs are compared with eager's. Rows: median ms, speedup over eager and
 compile, peak RSS of the process (torch and the weights included) and the peak above the resident
 memory just before the first call (the run's own working memory, compilation included).
@@ -27,30 +28,48 @@ import fastgen
 PROVIDERS = ("eager", "compile", "converted")
 
 
-def _reduced_vae():
+def _reduced_vae(fused: bool):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(block_out_channels=(32, 64, 128, 128), layers_per_block=2, latent_channels=4,
-                         norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 4,
-                         up_block_types=("UpDecoderBlock2D",) * 4)
+    model = AutoencoderKL(block_out_channels=(32, 64, 128, 128), layers_per_block=2, latent_channels=4,
+                          norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 4,
+                          up_block_types=("UpDecoderBlock2D",) * 4)
+    return fastgen.convert(model, inplace=True) if fused else model  # as a user would: the original is not kept
 
 
-# name -> (builder of the model, builder of its input, what is timed, the work's description)
+def _stylegan2_256(fused: bool):
+    from fastgen.models import StyleGAN2Generator
+
+    # StyleGAN2's 256x256 configuration (channel_base 16384, channel_max 512, 8 mapping layers)
+    return StyleGAN2Generator(512, 0, 512, 256, 3, channel_base=16384, channel_max=512, fused=fused)
+
+
+def _dcgan_64(fused: bool):
+    from fastgen.models import DCGANGenerator
+
+    return DCGANGenerator(100, 64, 3, 64, "upsample_conv", fused=fused)
+
+
+# name -> (builder(fused) (the same seed gives the same weights either way), input maker, what is
+# timed, description). eager and compile time the unfused model, converted the fused one.
 MODELS = {
-    "sd-vae-reduced-decode": (_reduced_vae, lambda: torch.randn(1, 4, 32, 32),
-                              lambda m, z: m.decode(z).sample, "AutoencoderKL (32, 64, 128, 128) decode 32x32 -> 256x256"),
+    "sd-vae-reduced-decode": (_reduced_vae, lambda: torch.randn(1, 4, 32, 32), lambda m, z: m.decode(z).sample,
+                              "AutoencoderKL (32, 64, 128, 128) decode 32x32 -> 256x256, batch 1"),
+    "stylegan2-256": (_stylegan2_256, lambda: torch.randn(4, 512), lambda m, z: m(z, None, noise_mode="const"),
+                      "StyleGAN2 256x256 generator (reference ops vs fastgen), batch 4"),
+    "dcgan-64": (_dcgan_64, lambda: torch.randn(64, 100), lambda m, z: m(z),
+                 "DCGAN 64x64 generator, upsample + conv variant, batch 64 (eval)"),
 }
 
 
 def _measure_in_this_process(name: str, provider: str, channels_last: bool, reps: int, out_path: str) -> dict:
     build, make_input, run, _ = MODELS[name]
     torch.manual_seed(0)
-    model = build().eval()
+    model = build(provider == "converted").eval()
     z = make_input()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model, z = model.to(memory_format=fmt), z.to(memory_format=fmt)
-    if provider == "converted":
-        model = fastgen.convert(model, inplace=True)  # as a user would: the original is not kept
+    model = model.to(memory_format=fmt)
+    z = z.to(memory_format=fmt) if z.dim() == 4 else z
     step = functools.partial(run, model)
     if provider == "compile":
         step = torch.compile(step)  # what is timed (decode, generate), not only forward
