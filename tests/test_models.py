@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import fastgen
-from fastgen.models import Autoencoder, DCGANDiscriminator, DCGANGenerator, StyleGAN2Generator
+from fastgen.models import (Autoencoder, DCGANDiscriminator, DCGANGenerator, StyleGAN2Discriminator,
+                            StyleGAN2Generator)
 from fastgen.ops import bias_act_ref, modulated_conv2d_ref, upfirdn2d_ref
 from tolerances import assert_within_eager_error
 
@@ -25,6 +26,8 @@ MODELS = {
     "autoencoder": (lambda fused: Autoencoder(3, 4, (8, 16), 4, fused=fused), lambda: (torch.randn(2, 3, 16, 16),)),
     "stylegan2": (lambda fused: StyleGAN2Generator(32, 0, 32, 16, 3, channel_base=256, channel_max=32, fused=fused),
                   lambda: (torch.randn(2, 32), None)),
+    "stylegan2-d": (lambda fused: StyleGAN2Discriminator(0, 16, 3, channel_base=128, channel_max=16, fused=fused),
+                    lambda: (torch.randn(4, 3, 16, 16), None)),
 }
 KWARGS = {"stylegan2": {"noise_mode": "const"}}
 # every op of every model has these backends (cpu: not pixel_norm nor upsample_conv2d, so auto covers it)
@@ -188,3 +191,44 @@ def test_stylegan2_class_conditioning_and_w_avg_update():
     before = g.mapping.w_avg.clone()
     img = g(torch.randn(2, 8), c, update_emas=True)
     assert img.shape == (2, 3, 8, 8) and not torch.equal(before, g.mapping.w_avg)
+
+
+def official_discriminator_keys(resolution: int) -> set[str]:
+    """networks_stylegan2.Discriminator's keys (residual architecture, no class label)."""
+    conv = ("weight", "bias", "resample_filter")
+    keys = {f"b4.conv.{p}" for p in conv} | {"b4.fc.weight", "b4.fc.bias", "b4.out.weight", "b4.out.bias"}
+    res = resolution
+    while res > 4:
+        block = f"b{res}"
+        keys |= {f"{block}.resample_filter", f"{block}.skip.weight", f"{block}.skip.resample_filter"}
+        keys |= {f"{block}.{layer}.{p}" for layer in ("conv0", "conv1") for p in conv}
+        if res == resolution:
+            keys |= {f"{block}.fromrgb.{p}" for p in conv}
+        res //= 2
+    return keys
+
+
+def test_stylegan2_discriminator_state_dict_is_the_official_ones():
+    d = StyleGAN2Discriminator(0, 32, 3, channel_base=512, channel_max=32)
+    assert set(d.state_dict()) == official_discriminator_keys(32)
+    dc = StyleGAN2Discriminator(5, 16, 3, channel_base=256, channel_max=32)
+    assert {"mapping.embed.weight", "mapping.fc0.weight"} <= set(dc.state_dict())
+    assert "mapping.w_avg" not in dc.state_dict()
+    assert dc(torch.randn(2, 3, 16, 16), F.one_hot(torch.tensor([1, 4]), 5).float()).shape == (2, 1)
+
+
+def test_stylegan2_r1_penalty_fused_vs_unfused():
+    """R1: the gradient of D's output w.r.t. real images, then its squared norm's gradient w.r.t.
+    D's parameters (a double backward through bias_act and upfirdn2d)."""
+    fused, unfused = pair("stylegan2-d")
+    x = torch.randn(4, 3, 16, 16)
+
+    def r1_gradients(model, dtype=torch.float32):
+        model = copy.deepcopy(model).to(dtype)
+        real = x.to(dtype).requires_grad_(True)
+        (g,) = torch.autograd.grad(model(real, None).sum(), real, create_graph=True)
+        penalty = g.square().sum([1, 2, 3]).mean()
+        grads = torch.autograd.grad(penalty, list(model.parameters()), allow_unused=True)  # out.bias: unused
+        return [penalty.detach()] + [torch.zeros(1) if t is None else t.float() for t in grads]
+
+    assert_within_eager_error(r1_gradients(fused), r1_gradients(unfused), r1_gradients(unfused, torch.float64))

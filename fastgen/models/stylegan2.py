@@ -22,12 +22,18 @@ import math
 import torch
 from torch import nn
 
+from fastgen.activations import activation as activation_row
 from fastgen.dispatch import use_backend
 from fastgen.nn import EqualizedLinear, ModulatedConv2d
 from fastgen.ops import bias_act, modulated_conv2d, pixel_norm, upfirdn2d
+from fastgen.ops.modulated_conv2d import conv2d_resample
 from fastgen.ops.upfirdn2d import resample_padding, setup_filter
 
-_LRELU_GAIN = math.sqrt(2)
+
+
+def activation_gain(name: str) -> float:
+    """StyleGAN2's default gain of an activation (sqrt 2 for relu, lrelu, swish)."""
+    return activation_row(name).gain
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -108,7 +114,8 @@ class SynthesisLayer(ModulatedConv2d):
         elif self.use_noise and noise_mode == "const":
             x = x + (self.noise_const * self.noise_strength).to(x.dtype)
         clamp = None if self.conv_clamp is None else self.conv_clamp * gain
-        return bias_act(x, self.bias.to(x.dtype), act=self.activation, gain=_LRELU_GAIN * gain, clamp=clamp)
+        return bias_act(x, self.bias.to(x.dtype), act=self.activation, gain=activation_gain(self.activation) * gain,
+                        clamp=clamp)
 
 
 class ToRGBLayer(ModulatedConv2d):
@@ -244,3 +251,158 @@ class StyleGAN2Generator(nn.Module):
         with contextlib.nullcontext() if self.fused else use_backend("reference"):
             ws = self.mapping(z, c, truncation_psi, truncation_cutoff, update_emas)
             return self.synthesis(ws, update_emas=update_emas, **synthesis_kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# the discriminator (residual architecture, StyleGAN2's config F), for training
+
+class Conv2dLayer(nn.Module):
+    """An equalized-lr convolution (weights scaled by 1/sqrt(fan_in) at run time) with optional 2x
+    FIR down- or upsampling (StyleGAN2's conv2d_resample), then bias + activation * gain, clamped."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True,
+                 activation: str = "linear", up: int = 1, down: int = 1, resample_filter=(1, 3, 3, 1),
+                 conv_clamp: float | None = None, channels_last: bool = False):
+        super().__init__()
+        self.activation, self.up, self.down, self.conv_clamp = activation, up, down, conv_clamp
+        self.register_buffer("resample_filter", setup_filter(resample_filter))
+        self.padding = kernel_size // 2
+        self.weight_gain = 1 / math.sqrt(in_channels * kernel_size ** 2)
+        self.act_gain = activation_gain(activation)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size).to(memory_format=fmt))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+
+    def forward(self, x, gain: float = 1):
+        w = (self.weight * self.weight_gain).to(x.dtype)
+        x = conv2d_resample(x, w, self.resample_filter, self.up, self.down, (self.padding,) * 4, 1, self.up == 1,
+                            upfirdn2d)
+        clamp = None if self.conv_clamp is None else self.conv_clamp * gain
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return bias_act(x, b, act=self.activation, gain=self.act_gain * gain, clamp=clamp)
+
+
+class DiscriminatorBlock(nn.Module):
+    """fromRGB (the first block), conv0, conv1 with 2x downsampling, and a 1x1 downsampling skip,
+    the two branches summed with gain sqrt(1/2)."""
+
+    def __init__(self, in_channels: int, tmp_channels: int, out_channels: int, resolution: int, img_channels: int,
+                 first_layer_idx: int = 0, architecture: str = "resnet", activation: str = "lrelu",
+                 resample_filter=(1, 3, 3, 1), conv_clamp: float | None = None, use_fp16: bool = False,
+                 fp16_channels_last: bool = False):
+        super().__init__()
+        if architecture != "resnet":
+            raise NotImplementedError(f"architecture={architecture!r}: fastgen's StyleGAN2 discriminator is the "
+                                      f"residual architecture (config F)")
+        self.in_channels, self.resolution, self.img_channels = in_channels, resolution, img_channels
+        self.first_layer_idx, self.architecture, self.use_fp16 = first_layer_idx, architecture, use_fp16
+        self.channels_last = use_fp16 and fp16_channels_last
+        self.register_buffer("resample_filter", setup_filter(resample_filter))
+        common = dict(activation=activation, conv_clamp=conv_clamp, channels_last=self.channels_last)
+        self.num_layers = 0
+        if in_channels == 0:
+            self.fromrgb = Conv2dLayer(img_channels, tmp_channels, 1, **common)
+            self.num_layers += 1
+        self.conv0 = Conv2dLayer(tmp_channels, tmp_channels, 3, **common)
+        self.conv1 = Conv2dLayer(tmp_channels, out_channels, 3, down=2, resample_filter=resample_filter, **common)
+        self.skip = Conv2dLayer(tmp_channels, out_channels, 1, bias=False, down=2, resample_filter=resample_filter,
+                                channels_last=self.channels_last)
+        self.num_layers += 3
+
+    def forward(self, x, img, force_fp32: bool = False):
+        device = (x if x is not None else img).device
+        compute = _compute_dtype(self.conv0.weight)
+        dtype = torch.float16 if self.use_fp16 and not force_fp32 and device.type == "cuda" \
+            and compute != torch.float64 else compute
+        fmt = torch.channels_last if self.channels_last and dtype == torch.float16 else torch.contiguous_format
+        if x is not None:
+            x = x.to(dtype=dtype, memory_format=fmt)
+        if self.in_channels == 0:
+            y = self.fromrgb(img.to(dtype=dtype, memory_format=fmt))
+            x = y if x is None else x + y
+            img = None
+        y = self.skip(x, gain=math.sqrt(0.5))
+        x = self.conv1(self.conv0(x), gain=math.sqrt(0.5))
+        return y + x, img
+
+
+class MinibatchStdLayer(nn.Module):
+    """Appends the standard deviation across groups of group_size samples (averaged over channel
+    groups and pixels) as num_channels extra feature maps."""
+
+    def __init__(self, group_size: int | None, num_channels: int = 1):
+        super().__init__()
+        self.group_size, self.num_channels = group_size, num_channels
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        g = min(self.group_size, n) if self.group_size is not None else n
+        f = self.num_channels
+        y = x.reshape(g, -1, f, c // f, h, w)
+        y = (y - y.mean(dim=0)).square().mean(dim=0)
+        y = (y + 1e-8).sqrt().mean(dim=[2, 3, 4]).reshape(-1, f, 1, 1)
+        return torch.cat([x, y.repeat(g, 1, h, w)], dim=1)
+
+
+class DiscriminatorEpilogue(nn.Module):
+    """The 4x4 end: minibatch stddev, a 3x3 conv, a fully connected layer, the output (projected on
+    the mapped class label when conditional)."""
+
+    def __init__(self, in_channels: int, cmap_dim: int, resolution: int, img_channels: int,
+                 architecture: str = "resnet", mbstd_group_size: int | None = 4, mbstd_num_channels: int = 1,
+                 activation: str = "lrelu", conv_clamp: float | None = None):
+        super().__init__()
+        self.in_channels, self.cmap_dim, self.resolution, self.img_channels = in_channels, cmap_dim, resolution, img_channels
+        self.architecture = architecture
+        self.mbstd = MinibatchStdLayer(mbstd_group_size, mbstd_num_channels) if mbstd_num_channels > 0 else None
+        self.conv = Conv2dLayer(in_channels + mbstd_num_channels, in_channels, 3, activation=activation,
+                                conv_clamp=conv_clamp)
+        self.fc = EqualizedLinear(in_channels * resolution ** 2, in_channels, activation=activation)
+        self.out = EqualizedLinear(in_channels, 1 if cmap_dim == 0 else cmap_dim)
+
+    def forward(self, x, img, cmap, force_fp32: bool = False):
+        x = x.to(dtype=_compute_dtype(self.conv.weight), memory_format=torch.contiguous_format)
+        if self.mbstd is not None:
+            x = self.mbstd(x)
+        x = self.out(self.fc(self.conv(x).flatten(1)))
+        if self.cmap_dim > 0:
+            x = (x * cmap).sum(dim=1, keepdim=True) * (1 / math.sqrt(self.cmap_dim))
+        return x
+
+
+class StyleGAN2Discriminator(nn.Module):
+    """networks_stylegan2.Discriminator (residual): blocks b<img_resolution> .. b8, the epilogue b4,
+    and for class labels a mapping network; forward(img, c) -> one logit per sample."""
+
+    def __init__(self, c_dim: int, img_resolution: int, img_channels: int, architecture: str = "resnet",
+                 channel_base: int = 32768, channel_max: int = 512, num_fp16_res: int = 4,
+                 conv_clamp: float | None = 256, cmap_dim: int | None = None, block_kwargs: dict | None = None,
+                 mapping_kwargs: dict | None = None, epilogue_kwargs: dict | None = None, *, fused: bool = True):
+        super().__init__()
+        if img_resolution < 4 or img_resolution & (img_resolution - 1):
+            raise ValueError(f"img_resolution must be a power of 2, at least 4, got {img_resolution}")
+        self.c_dim, self.img_resolution, self.img_channels, self.fused = c_dim, img_resolution, img_channels, fused
+        self.img_resolution_log2 = int(math.log2(img_resolution))
+        self.block_resolutions = [2 ** i for i in range(self.img_resolution_log2, 2, -1)]
+        channels = {res: min(channel_base // res, channel_max) for res in self.block_resolutions + [4]}
+        fp16_resolution = max(2 ** (self.img_resolution_log2 + 1 - num_fp16_res), 8)
+        cmap_dim = 0 if c_dim == 0 else (channels[4] if cmap_dim is None else cmap_dim)
+        common = dict(img_channels=img_channels, architecture=architecture, conv_clamp=conv_clamp)
+        layer_idx = 0
+        for res in self.block_resolutions:
+            block = DiscriminatorBlock(channels[res] if res < img_resolution else 0, channels[res], channels[res // 2],
+                                       res, first_layer_idx=layer_idx, use_fp16=res >= fp16_resolution,
+                                       **(block_kwargs or {}), **common)
+            setattr(self, f"b{res}", block)
+            layer_idx += block.num_layers
+        if c_dim > 0:
+            self.mapping = MappingNetwork(0, c_dim, cmap_dim, None, w_avg_beta=None, **(mapping_kwargs or {}))
+        self.b4 = DiscriminatorEpilogue(channels[4], cmap_dim, 4, **(epilogue_kwargs or {}), **common)
+
+    def forward(self, img, c, update_emas: bool = False, **block_kwargs):
+        with contextlib.nullcontext() if self.fused else use_backend("reference"):
+            x = None
+            for res in self.block_resolutions:
+                x, img = getattr(self, f"b{res}")(x, img, **block_kwargs)
+            cmap = self.mapping(None, c) if self.c_dim > 0 else None
+            return self.b4(x, img, cmap)

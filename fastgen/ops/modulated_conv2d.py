@@ -56,12 +56,12 @@ def _modulated_conv2d(x, weight, styles, demodulate, up, down, f, pad, fused_mod
     dcoefs = (w.square().sum(dim=[2, 3, 4]) + _DEMOD_EPS).rsqrt() if demodulate else None  # (N, O)
     if not fused_modconv:
         x = x * styles.to(x.dtype).reshape(n, -1, 1, 1)
-        x = _conv2d_resample(x, weight.to(x.dtype), f, up, down, pad, 1, flip_weight, fir)
+        x = conv2d_resample(x, weight.to(x.dtype), f, up, down, pad, 1, flip_weight, fir)
         return x * dcoefs.to(x.dtype).reshape(n, -1, 1, 1) if demodulate else x
     if demodulate:
         w = w * dcoefs.reshape(n, -1, 1, 1, 1)
     fmt = memory_format(x)
-    y = _conv2d_resample(x.reshape(1, -1, *x.shape[2:]), w.reshape(-1, in_channels, kh, kw).to(x.dtype), f, up,
+    y = conv2d_resample(x.reshape(1, -1, *x.shape[2:]), w.reshape(-1, in_channels, kh, kw).to(x.dtype), f, up,
                          down, pad, n, flip_weight, fir)
     return y.reshape(n, -1, *y.shape[2:]).contiguous(memory_format=fmt)
 
@@ -158,7 +158,7 @@ def _conv(x: Tensor, w: Tensor, groups: int, flip_weight: bool, stride: int = 1,
     return F.conv2d(x, w, stride=stride, padding=padding, groups=groups)
 
 
-def _conv2d_resample(x, w, f, up, down, pad, groups, flip_weight, upfirdn):
+def conv2d_resample(x, w, f, up, down, pad, groups, flip_weight, upfirdn):
     """StyleGAN2's conv2d_resample fast paths, the FIR filtering through upfirdn (fastgen::upfirdn2d)."""
     out_channels, in_per_group, kh, kw = w.shape
     px0, px1, py0, py1 = resample_padding(f, up, down, pad)
