@@ -79,30 +79,20 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
-class EncoderBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, eps: float, downsample: bool,
-                 fused: bool):
+class ResnetStack(nn.Module):
+    """`layers` ResNet blocks, then the resampler (if any) in a list under `kind`: diffusers'
+    DownEncoderBlock2D (kind "downsamplers") and UpDecoderBlock2D (kind "upsamplers")."""
+
+    def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, eps: float, kind: str,
+                 resampler: nn.Module | None, fused: bool):
         super().__init__()
         self.resnets = nn.ModuleList([ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups, eps,
                                                   fused) for i in range(layers)])
-        self.downsamplers = nn.ModuleList([Downsample(out_channels)] if downsample else [])
+        self.kind = kind
+        setattr(self, kind, nn.ModuleList([] if resampler is None else [resampler]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for module in (*self.resnets, *self.downsamplers):
-            x = module(x)
-        return x
-
-
-class DecoderBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, eps: float, upsample: bool,
-                 fused: bool):
-        super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups, eps,
-                                                  fused) for i in range(layers)])
-        self.upsamplers = nn.ModuleList([Upsample(out_channels, out_channels, fused=fused)] if upsample else [])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for module in (*self.resnets, *self.upsamplers):
+        for module in (*self.resnets, *getattr(self, self.kind)):
             x = module(x)
         return x
 
@@ -113,7 +103,8 @@ class Encoder(nn.Module):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, widths[0], 3, padding=1)
         self.down_blocks = nn.ModuleList([
-            EncoderBlock(widths[max(i - 1, 0)], widths[i], layers, groups, eps, i < len(widths) - 1, fused)
+            ResnetStack(widths[max(i - 1, 0)], widths[i], layers, groups, eps, "downsamplers",
+                        Downsample(widths[i]) if i < len(widths) - 1 else None, fused)
             for i in range(len(widths))])
         self.mid_block = MidBlock(widths[-1], groups, eps, fused, mid_attention)
         self.conv_norm_out, self.conv_act = group_norm_act(groups, widths[-1], eps, "silu", fused)
@@ -134,7 +125,8 @@ class Decoder(nn.Module):
         top = list(reversed(widths))
         self.conv_in = nn.Conv2d(in_channels, top[0], 3, padding=1)
         self.up_blocks = nn.ModuleList([  # registered before the mid block, as diffusers does
-            DecoderBlock(top[max(i - 1, 0)], top[i], layers + 1, groups, eps, i < len(top) - 1, fused)
+            ResnetStack(top[max(i - 1, 0)], top[i], layers + 1, groups, eps, "upsamplers",
+                        Upsample(top[i], top[i], fused=fused) if i < len(top) - 1 else None, fused)
             for i in range(len(top))])
         self.mid_block = MidBlock(top[0], groups, eps, fused, mid_attention)
         self.conv_norm_out, self.conv_act = group_norm_act(groups, widths[0], eps, "silu", fused)
