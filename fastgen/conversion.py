@@ -248,42 +248,73 @@ def _fuse_upsample2d(m: nn.Module, path: str, report: ConversionReport) -> nn.Mo
     new = copy.copy(m)  # the same attributes and children, one child swapped, one method overridden
     new._modules = dict(m._modules)
     new._modules[conv_name] = fused
-    new.__class__ = fused_upsample2d_class(type(m))
+    new.__class__ = _subclass(type(m), "forward", _upsample2d_forward)
     report.fused.append((where, f"Upsample2D's interpolate + {conv_name} -> {what}"))
     return _remember(new, m)
 
 
-_UPSAMPLE2D_CLASSES: dict[type, type] = {}
-
-
-def fused_upsample2d_class(base: type) -> type:
-    """diffusers' Upsample2D with forward running the fused layer; any output_size other than 2x
-    takes the original path (interpolate to that size, then the same weights)."""
-    if base in _UPSAMPLE2D_CLASSES:
-        return _UPSAMPLE2D_CLASSES[base]
-
-    def forward(self, hidden_states, output_size=None, *args, **kwargs):
-        conv = self.conv if self.name == "conv" else self.Conv2d_0
-        if output_size is None or tuple(output_size) == tuple(2 * s for s in hidden_states.shape[-2:]):
-            return conv(hidden_states)
-        hidden_states = F.interpolate(hidden_states, size=output_size, mode="nearest")
-        return F.conv2d(hidden_states, conv.weight, conv.bias, padding=conv.padding)
-
-    cls = type(f"Fused{base.__name__}", (base,), {"forward": forward, "__module__": __name__})
-    _UPSAMPLE2D_CLASSES[base] = cls
-    globals()[cls.__name__] = cls  # importable by name, so a converted model pickles
-    return cls
+def _upsample2d_forward(self, hidden_states, output_size=None, *args, **kwargs):
+    """diffusers' Upsample2D with the fused layer; any output_size other than 2x takes the original
+    path (interpolate to that size, then the same weights)."""
+    conv = self.conv if self.name == "conv" else self.Conv2d_0
+    if output_size is None or tuple(output_size) == tuple(2 * s for s in hidden_states.shape[-2:]):
+        return conv(hidden_states)
+    hidden_states = F.interpolate(hidden_states, size=output_size, mode="nearest")
+    return F.conv2d(hidden_states, conv.weight, conv.bias, padding=conv.padding)
 
 
 def __getattr__(name: str):
-    if name == "FusedUpsample2D":  # unpickling in a fresh process
+    """The Fused* classes, made on first use; unpickling a converted model in a fresh process asks
+    for them by name before any conversion ran."""
+    if name == "FusedUpsample2D":
         from diffusers.models.upsampling import Upsample2D
-        return fused_upsample2d_class(Upsample2D)
+        return _subclass(Upsample2D, "forward", _upsample2d_forward)
+    if name == "FusedResnetBlock2D":
+        from diffusers.models.resnet import ResnetBlock2D
+        return _subclass(ResnetBlock2D, "forward", _resnet_block_forward)
     raise AttributeError(name)
 
 
+def _fuse_resnet_block(m: nn.Module, path: str, report: ConversionReport) -> nn.Module:
+    """ResnetBlock2D: both norms with the nonlinearity, then (when nothing else needs the original
+    forward) a forward that adds the residual in place and skips the division by an
+    output_scale_factor of 1 (x / 1.0 is x): two passes over the block's output fewer."""
+    m = _fuse_pairs([("norm1", "nonlinearity"), ("norm2", "nonlinearity")])(m, path, report)
+    if not (_is_fastgen(m.norm1) and _is_fastgen(m.norm2)) or m.upsample is not None or m.downsample is not None:
+        return m
+    new = copy.copy(m)
+    new._modules = dict(m._modules)
+    new.__class__ = _subclass(type(m), "forward", _resnet_block_forward)
+    return _remember(new, m)
+
+
+def _resnet_block_forward(self, input_tensor, temb=None, *args, **kwargs):
+    if temb is not None or args or kwargs:
+        return super(type(self), self).forward(input_tensor, temb, *args, **kwargs)
+    hidden = self.conv1(self.norm1(input_tensor))  # the norms apply the nonlinearity
+    hidden = self.conv2(self.dropout(self.norm2(hidden)))
+    if self.conv_shortcut is not None:
+        input_tensor = self.conv_shortcut(input_tensor.contiguous() if self.training else input_tensor)
+    hidden = hidden.add_(input_tensor)  # conv2's output is ours: its backward does not need it
+    return hidden if self.output_scale_factor == 1 else hidden / self.output_scale_factor
+
+
+_SUBCLASSES: dict[tuple[type, str], type] = {}
+
+
+def _subclass(base: type, name: str, method) -> type:
+    """base with one method replaced, made once per base and importable from this module by name
+    (so a converted model pickles)."""
+    key = (base, name)
+    if key not in _SUBCLASSES:
+        cls = type(f"Fused{base.__name__}", (base,), {name: method, "__module__": __name__})
+        _SUBCLASSES[key] = cls
+        globals()[cls.__name__] = cls
+    return _SUBCLASSES[key]
+
+
 _KNOWN = {
-    "ResnetBlock2D": _fuse_pairs([("norm1", "nonlinearity"), ("norm2", "nonlinearity")]),
+    "ResnetBlock2D": _fuse_resnet_block,
     "Encoder": _fuse_pairs([("conv_norm_out", "conv_act")]),
     "Decoder": _fuse_pairs([("conv_norm_out", "conv_act")]),
     "Upsample2D": _fuse_upsample2d,

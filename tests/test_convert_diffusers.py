@@ -3,6 +3,8 @@ the Stable Diffusion 1.x/2.x and SDXL VAE configurations and a reduced-width one
 README's test environment (requirements.txt; `pip install fastgen[diffusers]` for users)."""
 
 import copy
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,3 +104,24 @@ def test_training_step_gradients_match():
     eager = gradients(copy.deepcopy(model))
     want = gradients(copy.deepcopy(model).double(), torch.float64)
     assert_within_eager_error(got, eager, want)
+
+
+def test_a_converted_vae_pickles_into_a_fresh_process(tmp_path):
+    """The Fused* classes are importable by name from fastgen.conversion before any conversion ran."""
+    import subprocess
+    import sys
+
+    converted = fastgen.convert(vae("reduced"))
+    assert isinstance(converted.decoder.up_blocks[0].resnets[0], ResnetBlock2D)  # still diffusers' class
+    torch.save(converted, tmp_path / "vae.pt")
+    z = torch.randn(1, 4, 8, 8)
+    torch.save(z, tmp_path / "z.pt")
+    with torch.no_grad():
+        torch.save(converted.decode(z).sample, tmp_path / "want.pt")
+    code = ("import torch; m = torch.load('vae.pt', weights_only=False); z = torch.load('z.pt');"
+            "torch.testing.assert_close(m.decode(z).sample, torch.load('want.pt')); print('ok')")
+    root = str(Path(fastgen.__file__).resolve().parents[1])  # this checkout's fastgen in the child too
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
