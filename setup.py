@@ -99,6 +99,7 @@ setup(
     description="Fused PyTorch kernels for image generators",
     packages=["fastgen", "fastgen.ops", "fastgen.nn", "fastgen.models", "fastgen.kernels"],
     package_dir={"fastgen.kernels": "kernels"},
+    package_data={"fastgen": ["gpu_verified.json"]},  # the GPU record, once a GPU run commits one
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.10",

@@ -6,7 +6,8 @@ Backends a user can name:
   cpu        C++ CPU kernels in fastgen._C (ops that have them);
   cuda       CUDA C++ kernels in fastgen._C;
   triton     Triton kernels (CPU tensors only under TRITON_INTERPRET=1);
-  auto       the fastest available for the tensor's device (XLA tensors always take composite).
+  auto       the fastest available for the tensor's device (XLA tensors always take composite); on
+             CUDA only what a GPU run verified (fastgen/gpu_verified.json), else the eager path.
 
 The choice comes from, first to last: the op's `backend=` keyword, the innermost
 `fastgen.use_backend(name)` block, the environment variable FASTGEN_BACKEND (read at import), "auto".
@@ -16,9 +17,11 @@ Asking for a backend that cannot run raises; nothing falls back silently.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -52,6 +55,36 @@ def _probe_triton() -> str:
 
 
 _EXT_WHY, _CUDA_WHY = _probe_extension()
+
+# The record tools/gpu_check.sh writes after running every op's CUDA backends on a GPU against the
+# float64 reference: device, compute capability, versions, git sha, and per op / backend / dtype
+# whether it passed and its speedup over eager. Without a passing entry, auto never picks a fused
+# kernel on a CUDA device (no kernel of ours has run on a GPU until such a record is committed).
+VERIFIED_PATH = Path(__file__).with_name("gpu_verified.json")
+
+
+def _load_verified(path: Path = VERIFIED_PATH) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+
+
+_VERIFIED = _load_verified()
+
+
+def _device_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def verified_speedup(op: str, backend: str, dtype: torch.dtype, device: torch.device) -> float | None:
+    """The recorded speedup over eager of `backend` for `op` at `dtype` on a GPU of `device`'s
+    compute capability, when a GPU run passed it; else None."""
+    record = _VERIFIED
+    if not record or tuple(record.get("capability", ())) != tuple(_device_capability(device)):
+        return None
+    entry = record.get("ops", {}).get(op, {}).get(backend, {}).get(str(dtype).replace("torch.", ""))
+    return float(entry.get("speedup_vs_eager", 1.0)) if entry and entry.get("passed") else None
 _TRITON_WHY = _probe_triton()
 
 
@@ -163,6 +196,8 @@ def select(spec, x: torch.Tensor, backend: str | None, variant: str | None = Non
     kind = device.type
     if kind == "xla":
         return "composite"
+    if kind == "cuda":
+        return _select_verified(spec, x)
     order = spec.auto.get(f"{kind}/{variant}") or spec.auto.get(kind, ("composite",))
     candidates = [c for c in order if c in spec.backends]  # an op without a backend passes it over
     for choice in candidates:
@@ -177,5 +212,36 @@ def select(spec, x: torch.Tensor, backend: str | None, variant: str | None = Non
     return "composite"
 
 
+def _select_verified(spec, x: torch.Tensor) -> str:
+    """auto on CUDA: the fastest backend the committed GPU record verified for this op, dtype and
+    compute capability; else the eager path (reference), said once per op and dtype."""
+    speed = {}
+    for name in spec.impls:
+        if not (_unavailable(name, x.device) or _unsupported(spec, name, x.dtype)):
+            s = verified_speedup(spec.name, name, x.dtype, x.device)
+            if s is not None:
+                speed[name] = s
+    if speed:
+        return max(speed, key=speed.get)
+    key = (spec.name, "cuda", str(x.dtype))
+    if key not in _warned:
+        _warned.add(key)
+        log.warning("fastgen: %s on cuda (%s): no GPU run has verified its fused kernels on this device "
+                    "(fastgen/gpu_verified.json); auto runs the eager path. Opt in with backend='cuda' or "
+                    "'triton', fastgen.use_backend(...) or FASTGEN_BACKEND.", spec.name, x.dtype)
+    return "reference"
+
+
+def verified_summary() -> str:
+    """What the committed GPU record says, for `python -m fastgen info`."""
+    record = _VERIFIED
+    if not record:
+        return "GPU-verified kernels: none (no GPU run recorded; auto on CUDA runs the eager path)"
+    passed = sorted(f"{op}/{b}/{d}" for op, bs in record.get("ops", {}).items() for b, ds in bs.items()
+                    for d, e in ds.items() if e.get("passed"))
+    return (f"GPU-verified kernels ({record.get('device')}, capability {record.get('capability')}, "
+            f"git {str(record.get('git_sha'))[:10]}): {len(passed)} op/backend/dtype passed: " + ", ".join(passed))
+
+
 def summary() -> str:
-    return "fastgen backends:\n" + "\n".join(f"  {b}" for b in backends().values())
+    return "fastgen backends:\n" + "\n".join(f"  {b}" for b in backends().values()) + "\n  " + verified_summary()

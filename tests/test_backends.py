@@ -73,24 +73,50 @@ def test_xla_tensors_always_take_the_composite():
         assert fb.select(SPEC, on("xla"), None) == "composite"
 
 
-def test_auto_without_the_cuda_build_logs_its_fallback_once(monkeypatch, caplog):
-    monkeypatch.setattr(fb, "_CUDA_WHY", "fastgen._C was built without CUDA (test)")
-    monkeypatch.setattr(fb, "_TRITON_WHY", "triton is not installed (test)")
+def test_auto_on_cuda_without_a_gpu_record_runs_the_eager_path_and_says_so_once(monkeypatch, caplog):
+    monkeypatch.setattr(fb, "_CUDA_WHY", "")
+    monkeypatch.setattr(fb, "_TRITON_WHY", "")
+    monkeypatch.setattr(fb, "_VERIFIED", {})
     monkeypatch.setattr(fb, "_warned", set())
     with caplog.at_level(logging.WARNING, logger="fastgen"):
         for _ in range(3):
-            assert fb.select(SPEC, on("cuda"), None) == "composite"
-    assert len(caplog.records) == 1 and "'cuda' is unavailable" in caplog.records[0].getMessage()
+            assert fb.select(SPEC, on("cuda"), None) == "reference"
+    assert len(caplog.records) == 1 and "no GPU run has verified" in caplog.records[0].getMessage()
+    assert fb.select(SPEC, on("cuda"), "triton") == "triton"  # named explicitly, it runs
+    assert "none (no GPU run recorded" in fb.verified_summary()
 
 
-def test_auto_skips_a_backend_that_cannot_take_the_dtype(monkeypatch, caplog):
-    monkeypatch.setattr(fb, "_CUDA_WHY", "fastgen._C was built without CUDA (test)")
+def record(**ops):
+    return {"device": "NVIDIA H200", "capability": [9, 0], "git_sha": "abc", "ops": {"op": ops}}
+
+
+def test_auto_on_cuda_takes_the_recorded_fastest_verified_backend(monkeypatch):
+    monkeypatch.setattr(fb, "_CUDA_WHY", "")
     monkeypatch.setattr(fb, "_TRITON_WHY", "")
-    monkeypatch.setattr(fb, "_warned", set())
-    assert fb.select(SPEC, on("cuda", torch.float32), None) == "triton"
-    assert fb.select(SPEC, on("cuda", torch.float64), None) == "composite"  # triton takes no float64
+    monkeypatch.setattr(fb, "_device_capability", lambda device: (9, 0))
+    monkeypatch.setattr(fb, "_VERIFIED", record(
+        cuda={"float32": {"passed": True, "speedup_vs_eager": 2.0}, "bfloat16": {"passed": False}},
+        triton={"float32": {"passed": True, "speedup_vs_eager": 1.5},
+                "bfloat16": {"passed": True, "speedup_vs_eager": 1.2}}))
+    assert fb.select(SPEC, on("cuda"), None) == "cuda"
+    assert fb.select(SPEC, on("cuda", torch.bfloat16), None) == "triton"  # cuda failed there
+    assert fb.select(SPEC, on("cuda", torch.float16), None) == "reference"  # nothing recorded
+    monkeypatch.setattr(fb, "_CUDA_WHY", "fastgen._C was built without CUDA (test)")
+    assert fb.select(SPEC, on("cuda"), None) == "triton"  # verified, but not in this install
+    monkeypatch.setattr(fb, "_device_capability", lambda device: (8, 0))
+    assert fb.select(SPEC, on("cuda"), None) == "reference"  # recorded on another GPU generation
+    assert "3 op/backend/dtype passed" in fb.verified_summary()
+
+
+def test_auto_skips_a_backend_that_cannot_take_the_dtype(monkeypatch):
+    monkeypatch.setattr(fb, "_TRITON_WHY", "")
+    monkeypatch.setattr(fb, "_INTERPRET", True)
+    cpu_spec = OpSpec("op", public=None, ref=None, impls={"composite": Impl(None), "triton": Impl(None, NO_FLOAT64)},
+                      auto={"cpu": ("triton", "composite")})
+    assert fb.select(cpu_spec, on("cpu", torch.float32), None) == "triton"
+    assert fb.select(cpu_spec, on("cpu", torch.float64), None) == "composite"  # triton takes no float64
     with pytest.raises(RuntimeError, match="the triton backend takes bfloat16, float16, float32, not float64"):
-        fb.select(SPEC, on("cuda", torch.float64), "triton")
+        fb.select(cpu_spec, on("cpu", torch.float64), "triton")
 
 
 def test_a_variant_has_its_own_auto_order():
