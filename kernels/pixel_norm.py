@@ -1,7 +1,9 @@
 """Pixel norm: y = x * rsqrt(mean over channels of x^2 + eps), one read and one write.
 
 Each program takes BLOCK_L positions of one sample with all their channels (a BLOCK_L x BLOCK_C
-tile, C <= BLOCK_C), through strides, so NCHW and channels_last both load whole tiles.
+tile, C <= BLOCK_C), through strides, so NCHW and channels_last both load whole tiles. The grid is
+one-dimensional (sample-major): a CUDA grid's y and z dimensions stop at 65535, which a 1024x1024
+map with 512 channels (65536 blocks of 16 positions per sample) would pass.
 """
 
 import triton
@@ -20,8 +22,10 @@ def _pixel_norm_fwd_kernel(
     EMULATE_BF16: tl.constexpr,  # bf16 under the interpreter, whose fp32 -> bf16 cast truncates
     BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    n = tl.program_id(0).to(tl.int64)
-    offs_l = tl.program_id(1).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
+    pid = tl.program_id(0).to(tl.int64)
+    blocks = tl.cdiv(L, BLOCK_L)
+    n = pid // blocks
+    offs_l = (pid % blocks) * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_c = tl.arange(0, BLOCK_C)
     mask = (offs_l < L)[:, None] & (offs_c < C)[None, :]
     x = tl.load(x_ptr + n * stride_xn + offs_l[:, None] * stride_xl + offs_c[None, :] * stride_xc,

@@ -4,7 +4,8 @@ With u the zero-inserted, padded image, out[oy, ox] = sum_{ky,kx} g[ky, kx] u[oy
 ox*DOWNX + kx - PADX0] (g: the correlation taps, gain folded in). A tap lands on an input pixel
 only where its upsampled coordinate is a multiple of UP and inside the image; the zeros and the
 thrown-away pixels cost nothing. One program per (n, c) and BLOCK output pixels, NCHW or
-channels_last through strides; fp32 accumulation.
+channels_last through strides; fp32 accumulation. The grid is one-dimensional, plane-major (a CUDA
+grid's y dimension stops at 65535 blocks: 4096x4096 outputs of 256 pixels per block would pass it).
 """
 
 import triton
@@ -26,9 +27,11 @@ def _upfirdn2d_fwd_kernel(
     EMULATE_BF16: tl.constexpr,  # bf16 under the interpreter, whose fp32 -> bf16 cast truncates
     BLOCK: tl.constexpr,
 ):
-    nc = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
+    blocks = tl.cdiv(OH * OW, BLOCK)
+    nc = pid // blocks
     n, c = nc // C, nc % C
-    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs = (pid % blocks) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < OH * OW
     oy, ox = offs // OW, offs % OW
     x_base = x_ptr + n * stride_xn + c * stride_xc

@@ -19,6 +19,16 @@ def poison_empty_tensors():
 
 
 @pytest.fixture(autouse=True)
+def no_tf32():
+    """fp32 means fp32: cuDNN convolutions default to TF32 on Ampere and Hopper (~1e-3 error, far
+    above the fp32 tolerance), which would fail every fp32 convolution test on the GPU."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture(autouse=True)
 def fresh_seed(request):
     # different random inputs in every test, reproducible from the test's id
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))

@@ -13,6 +13,7 @@ tools/gpu_check.sh read their lists from REGISTRY instead of keeping their own.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Optional
@@ -81,6 +82,13 @@ class OpSpec:
 REGISTRY: dict[str, OpSpec] = {}
 
 
+def on_device(x):
+    """x's CUDA device made current while an implementation runs: Triton launches (and the caching
+    allocator's streams) follow the current device, so a tensor on cuda:1 while cuda:0 is current
+    would fault. A no-op elsewhere."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def define(spec: OpSpec) -> OpSpec:
     """Adds spec to REGISTRY and, when it has a schema, registers the custom op fastgen::<name>: a
     CPU/CUDA kernel that runs the named backend, an XLA kernel, the fake and the autograd formula."""
@@ -102,7 +110,8 @@ def define(spec: OpSpec) -> OpSpec:
         *args, backend = args
         if not spec.launch_empty and args[0].numel() == 0:  # nothing to compute: no launch
             return fake(*args, backend)
-        return impls[backend].run(*args)
+        with on_device(args[0]):
+            return impls[backend].run(*args)
 
     xla = spec.xla or impls["composite"].run
     op = torch.library.custom_op(f"fastgen::{spec.name}", run, mutates_args=(), device_types=("cpu", "cuda"),

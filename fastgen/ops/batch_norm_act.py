@@ -140,6 +140,7 @@ def _batch_norm_act_triton(x, weight, bias, mean, var, training, eps, act, slope
 
     out = torch.empty_like(x, memory_format=memory_format(x))
     xv, ov = as_ncl(x), as_ncl(out)
+    weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))  # read as contiguous
     n, c, length = xv.shape
     rows = n * length
     block_c = max(2, min(64, triton.next_power_of_2(c)))

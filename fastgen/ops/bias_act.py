@@ -146,7 +146,8 @@ def _bias_act_triton(x, b, dim, act, alpha, gain, clamp):
     outer, c, inner = _outer_c_inner(x, b, dim)
     block = 1024
     _bias_act_fwd_kernel[(triton.cdiv(x.numel(), block),)](
-        x, b if b is not None else x, out, x.numel(), c, inner, alpha, gain, clamp,
+        # b as the kernel indexes it: contiguous
+        x, b.contiguous() if b is not None else x, out, x.numel(), c, inner, alpha, gain, clamp,
         HAS_BIAS=b is not None, ACT=activation(act).code, EMULATE_BF16=x.dtype == torch.bfloat16 and _INTERPRET,
         BLOCK=block)
     return out

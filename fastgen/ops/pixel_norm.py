@@ -71,7 +71,7 @@ def _pixel_norm_triton(x, eps):
     n, length, c = xv.shape
     block_c = triton.next_power_of_2(c)
     block_l = max(1, min(256, 8192 // block_c))
-    grid = (n, triton.cdiv(length, block_l))
+    grid = (n * triton.cdiv(length, block_l),)  # one dimension: y and z stop at 65535
     _pixel_norm_fwd_kernel[grid](xv, ov, length, c, *xv.stride(), *ov.stride(), eps,
                                  EMULATE_BF16=x.dtype == torch.bfloat16 and _INTERPRET,
                                  BLOCK_L=block_l, BLOCK_C=block_c)

@@ -231,7 +231,7 @@ def _upfirdn2d_triton(x, f, up, down, pad, flip_filter, gain):
     n, c, h, w = x.shape
     out = torch.empty((n, c, oh, ow), device=x.device, dtype=x.dtype, memory_format=memory_format(x))
     block = 256
-    _upfirdn2d_fwd_kernel[(n * c, triton.cdiv(oh * ow, block))](
+    _upfirdn2d_fwd_kernel[(n * c * triton.cdiv(oh * ow, block),)](  # one dimension: y stops at 65535
         x, taps, out, c, h, w, oh, ow, *x.stride(), *out.stride(), *up, *down, pad[0], pad[2],
         FH=fh, FW=fw, EMULATE_BF16=x.dtype == torch.bfloat16 and _INTERPRET, BLOCK=block)
     return out

@@ -270,7 +270,7 @@ def _upsample_conv2d_triton(x, weight, bias, scale, mode, padding):
     block_k = max(16, min(32, triton.next_power_of_2(c)))
     grid = (triton.cdiv(n * hm * wm, block_m), triton.cdiv(co, block_n), phases * phases)
     _upsample_conv2d_fwd_kernel[grid](
-        x, packed, bias if bias is not None else packed, out,
+        x, packed, bias.contiguous() if bias is not None else packed, out,  # bias read as contiguous
         n, c, h, w, co, hout, wout, hm, wm,
         *x.stride(), *out.stride(), padding,
         S=scale, PHASES=phases, KF=kf, BILINEAR=bilinear, HAS_BIAS=bias is not None,
