@@ -84,11 +84,15 @@ def extension():
         return cpp_extension.CppExtension("fastgen._C", sources, extra_compile_args={"cxx": cxx},
                                           extra_link_args=["-fopenmp"])
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    # the pip headers are searched after the toolkit's own (nvcc's cuda_fp16.h / cuda_bf16.h must
+    # not be shadowed by another CUDA version's): -idirafter for g++, trailing -I for nvcc (its
+    # search follows the command line, and these come after torch's -I$CUDA_HOME/include)
+    pip = _pip_cuda_includes()
     return cpp_extension.CUDAExtension(
         "fastgen._C",
         sources + sorted(glob.glob("csrc/*.cu")),
-        include_dirs=_pip_cuda_includes(),
-        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+        extra_compile_args={"cxx": cxx + [f for d in pip for f in ("-idirafter", d)],
+                            "nvcc": ["-O3", "--expt-relaxed-constexpr"] + [f"-I{d}" for d in pip]},
         extra_link_args=["-fopenmp"],
     )
 

@@ -14,6 +14,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastgen")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="which backends this install can run")
+    verify = sub.add_parser("verify", help="every op's backends on a device against the float64 reference; "
+                                           "writes the record auto reads on CUDA")
+    verify.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    verify.add_argument("--out", default=None, help="the record (JSON), e.g. fastgen/gpu_verified.json")
+    verify.add_argument("--ops", default=None, help="comma-separated ops (default: all)")
     bench = sub.add_parser("bench", help="every provider side by side at generator shapes")
     bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     bench.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on the CPU")
@@ -34,6 +39,10 @@ def main(argv=None) -> int:
     print(fastgen.summary())
     if args.command == "info":
         return 0
+    if args.command == "verify":
+        from fastgen import verify as fv
+
+        return fv.main(args.device, args.out, args.ops.split(",") if args.ops else None)
     from fastgen import bench as fb
 
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))

@@ -53,6 +53,13 @@ def _batch_norm_stats_kernel(
 
 
 @triton.jit
+def _chunk_counts(parts, SPLIT, ROWS, CHUNK):
+    """Rows in each of the row chunks `parts` (0 past the last)."""
+    counts = tl.minimum(tl.maximum(ROWS - parts.to(tl.int64) * CHUNK, 0), CHUNK).to(tl.float32)
+    return tl.where(parts < SPLIT, counts, 0.0)
+
+
+@triton.jit
 def _batch_norm_act_fwd_kernel(
     x_ptr, out_ptr,  # (N, C, L) through strides
     w_ptr, b_ptr,  # (C,) or dummies
@@ -64,23 +71,33 @@ def _batch_norm_act_fwd_kernel(
     EPS, SLOPE,
     TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     EMULATE_BF16: tl.constexpr,  # bf16 under the interpreter, whose fp32 -> bf16 cast truncates
-    SPLIT_P2: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     part = tl.program_id(0)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    if TRAINING:  # merge the row chunks' partials (Chan)
-        parts = tl.arange(0, SPLIT_P2)
-        mask_p = parts < SPLIT
-        counts = tl.minimum(tl.maximum(N * L - parts.to(tl.int64) * CHUNK, 0), CHUNK).to(tl.float32)
-        counts = tl.where(mask_p, counts, 0.0)
-        mask_pc = mask_p[:, None] & mask_c[None, :]
-        means = tl.load(mean_ptr + parts[:, None] * C + offs_c[None, :], mask=mask_pc, other=0.0)
-        m2s = tl.load(var_ptr + parts[:, None] * C + offs_c[None, :], mask=mask_pc, other=0.0)
-        total = tl.sum(counts, axis=0)
-        mean = tl.sum(counts[:, None] * means, axis=0) / total
-        d = tl.where(mask_pc, means - mean[None, :], 0.0)
-        var = (tl.sum(m2s, axis=0) + tl.sum(counts[:, None] * d * d, axis=0)) / total
+    if TRAINING:  # merge the row chunks' partials (Chan), SPLIT_BLOCK chunks at a time (a whole
+        # SPLIT x BLOCK_C tile would spill registers): the mean first, then the M2 around it
+        total = 0.0
+        weighted = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for p0 in range(0, SPLIT, SPLIT_BLOCK):
+            parts = p0 + tl.arange(0, SPLIT_BLOCK)
+            counts = _chunk_counts(parts, SPLIT, N * L, CHUNK)
+            means = tl.load(mean_ptr + parts[:, None] * C + offs_c[None, :],
+                            mask=(parts < SPLIT)[:, None] & mask_c[None, :], other=0.0)
+            total += tl.sum(counts, axis=0)
+            weighted += tl.sum(counts[:, None] * means, axis=0)
+        mean = weighted / total
+        m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for p0 in range(0, SPLIT, SPLIT_BLOCK):
+            parts = p0 + tl.arange(0, SPLIT_BLOCK)
+            counts = _chunk_counts(parts, SPLIT, N * L, CHUNK)
+            mask_pc = (parts < SPLIT)[:, None] & mask_c[None, :]
+            means = tl.load(mean_ptr + parts[:, None] * C + offs_c[None, :], mask=mask_pc, other=0.0)
+            m2s = tl.load(var_ptr + parts[:, None] * C + offs_c[None, :], mask=mask_pc, other=0.0)
+            d = tl.where(mask_pc, means - mean[None, :], 0.0)
+            m2 += tl.sum(m2s, axis=0) + tl.sum(counts[:, None] * d * d, axis=0)
+        var = tl.maximum(m2 / total, 0.0)
     else:
         mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
         var = tl.load(var_ptr + offs_c, mask=mask_c, other=1.0).to(tl.float32)

@@ -74,6 +74,17 @@ def test_dtypes(backend, dtype, training):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_many_row_chunks(backend):
+    """16384 rows of 3 channels: the triton backend merges 64 row chunks' partial statistics, more
+    than one block of them (its merge loops over SPLIT_BLOCK = 32 chunks at a time)."""
+    x, w, b, rm, rv = make((16, 3, 32, 32), torch.float32)
+    x64, w64, b64, rm64, rv64 = f64(x, w, b, rm, rv)
+    out = batch_norm_act(x, rm, rv, w, b, True, 0.1, 1e-5, "silu", backend=backend)
+    assert_close(out, batch_norm_act_ref(x64, rm64, rv64, w64, b64, True, 0.1, 1e-5, "silu"), torch.float32)
+    assert_close(rv, rv64, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_no_running_stats_no_affine(backend):
     x = torch.randn(4, 5, 3, 3)
     out = batch_norm_act(x, None, None, training=True, activation="identity", backend=backend)

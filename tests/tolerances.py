@@ -1,14 +1,10 @@
-"""The one tolerance table: per dtype (atol, rtol) against a float64 oracle, for outputs of order 1
-(tests scale weights by 1/sqrt(fan_in)). A test may pass a documented `scale`, never its own numbers."""
+"""The test side of the one tolerance table (fastgen/tolerances.py): per dtype (atol, rtol) against a
+float64 oracle, for outputs of order 1 (tests scale weights by 1/sqrt(fan_in)). A test may pass a
+documented `scale`, never its own numbers."""
 
 import torch
 
-TOLERANCES = {
-    torch.float64: (1e-10, 1e-8),
-    torch.float32: (2e-5, 2e-5),
-    torch.float16: (4e-3, 4e-3),
-    torch.bfloat16: (3e-2, 2e-2),
-}
+from fastgen.tolerances import TOLERANCES, within_eager_error
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float = 1.0):
@@ -27,12 +23,6 @@ def assert_close_grad(actual: torch.Tensor, expected: torch.Tensor, dtype: torch
 
 
 def assert_within_eager_error(got, eager, want, factor: float = 3.0):
-    """The flash-attention rule, per tensor of a list: against the float64 oracle `want`, the fused
-    result errs by at most `factor` times what the unfused layers err in the same dtype (`eager`),
-    plus a floor of 1e-6 of the list's largest magnitude (some values are 0 in exact arithmetic,
-    e.g. the gradient of a bias just before a normalization)."""
-    floor = 1e-6 * max(w.abs().max().item() for w in want)
-    for i, (g, e, w) in enumerate(zip(got, eager, want, strict=True)):
-        assert not g.isnan().any(), f"NaN in result {i}"
-        err, base = (g.double() - w).abs().max().item(), (e.double() - w).abs().max().item()
-        assert err <= factor * base + floor, f"result {i}: error {err:.3g} > {factor} x eager's {base:.3g} + {floor:.3g}"
+    """The flash-attention rule (fastgen.tolerances.within_eager_error) as an assertion."""
+    problems = within_eager_error(got, eager, want, factor)
+    assert not problems, "; ".join(problems)

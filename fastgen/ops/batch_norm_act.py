@@ -164,7 +164,7 @@ def _batch_norm_act_triton(x, weight, bias, mean, var, training, eps, act, slope
         xv, ov, weight if weight is not None else xv, bias if bias is not None else xv, mean, var,
         mean_out, var_out, n, c, length, chunk, split, *xv.stride(), *ov.stride(), eps, slope,
         TRAINING=training, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT=activation_row(act).code,
-        EMULATE_BF16=x.dtype == torch.bfloat16 and _INTERPRET, SPLIT_P2=triton.next_power_of_2(split),
+        EMULATE_BF16=x.dtype == torch.bfloat16 and _INTERPRET, SPLIT_BLOCK=min(32, triton.next_power_of_2(split)),
         BLOCK_R=block_r, BLOCK_C=block_c)
     return out, mean_out, var_out
 

@@ -1,0 +1,29 @@
+"""The one tolerance table: per dtype (atol, rtol) against a float64 oracle, for outputs of order 1.
+The tests (tests/tolerances.py), the GPU verification (fastgen.verify) and the benchmarks' correctness
+column all read it."""
+
+import torch
+
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-8),
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (4e-3, 4e-3),
+    torch.bfloat16: (3e-2, 2e-2),
+}
+
+
+def within_eager_error(got, eager, want, factor: float = 3.0) -> list[str]:
+    """The flash-attention rule, per tensor of a list: against the float64 oracle `want`, the fused
+    result errs by at most `factor` times what the unfused layers err in the same dtype (`eager`),
+    plus a floor of 1e-6 of the list's largest magnitude (some values are 0 in exact arithmetic,
+    e.g. the gradient of a bias just before a normalization). Returns what broke the rule."""
+    floor = 1e-6 * max(w.abs().max().item() for w in want)
+    problems = []
+    for i, (g, e, w) in enumerate(zip(got, eager, want, strict=True)):
+        if g.isnan().any() and not w.isnan().any():
+            problems.append(f"result {i}: NaN")
+            continue
+        err, base = (g.double() - w).abs().max().item(), (e.double() - w).abs().max().item()
+        if not err <= factor * base + floor:
+            problems.append(f"result {i}: error {err:.3g} > {factor} x eager's {base:.3g} + {floor:.3g}")
+    return problems
