@@ -16,7 +16,7 @@ from ._common import _round_to_bf16
 from .activation import _activate
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['N', 'C', 'L', 'CHUNK'])  # sizes: one compiled variant, not one per size class
 def _batch_norm_stats_kernel(
     x_ptr,  # (N, C, L) through strides
     mean_ptr, m2_ptr,  # (SPLIT, C) fp32 partial statistics
@@ -59,7 +59,7 @@ def _chunk_counts(parts, SPLIT, ROWS, CHUNK):
     return tl.where(parts < SPLIT, counts, 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['N', 'C', 'L', 'CHUNK', 'SPLIT'])  # sizes: one compiled variant, not one per size class
 def _batch_norm_act_fwd_kernel(
     x_ptr, out_ptr,  # (N, C, L) through strides
     w_ptr, b_ptr,  # (C,) or dummies

@@ -11,7 +11,7 @@ from ._common import _round_to_bf16
 from .activation import _activate
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['numel', 'C', 'inner'])  # sizes: one compiled variant, not one per size class
 def _bias_act_fwd_kernel(
     x_ptr,  # dense, walked in memory order
     b_ptr,  # (C,); a dummy when HAS_BIAS is false

@@ -17,7 +17,7 @@ from ._common import _round_to_bf16
 from .activation import _activate
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['C', 'L', 'CG', 'CHUNK'])  # sizes: one compiled variant, not one per size class
 def _group_norm_stats_kernel(
     x_ptr,  # (N, C, L), strides stride_xn, stride_xc, stride_xl
     mean_ptr, m2_ptr,  # (N * G, SPLIT) fp32 partial statistics
@@ -57,7 +57,7 @@ def _group_norm_stats_kernel(
     tl.store(m2_ptr + row * split + part, m2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['C', 'L', 'CG', 'CHUNK', 'SPLIT'])  # sizes: one compiled variant, not one per size class
 def _group_norm_act_fwd_kernel(
     x_ptr, out_ptr,  # (N, C, L) through strides
     w_ptr, b_ptr,  # (C,) or (N, C) contiguous; dummies when absent

@@ -12,7 +12,7 @@ import triton.language as tl
 from ._common import _round_to_bf16
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['L', 'C'])  # sizes: one compiled variant, not one per size class
 def _pixel_norm_fwd_kernel(
     x_ptr, out_ptr,  # (N, L, C) through strides
     L, C,

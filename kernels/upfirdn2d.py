@@ -14,7 +14,7 @@ import triton.language as tl
 from ._common import _round_to_bf16
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['C', 'H', 'W', 'OH', 'OW'])  # sizes: one compiled variant, not one per size class
 def _upfirdn2d_fwd_kernel(
     x_ptr,  # (N, C, H, W) through strides
     taps_ptr,  # (FH, FW) fp32 correlation taps, contiguous

@@ -27,7 +27,7 @@ def _floordiv(a, b):
     return tl.where(a >= 0, a // b, -((-a + b - 1) // b))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['N', 'C', 'H', 'W', 'CO', 'HOUT', 'WOUT', 'HM', 'WM'])  # sizes: one compiled variant, not one per size class
 def _upsample_conv2d_fwd_kernel(
     x_ptr,  # (N, C, H, W), any strides
     w_ptr,  # (PHASES * PHASES, KF, KF, C, CO) contiguous, x's dtype

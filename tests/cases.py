@@ -1,5 +1,10 @@
 """The backend x device cases the op tests run, read from the op's spec (fastgen.ops.REGISTRY), and
-the one reason a CPU case is skipped."""
+the one reason a CPU case is skipped.
+
+Which Triton path runs where: the triton-cpu cases run the kernels through the interpreter, which
+gets bf16 wrong, so there the launchers set EMULATE_BF16 (rounding by hand) and DOT_IN_FP32 (bf16
+tiles through an fp32 tl.dot); the triton-cuda cases (marked cuda, run by tools/gpu_check.sh) run
+the native path: bf16 casts and bf16 tl.dot on tensor cores, with both flags off."""
 
 import os
 
