@@ -91,9 +91,10 @@ def speedup(spec, backend: str, dtype: torch.dtype, reps: int = 20) -> float | N
     return ms["reference"] / ms[backend]
 
 
-def verify(device: str = "cuda", ops=None, dtypes=DTYPES, log=print) -> dict:
+def verify(device: str = "cuda", ops=None, dtypes=DTYPES, log=print, out: str | None = None) -> dict:
     """The record: device, capability, versions, and per op / backend / dtype whether it passed and
-    (on a GPU) its speedup over the reference."""
+    (on a GPU) its speedup over the reference; rewritten to `out` after every entry, so that a run
+    cut short by its time limit still leaves what it verified."""
     from fastgen.bench import environment
 
     env = environment()
@@ -120,6 +121,9 @@ def verify(device: str = "cuda", ops=None, dtypes=DTYPES, log=print) -> dict:
                     entry["speedup_vs_eager"] = speedup(spec, backend, dtype)
                 name = str(dtype).replace("torch.", "")
                 record["ops"].setdefault(spec.name, {}).setdefault(backend, {})[name] = entry
+                if out:
+                    with open(out, "w") as f:
+                        json.dump(record, f, indent=1)
                 log(f"{spec.name:24s} {backend:9s} {name:9s} {'PASS' if not problems else 'FAIL'} "
                     f"{time.perf_counter() - t0:5.1f}s {'; '.join(problems[:2])}")
     return record
@@ -135,10 +139,8 @@ def main(device: str, out: str | None, ops=None) -> int:
     if unknown:
         print(f"fastgen verify: no op named {unknown}; the ops: {list(REGISTRY)}")
         return 2
-    record = verify(device, ops)
+    record = verify(device, ops, out=out)
     if out:
-        with open(out, "w") as f:
-            json.dump(record, f, indent=1)
         print(f"wrote {out}")
     failed = failures(record)
     total = sum(len(ds) for bs in record["ops"].values() for ds in bs.values())
