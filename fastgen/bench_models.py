@@ -15,15 +15,14 @@ import functools
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 
 import fastgen
+from fastgen.bench import _time_ms
 
 PROVIDERS = ("eager", "compile", "converted")
 
@@ -76,14 +75,10 @@ def _measure_in_this_process(name: str, provider: str, channels_last: bool, reps
     with torch.no_grad():
         before = _rss_mib()
         out = step(z)  # the warm-up (and compilation)
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            step(z)
-            times.append((time.perf_counter() - t0) * 1e3)
+        ms = _time_ms(lambda: step(z), "cpu", reps)
     torch.save(out, out_path)  # compared with eager's by the parent: no eager run in this process
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"ms": statistics.median(times), "peak_rss_mib": peak, "peak_above_model_mib": peak - before}
+    return {"ms": ms, "peak_rss_mib": peak, "peak_above_model_mib": peak - before}
 
 
 def _rss_mib() -> float:

@@ -136,6 +136,15 @@ def _diffusers_name(m: nn.Module) -> str | None:
     return cls.__name__ if cls.__module__.startswith("diffusers.") else None
 
 
+def _recast(m: nn.Module, cls: type, children: dict | None = None) -> nn.Module:
+    """A shallow copy of m (the same attributes, parameters and buffers, so the same state_dict) of
+    class cls (a subclass with one method replaced), some children swapped; m itself is untouched."""
+    new = copy.copy(m)
+    new._modules = dict(m._modules) | (children or {})
+    new.__class__ = cls
+    return new
+
+
 def _remember(fused: nn.Module, original: nn.Module) -> nn.Module:
     fused._fastgen_original = (original,)
     return fused
@@ -245,10 +254,7 @@ def _fuse_upsample2d(m: nn.Module, path: str, report: ConversionReport) -> nn.Mo
     if fused is None:
         report.left.append((where, what))
         return m
-    new = copy.copy(m)  # the same attributes and children, one child swapped, one method overridden
-    new._modules = dict(m._modules)
-    new._modules[conv_name] = fused
-    new.__class__ = _subclass(type(m), "forward", _upsample2d_forward)
+    new = _recast(m, _subclass(type(m), "forward", _upsample2d_forward), {conv_name: fused})
     report.fused.append((where, f"Upsample2D's interpolate + {conv_name} -> {what}"))
     return _remember(new, m)
 
@@ -282,10 +288,7 @@ def _fuse_resnet_block(m: nn.Module, path: str, report: ConversionReport) -> nn.
     m = _fuse_pairs([("norm1", "nonlinearity"), ("norm2", "nonlinearity")])(m, path, report)
     if not (_is_fastgen(m.norm1) and _is_fastgen(m.norm2)) or m.upsample is not None or m.downsample is not None:
         return m
-    new = copy.copy(m)
-    new._modules = dict(m._modules)
-    new.__class__ = _subclass(type(m), "forward", _resnet_block_forward)
-    return _remember(new, m)
+    return _remember(_recast(m, _subclass(type(m), "forward", _resnet_block_forward)), m)
 
 
 def _resnet_block_forward(self, input_tensor, temb=None, *args, **kwargs):
@@ -442,15 +445,11 @@ def _fuse_traced(m: nn.Module, path: str, report: ConversionReport) -> nn.Module
 
 
 def _with_forward(m: nn.Module, graph: fx.Graph, swaps: dict) -> nn.Module:
-    """A shallow copy of m (the same attributes, parameters and buffers, so the same state_dict)
-    with the swapped children, whose class is m's with forward compiled from the rewritten graph."""
+    """m recast with the swapped children, its class m's with forward compiled from the rewritten graph."""
     code = graph.python_code(root_module="self")
     namespace = dict(code.globals)
     exec(compile(code.src, f"<fastgen.convert: {type(m).__qualname__}.forward>", "exec"), namespace)
     cls = type(type(m).__name__, (type(m),), {"forward": namespace["forward"], "__module__": type(m).__module__,
                                                "fastgen_forward_source": code.src})
-    new = copy.copy(m)
-    new._modules = dict(m._modules) | swaps  # swaps: children only (the tracer keeps them whole)
-    new.__class__ = cls
-    return new
+    return _recast(m, cls, swaps)  # swaps: children only (the tracer keeps them whole)
 

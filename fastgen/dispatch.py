@@ -56,6 +56,8 @@ def _probe_triton() -> str:
 
 _EXT_WHY, _CUDA_WHY = _probe_extension()
 
+_TRITON_WHY = _probe_triton()
+
 # The record tools/gpu_check.sh writes after running every op's CUDA backends on a GPU against the
 # float64 reference: device, compute capability, versions, git sha, and per op / backend / dtype
 # whether it passed and its speedup over eager. Without a passing entry, auto never picks a fused
@@ -85,7 +87,6 @@ def verified_speedup(op: str, backend: str, dtype: torch.dtype, device: torch.de
         return None
     entry = record.get("ops", {}).get(op, {}).get(backend, {}).get(str(dtype).replace("torch.", ""))
     return float(entry.get("speedup_vs_eager", 1.0)) if entry and entry.get("passed") else None
-_TRITON_WHY = _probe_triton()
 
 
 @dataclass(frozen=True)

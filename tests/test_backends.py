@@ -12,7 +12,7 @@ from fastgen import dispatch as fb
 from fastgen.ops._registry import NO_FLOAT64, Impl, OpSpec
 
 SPEC = OpSpec("op", public=None, ref=None, impls={"composite": Impl(None), "cuda": Impl(None), "triton": Impl(None, NO_FLOAT64)},
-              auto={"cpu": ("composite",), "cpu/slow": ("reference",), "cuda": ("cuda", "triton", "composite")})
+              auto={"cpu": ("composite",), "cpu/slow": ("reference",)})
 CPU = torch.empty(1)
 
 

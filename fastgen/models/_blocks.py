@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastgen.activations import torch_layer
-from fastgen.nn import BatchNormAct2d, GroupNormAct, UpsampleConv2d
+from fastgen.nn import GroupNormAct, UpsampleConv2d
 
 
 def group_norm_act(num_groups: int, channels: int, eps: float, activation: str, fused: bool) -> tuple[nn.Module, nn.Module]:
@@ -18,12 +18,6 @@ def group_norm_act(num_groups: int, channels: int, eps: float, activation: str, 
     if fused:
         return GroupNormAct(num_groups, channels, eps, activation=activation), nn.Identity()
     return nn.GroupNorm(num_groups, channels, eps), torch_layer(activation)
-
-
-def batch_norm_act(channels: int, activation: str, fused: bool, negative_slope: float = 0.01) -> tuple[nn.Module, nn.Module]:
-    if fused:
-        return BatchNormAct2d(channels, activation=activation, negative_slope=negative_slope), nn.Identity()
-    return nn.BatchNorm2d(channels), torch_layer(activation, negative_slope)
 
 
 class Upsample(nn.Module):

@@ -38,8 +38,9 @@ def cpp_impls(run: Callable, *kernels: str) -> dict[str, Impl]:
     return {"cpu": Impl(run, kernels=kernels), "cuda": Impl(run, kernels=kernels)}
 
 
-# The auto order of an op with C++ CPU, CUDA and Triton kernels, fastest first (benchmarks/NOTES.md)
-KERNELS_FIRST = {"cpu": ("cpu", "composite"), "cuda": ("cuda", "triton", "composite")}
+# The CPU auto order of an op with C++ kernels, fastest first (benchmarks/NOTES.md). CUDA has no order
+# here: auto there takes what the GPU record verified (fastgen.dispatch), fastest first.
+KERNELS_FIRST = {"cpu": ("cpu", "composite")}
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class OpSpec:
     public: Callable                     # fastgen.ops.<name>
     impls: Mapping[str, Impl]            # backend -> Impl; "composite" always, "reference" is `ref`
     examples: tuple[Example, ...] = ()
-    # "cpu", "cuda" or "<device>/<variant>" -> backends, fastest first; those the op lacks are passed over
+    # "cpu" or "cpu/<variant>" -> backends, fastest first; those the op lacks are passed over
     auto: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(KERNELS_FIRST))
     custom_op: bool = False              # True: fastgen::<name>, `str backend` its last argument;
                                          # False: a composition of other ops, whose backends it borrows
