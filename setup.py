@@ -61,8 +61,17 @@ def _pip_cuda_includes() -> list[str]:
 
 
 class BuildExtension(cpp_extension.BuildExtension):
-    """torch's BuildExtension, with object files named after the whole source name: an op's
-    csrc/<op>.cpp and csrc/<op>.cu share a stem, and their objects would collide."""
+    """torch's BuildExtension, with object files named after the whole source name (an op's
+    csrc/<op>.cpp and csrc/<op>.cu share a stem, and their objects would collide), kept in a
+    persistent build directory: pip builds an editable install in a fresh temporary directory each
+    time, which would recompile every source (minutes of nvcc); here ninja recompiles only the
+    sources that changed (and those whose headers did). FASTGEN_BUILD_DIR moves it."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        flavour = f"{sys.implementation.cache_tag}-torch{torch.__version__}-cuda{int(_want_cuda())}"
+        root = os.environ.get("FASTGEN_BUILD_DIR") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "build")
+        self.build_temp = os.path.join(root, f"temp-{flavour}")
 
     def build_extensions(self):
         name_objects = self.compiler.object_filenames
@@ -77,12 +86,14 @@ class BuildExtension(cpp_extension.BuildExtension):
 
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp"))
+    # setuptools skips the build when the library is newer than these; ninja then decides per object
+    headers = sorted(glob.glob("csrc/*.h") + glob.glob("csrc/*.cuh"))
     # -fopenmp: at::parallel_for is header code over OpenMP, serial without it. The C++ standard
     # is torch's choice (C++20 from torch 2.13).
     cxx = ["-O3", "-fopenmp", *_cpu_vector_flags()]
     if not _want_cuda():
         return cpp_extension.CppExtension("fastgen._C", sources, extra_compile_args={"cxx": cxx},
-                                          extra_link_args=["-fopenmp"])
+                                          extra_link_args=["-fopenmp"], depends=headers)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     # the pip headers are searched after the toolkit's own (nvcc's cuda_fp16.h / cuda_bf16.h must
     # not be shadowed by another CUDA version's): -idirafter for g++, trailing -I for nvcc (its
@@ -94,6 +105,7 @@ def extension():
         extra_compile_args={"cxx": cxx + [f for d in pip for f in ("-idirafter", d)],
                             "nvcc": ["-O3", "--expt-relaxed-constexpr"] + [f"-I{d}" for d in pip]},
         extra_link_args=["-fopenmp"],
+        depends=headers,
     )
 
 
@@ -101,7 +113,7 @@ setup(
     name="fastgen",
     version="0.1.0",
     description="Fused PyTorch kernels for image generators",
-    packages=["fastgen", "fastgen.ops", "fastgen.nn", "fastgen.models", "fastgen.kernels"],
+    packages=["fastgen", "fastgen.ops", "fastgen.nn", "fastgen.models", "fastgen.bench", "fastgen.kernels"],
     package_dir={"fastgen.kernels": "kernels"},
     package_data={"fastgen": ["gpu_verified.json"]},  # the GPU record, once a GPU run commits one
     ext_modules=[extension()],

@@ -29,5 +29,18 @@ if [ -z "${FASTGEN_CUDA:-}" ]; then
   if [ -n "${CUDA_HOME:-}" ]; then export FASTGEN_CUDA=1; else export FASTGEN_CUDA=0; fi
 fi
 export MAX_JOBS=${MAX_JOBS:-2}
-echo "== building fastgen (FASTGEN_CUDA=$FASTGEN_CUDA)"
-(cd "$root" && python -m pip install -q --no-build-isolation --no-deps -e .)
+# Nothing is built twice: the stamp is what the build depends on (this checkout, the build settings,
+# the C++/CUDA sources and the build files); when it matches the last build into this environment,
+# that build stands and pip is not run at all. Otherwise pip rebuilds, and ninja in the persistent
+# build/ directory recompiles only the sources that changed (setup.py).
+stamp=$( {
+  echo "$root $FASTGEN_CUDA ${FASTGEN_CPU_VEC:-} ${TORCH_CUDA_ARCH_LIST:-} ${CUDA_HOME:-}"
+  cd "$root" && cat setup.py pyproject.toml setup.cfg csrc/* 2>/dev/null
+} | sha256sum | cut -c1-16)
+if [ "$(cat "$venv/.fastgen-build" 2>/dev/null)" = "$stamp" ] && ls "$root"/fastgen/_C.*.so >/dev/null 2>&1; then
+  echo "== fastgen is built (stamp $stamp: no source changed since the last build)"
+else
+  echo "== building fastgen (FASTGEN_CUDA=$FASTGEN_CUDA)"
+  (cd "$root" && python -m pip install -q --no-build-isolation --no-deps -e .)
+  echo "$stamp" > "$venv/.fastgen-build"
+fi

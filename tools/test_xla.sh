@@ -11,6 +11,8 @@ rm -rf "$copy" && mkdir -p "$copy"  # a fresh copy: no file deleted here survive
 (cd "$src" && tar --exclude=.git --exclude='*.so' --exclude=build --exclude='*.egg-info' --exclude=__pycache__ -cf - .) \
   | (cd "$copy" && tar -xf -)
 export FASTGEN_REQUIREMENTS="$src/requirements-xla.txt" FASTGEN_CUDA=0 PJRT_DEVICE=CPU
+# the copy is made anew each time, its objects are not: ninja recompiles only what changed
+export FASTGEN_BUILD_DIR=${FASTGEN_XLA_BUILD_DIR:-$HOME/.cache/fastgen/xla-build}
 source "$copy/tools/env.sh"
 cd "$copy"
 python -m pytest tests/xla -q -p no:cacheprovider -rs "$@"
