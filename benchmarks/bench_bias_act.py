@@ -4,7 +4,7 @@ Each group is one shape x dtype x layout x pass; compare the medians inside a gr
 fastgen/bench.py BiasAct.
 """
 
-from fastgen.bench import BiasAct
+from fastgen.bench.bias_act import BiasAct
 from harness import benchmark_suite
 
 test_bias_act = benchmark_suite(BiasAct)

@@ -4,7 +4,7 @@ Each group is one shape x dtype x layout x pass; compare the medians inside a gr
 the copy bandwidth: `python -m fastgen bench --ops group_norm_act`.
 """
 
-from fastgen.bench import GroupNormAct
+from fastgen.bench.group_norm_act import GroupNormAct
 from harness import benchmark_suite
 
 test_group_norm_act = benchmark_suite(GroupNormAct)

@@ -1,6 +1,6 @@
 """Whole generators: eager vs torch.compile vs fastgen (pytest benchmarks --benchmark-only -k models).
 
-One group per model; the models and what is timed are fastgen.bench_models.MODELS. Peak memory per
+One group per model; the models and what is timed are fastgen.bench.models.MODELS. Peak memory per
 provider needs a process each: `python -m fastgen bench --models`.
 """
 
@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from fastgen.bench_models import MODELS
+from fastgen.bench.models import MODELS
 
 
 @pytest.mark.parametrize("provider", ["eager", "compile", "converted"])

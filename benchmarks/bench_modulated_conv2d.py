@@ -4,7 +4,7 @@ Each group is one shape x dtype x layout x pass; compare the medians inside a gr
 fastgen/bench.py ModulatedConv2d.
 """
 
-from fastgen.bench import ModulatedConv2d
+from fastgen.bench.modulated_conv2d import ModulatedConv2d
 from harness import benchmark_suite
 
 test_modulated_conv2d = benchmark_suite(ModulatedConv2d)

@@ -4,7 +4,7 @@ Each group is one shape x dtype x layout x pass; compare the medians inside a gr
 fastgen/bench.py Upfirdn2d.
 """
 
-from fastgen.bench import Upfirdn2d
+from fastgen.bench.upfirdn2d import Upfirdn2d
 from harness import benchmark_suite
 
 test_upfirdn2d = benchmark_suite(Upfirdn2d)

@@ -4,7 +4,7 @@ Each group is one shape x dtype x layout x pass; compare the medians inside a gr
 sweep with achieved TFLOP/s, errors and peak memory is `python -m fastgen bench`.
 """
 
-from fastgen.bench import UpsampleConv2d
+from fastgen.bench.upsample_conv2d import UpsampleConv2d
 from harness import benchmark_suite
 
 test_upsample_conv2d = benchmark_suite(UpsampleConv2d)

@@ -1,4 +1,10 @@
-"""One pytest-benchmark test per fastgen.bench suite: every provider, shape, layout and pass."""
+"""pytest-benchmark over fastgen.bench's suites: one test per op (benchmarks/bench_<op>.py), one
+benchmark group per op, shape, dtype, layout and pass, with every provider of that row in it (eager,
+torch.compile, auto, each fastgen backend), so `--benchmark-compare` matches rows across runs.
+
+`pytest benchmarks --benchmark-only` times every shape; `pytest benchmarks --benchmark-disable`
+(README's test command) runs each op's quick shape once per provider, so the files cannot rot.
+"""
 
 import os
 
@@ -12,34 +18,40 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 
 
-def benchmark_suite(suite):
+def cases(suite, quick: bool) -> list[tuple]:
+    """(shape, provider) pairs: every shape of the device (quick: the suite's quick one) with the
+    providers that run at it."""
     shapes = suite.gpu_shapes if DEVICE == "cuda" else suite.cpu_shapes
-    names = list(providers(suite, DEVICE)) + ["auto"]  # auto: what a user gets without choosing
+    return [(s, name) for s in shapes if s.quick or not quick for name in providers(suite, DEVICE, s)]
 
-    @pytest.mark.parametrize("provider", names)
+
+def benchmark_suite(suite):
+    """The test for one suite; benchmarks/conftest.py parametrizes `case` from cases(suite, quick)."""
+
     @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-    @pytest.mark.parametrize("shape", shapes, ids=lambda s: s.name)
     @pytest.mark.parametrize("kind", ["fwd", "fwd+bwd"])
-    def test(benchmark, provider, channels_last, shape, kind):
-        if kind == "fwd+bwd" and shape is not shapes[0]:
-            pytest.skip("fwd+bwd at the first shape only, to keep the CPU run short")
+    def test(benchmark, case, channels_last, kind):
+        shape, provider = case
         torch._dynamo.reset()
-        f = suite.fused(None) if provider == "auto" else providers(suite, DEVICE)[provider]
-        inputs = make_inputs(suite, shape, DTYPE, DEVICE, channels_last, requires_grad=kind != "fwd")
+        f = providers(suite, DEVICE, shape)[provider]
+        need_grad = kind != "fwd"
+        inputs = make_inputs(suite, shape, DTYPE, DEVICE, channels_last, need_grad)
 
         def step():
             out = f(*inputs, shape)
-            if kind != "fwd":
-                out.backward(torch.ones_like(out))
+            if need_grad:
+                torch.autograd.grad(out, [inputs[i] for i in suite.grad_of], torch.ones_like(out))
             if DEVICE == "cuda":
                 torch.cuda.synchronize()
             return out
 
-        step()  # compile / autotune outside the timing
+        out = step()  # compile / autotune outside the timing
+        assert out.isfinite().all(), f"{provider} gave a non-finite result"
         benchmark.group = f"{suite.op} {shape.name} {DTYPE} {'nhwc' if channels_last else 'nchw'} {kind}"
         benchmark.extra_info.update(suite.work(shape, inputs[0].element_size()))
         benchmark.extra_info["fastgen"] = fastgen.__version__
         rounds = int(os.environ.get("FASTGEN_BENCH_ROUNDS", 30 if DEVICE == "cpu" else 50))
         benchmark.pedantic(step, rounds=rounds, warmup_rounds=3)
 
+    test.suite = suite
     return test

@@ -176,14 +176,38 @@ def _unsupported(spec, name: str, dtype: torch.dtype) -> str:
 _warned: set[tuple[str, str, str]] = set()
 
 
+def layout(x: torch.Tensor) -> str:
+    """'nhwc' for a channels_last 4-D tensor (that is not also contiguous), else 'nchw'."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return "nhwc"
+    return "nchw"
+
+
+_recorders: list[list] = []
+
+
+@contextlib.contextmanager
+def auto_choices():
+    """Inside the block, every choice `auto` makes is appended to the yielded list as (op, backend):
+    what the benchmarks report as auto's backend, and what the tests check against the measurements."""
+    picks: list = []
+    _recorders.append(picks)
+    try:
+        yield picks
+    finally:
+        _recorders.remove(picks)
+
+
 def select(spec, x: torch.Tensor, backend: str | None, variant: str | None = None) -> str:
     """The backend op `spec` (a fastgen.ops._registry.OpSpec) runs on for input x.
 
-    An explicitly named backend runs or raises. `auto` walks the spec's order for x's device (the
-    "<device>/<variant>" entry first when the op has variants, e.g. upsample_conv2d's modes) and
-    takes the first backend that this install has and that takes x's dtype; XLA tensors always take
-    the composite. Falling past the first choice is logged once per op, device and choice.
-    Backends in the order that the op does not have are passed over (orders are shared).
+    An explicitly named backend runs or raises. `auto` walks the spec's order for x's device, the
+    most specific entry first: "<device>/<variant>/<layout>", "<device>/<variant>",
+    "<device>/<layout>", "<device>" (variants are an op's size or mode classes, e.g. upsample_conv2d's
+    modes; layouts "nchw" and "nhwc"), and takes the first backend that this install has and that
+    takes x's dtype; XLA tensors always take the composite; CUDA tensors what a GPU run verified.
+    Falling past the first choice is logged once per op, device and choice. Backends in the order
+    that the op does not have are passed over (orders are shared).
     """
     name = requested(backend)
     device = x.device
@@ -194,12 +218,27 @@ def select(spec, x: torch.Tensor, backend: str | None, variant: str | None = Non
         if why:
             raise RuntimeError(f"{spec.name}: backend '{name}' is not available: {why}")
         return name
+    choice = _select_auto(spec, x, variant)
+    for picks in _recorders:
+        picks.append((spec.name, choice))
+    return choice
+
+
+def auto_order(spec, kind: str, variant: str | None, memory_layout: str) -> tuple[str, ...]:
+    """The spec's auto order for a device kind, variant and layout (the most specific entry)."""
+    keys = ((f"{kind}/{variant}/{memory_layout}", f"{kind}/{variant}") if variant else ()) + (
+        f"{kind}/{memory_layout}", kind)
+    return next((spec.auto[k] for k in keys if k in spec.auto), ("composite",))
+
+
+def _select_auto(spec, x: torch.Tensor, variant: str | None) -> str:
+    device = x.device
     kind = device.type
     if kind == "xla":
         return "composite"
     if kind == "cuda":
         return _select_verified(spec, x)
-    order = spec.auto.get(f"{kind}/{variant}") or spec.auto.get(kind, ("composite",))
+    order = auto_order(spec, kind, variant, layout(x))
     candidates = [c for c in order if c in spec.backends]  # an op without a backend passes it over
     for choice in candidates:
         why = _unavailable(choice, device) or _unsupported(spec, choice, x.dtype)

@@ -1,6 +1,6 @@
 """The one tolerance table: per dtype (atol, rtol) against a float64 oracle, for outputs of order 1.
 The tests (tests/tolerances.py), the GPU verification (fastgen.verify) and the benchmarks' correctness
-column all read it."""
+column (both through `judge`) all read it."""
 
 import torch
 
@@ -26,4 +26,26 @@ def within_eager_error(got, eager, want, factor: float = 3.0) -> list[str]:
         err, base = (g.double() - w).abs().max().item(), (e.double() - w).abs().max().item()
         if not err <= factor * base + floor:
             problems.append(f"result {i}: error {err:.3g} > {factor} x eager's {base:.3g} + {floor:.3g}")
+    return problems
+
+
+def within_table(got, want, dtype, scale: float = 1.0) -> bool:
+    """Every tensor within the table's (atol, rtol) for dtype, times scale, against the float64 oracle,
+    relative to the largest magnitude of its list (as the tests' gradient check does)."""
+    atol, rtol = TOLERANCES[dtype]
+    norm = max(1.0, max(w.abs().max().item() for w in want))
+    return all(torch.allclose(g.double() / norm, w / norm, atol=atol * scale, rtol=rtol * scale)
+               for g, w in zip(got, want, strict=True))
+
+
+def judge(got, eager, want, dtype) -> list[str]:
+    """What is wrong with `got` = [output, *gradients] against the float64 oracle `want` (empty: it
+    passed): each part within the table (gradients at 3x) or, failing that, the flash-attention rule
+    against the unfused layers' own results in the same dtype, `eager` (2x for the output, 3x for
+    gradients)."""
+    problems = []
+    if not within_table(got[:1], want[:1], dtype):
+        problems += [f"output: {p}" for p in within_eager_error(got[:1], eager[:1], want[:1], 2.0)]
+    if len(got) > 1 and not within_table(got[1:], want[1:], dtype, 3.0):
+        problems += [f"gradients: {p}" for p in within_eager_error(got[1:], eager[1:], want[1:], 3.0)]
     return problems

@@ -109,6 +109,6 @@ def test_every_custom_op_has_a_benchmark_suite_and_a_readme_row():
     readme = (ROOT / "README.md").read_text()
     for spec in SPECS:
         if spec.custom_op:
-            assert spec.name in SUITES, f"{spec.name} has no suite in fastgen/bench.py"
+            assert spec.name in SUITES, f"{spec.name} has no suite in fastgen/bench/"
         assert f"`fastgen.ops.{spec.name}`" in readme, f"README's ops table lacks {spec.name}"
     assert sorted(s.op for s in bench._SUITES) == sorted(SUITES), "a suite names an op that is not registered"

@@ -74,9 +74,9 @@ if [ $device = cuda ]; then
     tests/test_upsample_conv2d.py tests/test_group_norm_act.py tests/test_batch_norm_act.py tests/test_upfirdn2d.py \
     tests/test_bias_act.py tests/test_pixel_norm.py tests/test_modulated_conv2d.py tests/test_instance_norm_act.py \
     --junitxml="$OUT/tests_cuda.xml"
-  stage sweep_upsample $(($(left) / 3)) python -m fastgen bench --device cuda --dtype bfloat16 --passes fwd \
+  stage sweep_upsample $(($(left) / 3)) python -m fastgen bench --full --device cuda --dtype bfloat16 --passes fwd \
     --ops upsample_conv2d --shapes sdvae-up1,sdvae-up2,sdvae-up3 --layouts nhwc,nchw --out "$OUT/bench_upsample.json"
-  stage sweep_ops "$(left)" python -m fastgen bench --device cuda --dtype bfloat16 --passes fwd,fwd+bwd \
+  stage sweep_ops "$(left)" python -m fastgen bench --full --device cuda --dtype bfloat16 --passes fwd,fwd+bwd \
     --compile-mode default ${ops:+--ops "$ops"} --skip-ops upsample_conv2d --out "$OUT/bench_ops.json"
 else
   stage tests_launchers 240 python -m pytest tests/test_launchers.py tests/test_backends.py -q -p no:cacheprovider
@@ -87,14 +87,12 @@ fi
 echo "== the table (at $((SECONDS - start)) s)"
 python - "$OUT" <<'PY' || status=1
 import json, pathlib, sys
-from fastgen.bench import summary_table
-rows = [r for f in sorted(pathlib.Path(sys.argv[1]).glob("bench_*.json")) for r in json.loads(f.read_text())["rows"]]
-print(summary_table(rows) if rows else "no benchmark rows")
-for r in rows:
-    if "copy_gbps" in r:
-        gb = {n: p.get("gbps") for n, p in r["providers"].items() if p.get("gbps")}
-        print(f"{r['op']} {r['shape']['name']} {'nhwc' if r['channels_last'] else 'nchw'} {r['pass']}: copy "
-              f"{r['copy_gbps']:.0f} GB/s; " + ", ".join(f"{n} {v:.0f} GB/s ({v / r['copy_gbps']:.0%})" for n, v in gb.items()))
+from fastgen.bench.report import summary_table
+runs = sorted(pathlib.Path(sys.argv[1]).glob("bench_*.json"))
+for f in runs:
+    record = json.loads(f.read_text())
+    print(f"{f.name}:\n{summary_table(record['rows'])}")
+print("" if runs else "no benchmark rows")
 PY
 echo "gpu_check: $([ $status = 0 ] && echo PASSED || echo FAILED) in $((SECONDS - start)) s"
 exit $status

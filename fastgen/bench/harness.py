@@ -1,444 +1,219 @@
-"""The kernel-by-kernel comparison behind `python -m fastgen bench` and benchmarks/bench_*.py.
+"""Timing, checking and measuring one row: an op at one shape, layout and pass, every provider.
 
-For each op (a Suite), providers side by side in one run: `eager` (the op's `_ref`, the unfused
-torch layers), `compile` (torch.compile of eager; max-autotune on a GPU) and each fastgen backend
-the device has. Each row: median ms, achieved TFLOP/s (for convolutions, counting the unfused
-conv's FLOPs) or GB/s (for normalizations, counting the fused minimum of reads and writes: 2 + 1,
-pixel norm 1 + 1), speedup over eager and over compile, max error against the float64 oracle, and peak
-memory (CUDA). On a GPU each row also measures the device-to-device copy bandwidth, the ceiling.
+Providers side by side in one process: `eager` (the op's `_ref`, the unfused torch layers),
+`compile` (torch.compile of eager; max-autotune on a GPU), the suite's baselines, `auto` (the public
+op as a user calls it) and each fastgen backend the device runs. For each: the median time, the
+output's and each gradient's error against the float64 oracle judged by the tolerance table
+(fastgen.tolerances.judge: PASS or FAIL), the peak memory one step allocates, and the achieved
+TFLOP/s or GB/s against the machine's measured ceiling (matmul peak, copy bandwidth).
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
+import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 import fastgen
-from fastgen.dispatch import backends
-from fastgen.ops.batch_norm_act import batch_norm_act, batch_norm_act_ref
-from fastgen.ops.bias_act import bias_act, bias_act_ref
-from fastgen.ops.group_norm_act import group_norm_act, group_norm_act_ref
+from fastgen.dispatch import auto_choices, backends
 from fastgen.ops import REGISTRY
-from fastgen.ops.modulated_conv2d import _modulated_conv2d, modulated_conv2d, modulated_conv2d_ref
-from fastgen.ops.pixel_norm import pixel_norm, pixel_norm_ref
-from fastgen.ops.upfirdn2d import upfirdn2d, upfirdn2d_ref
-from fastgen.ops.upsample_conv2d import upsample_conv2d, upsample_conv2d_ref
+from fastgen.tolerances import judge
+
+FASTGEN_BACKENDS = ("composite", "cpu", "cuda", "triton")  # what "best fastgen backend" ranges over
 
 
-@dataclass(frozen=True)
-class Shape:
-    name: str
-    n: int
-    c: int
-    h: int
-    w: int
-    co: int = 0  # output channels (convolutions)
-    k: int = 3  # kernel size (convolutions)
-    mode: str = "nearest"  # upsampling mode
-    scale: int = 2  # upsampling factor
-    groups: int = 32  # GroupNorm groups
-    activation: str = "silu"
-    up: int = 1  # StyleGAN2 resampling
-    down: int = 1
-    padding: tuple = (0, 0, 0, 0)  # upfirdn2d's (px0, px1, py0, py1)
-    gain: float = 1.0
-
-
-_SUITES: list = []
-
-
-def suite(cls):
-    """Registers a benchmark suite: a class naming its `op` (its backends are the op's spec's) with
-    cpu_shapes, gpu_shapes, inputs(shape), eager(*inputs, shape), fused(backend) and work(shape, itemsize)."""
-    _SUITES.append(cls)
-    return cls
-
-
-def _generator():
-    return torch.Generator(device="cpu").manual_seed(0)
-
-
-def _norm_inputs(s: "Shape"):
-    """x, and a per-channel weight near 1 and bias near 0, as trained norm layers have."""
-    g = _generator()
-    return (torch.randn(s.n, s.c, s.h, s.w, generator=g), 1 + 0.1 * torch.randn(s.c, generator=g),
-            0.1 * torch.randn(s.c, generator=g))
-
-
-@suite
-class UpsampleConv2d:
-    op = "upsample_conv2d"
-    # Real generator layers. SD-VAE decoder: Upsample2D (nearest 2x + 3x3 conv) at 64, 128, 256.
-    gpu_shapes = [
-        Shape("sdvae-up1", 1, 512, 64, 64, co=512),
-        Shape("sdvae-up2", 1, 512, 128, 128, co=512),
-        Shape("sdvae-up3", 1, 256, 256, 256, co=256),
-        Shape("dcgan-up", 64, 256, 16, 16, co=128),
-        Shape("sdvae-up2-bilinear", 1, 512, 128, 128, co=512, mode="bilinear"),
-    ]
-    cpu_shapes = [
-        Shape("c128-64x64", 1, 128, 64, 64, co=128),
-        Shape("dcgan-up", 16, 256, 8, 8, co=128),
-        Shape("c64-32x32-bilinear", 1, 64, 32, 32, co=64, mode="bilinear"),
-    ]
-
-    @staticmethod
-    def inputs(s: Shape):
-        g = _generator()
-        return (torch.randn(s.n, s.c, s.h, s.w, generator=g),
-                torch.randn(s.co, s.c, s.k, s.k, generator=g) / math.sqrt(s.c * s.k ** 2),
-                torch.randn(s.co, generator=g))
-
-    @staticmethod
-    def eager(x, w, b, s: Shape):
-        return upsample_conv2d_ref(x, w, b, scale_factor=s.scale, mode=s.mode)
-
-    @staticmethod
-    def fused(backend):
-        return lambda x, w, b, s: upsample_conv2d(x, w, b, scale_factor=s.scale, mode=s.mode, backend=backend)
-
-    @staticmethod
-    def work(s: Shape, itemsize: int) -> dict:
-        return {"flops": 2.0 * s.n * s.co * s.c * s.k ** 2 * s.h * s.w * s.scale ** 2}
-
-
-@suite
-class GroupNormAct:
-    op = "group_norm_act"
-    # SD-VAE decoder GroupNorm(32) + SiLU at its largest maps; a batch; instance norm + ReLU
-    # (style transfer), which runs on the same op with one channel per group
-    gpu_shapes = [
-        Shape("sdvae-512x128", 1, 512, 128, 128),
-        Shape("sdvae-512x256", 1, 512, 256, 256),
-        Shape("sdvae-256x512", 1, 256, 512, 512),
-        Shape("batch-64x64x64", 32, 64, 64, 64),
-        Shape("instance-norm-256x128", 8, 256, 128, 128, groups=256, activation="relu"),  # G = C
-    ]
-    cpu_shapes = [
-        Shape("c256-64x64", 1, 256, 64, 64),
-        Shape("c128-128x128", 1, 128, 128, 128),
-        Shape("batch-8x64x32", 8, 64, 32, 32),
-        Shape("instance-norm-64x32", 8, 64, 32, 32, groups=64, activation="relu"),  # G = C
-    ]
-
-    inputs = staticmethod(_norm_inputs)
-
-    @staticmethod
-    def eager(x, w, b, s: Shape):
-        return group_norm_act_ref(x, s.groups, w, b, activation=s.activation)
-
-    @staticmethod
-    def fused(backend):
-        return lambda x, w, b, s: group_norm_act(x, s.groups, w, b, activation=s.activation, backend=backend)
-
-    @staticmethod
-    def work(s: Shape, itemsize: int) -> dict:
-        return {"bytes": 3.0 * s.n * s.c * s.h * s.w * itemsize}
-
-
-@suite
-class BatchNormAct2d:
-    op = "batch_norm_act"
-    # DCGAN generator BatchNorm + ReLU layers, training mode (batch statistics)
-    gpu_shapes = [Shape("dcgan-256x16", 128, 256, 16, 16, activation="relu"),
-                  Shape("dcgan-128x32", 128, 128, 32, 32, activation="relu"),
-                  Shape("dcgan-64x64", 128, 64, 64, 64, activation="relu")]
-    cpu_shapes = [Shape("dcgan-128x16", 16, 128, 16, 16, activation="relu"),
-                  Shape("dcgan-64x32", 16, 64, 32, 32, activation="relu")]
-
-    inputs = staticmethod(_norm_inputs)
-
-    @staticmethod
-    def eager(x, w, b, s: Shape):
-        return batch_norm_act_ref(x, None, None, w, b, True, activation=s.activation)
-
-    @staticmethod
-    def fused(backend):
-        return lambda x, w, b, s: batch_norm_act(x, None, None, w, b, True, activation=s.activation, backend=backend)
-
-    @staticmethod
-    def work(s: Shape, itemsize: int) -> dict:
-        return {"bytes": 3.0 * s.n * s.c * s.h * s.w * itemsize}
-
-
-@suite
-class PixelNorm:
-    op = "pixel_norm"
-    # 512- and 256-channel maps, as in the synthesis networks of ProGAN and StyleGAN1
-    gpu_shapes = [Shape("stylegan-512x64", 16, 512, 64, 64), Shape("stylegan-256x256", 16, 256, 256, 256)]
-    cpu_shapes = [Shape("c512-32x32", 4, 512, 32, 32)]
-
-    @staticmethod
-    def inputs(s: Shape):
-        return (torch.randn(s.n, s.c, s.h, s.w, generator=_generator()),)
-
-    @staticmethod
-    def eager(x, s: Shape):
-        return pixel_norm_ref(x)
-
-    @staticmethod
-    def fused(backend):
-        return lambda x, s: pixel_norm(x, backend=backend)
-
-    @staticmethod
-    def work(s: Shape, itemsize: int) -> dict:
-        return {"bytes": 2.0 * s.n * s.c * s.h * s.w * itemsize}
-
-
-@suite
-class BiasAct:
-    op = "bias_act"
-    # StyleGAN2 synthesis layers (bias + lrelu * sqrt 2, conv_clamp 256): 1024x1024 and 256x256 configs
-    gpu_shapes = [Shape("sg1024-128x256", 16, 128, 256, 256, activation="lrelu"),
-                  Shape("sg1024-32x1024", 16, 32, 1024, 1024, activation="lrelu"),
-                  Shape("sg256-64x256", 32, 64, 256, 256, activation="lrelu")]
-    cpu_shapes = [Shape("sg256-128x128", 4, 128, 128, 128, activation="lrelu"),
-                  Shape("sg256-64x256", 4, 64, 256, 256, activation="lrelu")]
-
-    @staticmethod
-    def inputs(s: Shape):
-        g = _generator()
-        return torch.randn(s.n, s.c, s.h, s.w, generator=g), 0.1 * torch.randn(s.c, generator=g)
-
-    @staticmethod
-    def eager(x, b, s: Shape):
-        return bias_act_ref(x, b, act=s.activation, clamp=256.0)
-
-    @staticmethod
-    def fused(backend):
-        return lambda x, b, s: bias_act(x, b, act=s.activation, clamp=256.0, backend=backend)
-
-    @staticmethod
-    def work(s: Shape, itemsize: int) -> dict:
-        return {"bytes": 2.0 * s.n * s.c * s.h * s.w * itemsize}
-
-
-def _fir_filter():
-    f = torch.tensor([1.0, 3.0, 3.0, 1.0])
-    return torch.outer(f, f) / 64
-
-
-@suite
-class Upfirdn2d:
-    op = "upfirdn2d"
-    # StyleGAN2's three uses: the FIR after an upsampling (transposed) conv, the ToRGB skip
-    # upsample of the image, the discriminator's downsample; 1024x1024 and 256x256 configs
-    gpu_shapes = [Shape("sg1024-fir-after-up", 16, 128, 257, 257, padding=(1, 1, 1, 1), gain=4.0),
-                  Shape("sg1024-torgb-up", 16, 3, 512, 512, up=2, padding=(2, 1, 2, 1), gain=4.0),
-                  Shape("sg1024-disc-down", 16, 64, 512, 512, down=2, padding=(1, 1, 1, 1))]
-    cpu_shapes = [Shape("sg256-fir-after-up", 4, 128, 129, 129, padding=(1, 1, 1, 1), gain=4.0),
-                  Shape("sg256-torgb-up", 4, 3, 128, 128, up=2, padding=(2, 1, 2, 1), gain=4.0),
-                  Shape("sg256-disc-down", 4, 64, 128, 128, down=2, padding=(1, 1, 1, 1))]
-
-    @staticmethod
-    def inputs(s: Shape):
-        return torch.randn(s.n, s.c, s.h, s.w, generator=_generator()), _fir_filter()
-
-    @staticmethod
-    def eager(x, f, s: Shape):
-        return upfirdn2d_ref(x, f.detach(), s.up, s.down, list(s.padding), gain=s.gain)
-
-    @staticmethod
-    def fused(backend):
-        return lambda x, f, s: upfirdn2d(x, f.detach(), s.up, s.down, list(s.padding), gain=s.gain, backend=backend)
-
-    @staticmethod
-    def work(s: Shape, itemsize: int) -> dict:
-        out = s.n * s.c * (s.h * s.up + s.padding[2] + s.padding[3] - 3) // s.down * (
-            (s.w * s.up + s.padding[0] + s.padding[1] - 3) // s.down)
-        return {"bytes": float(s.n * s.c * s.h * s.w + out) * itemsize}
-
-
-@suite
-class ModulatedConv2d:
-    op = "modulated_conv2d"
-    # StyleGAN2 synthesis conv0 (3x3, up 2, fused modconv) and conv1 (3x3) layers. `stylegan2` is
-    # StyleGAN2's own formulation: the same fast paths with its plain-torch upfirdn2d
-    gpu_shapes = [Shape("sg1024-up-512x64", 16, 512, 64, 64, co=256, up=2),
-                  Shape("sg1024-up-256x128", 16, 256, 128, 128, co=128, up=2),
-                  Shape("sg1024-conv-128x256", 16, 128, 256, 256, co=128)]
-    cpu_shapes = [Shape("sg256-up-256x64", 4, 256, 64, 64, co=128, up=2),
-                  Shape("sg256-conv-128x128", 4, 128, 128, 128, co=128)]
-
-    @staticmethod
-    def inputs(s: Shape):
-        g = _generator()
-        return (torch.randn(s.n, s.c, s.h, s.w, generator=g), torch.randn(s.co, s.c, s.k, s.k, generator=g),
-                1 + 0.2 * torch.randn(s.n, s.c, generator=g), _fir_filter())
-
-    @staticmethod
-    def eager(x, w, styles, f, s: Shape):
-        return modulated_conv2d_ref(x, w, styles, True, s.up, s.down, f.detach(), s.k // 2, flip_weight=s.up == 1)
-
-    @staticmethod
-    def fused(backend):
-        return lambda x, w, styles, f, s: modulated_conv2d(x, w, styles, True, s.up, s.down, f.detach(), s.k // 2,
-                                                           flip_weight=s.up == 1, backend=backend)
-
-    @staticmethod
-    def stylegan2(x, w, styles, f, s: Shape):
-        return _modulated_conv2d(x, w, styles, True, s.up, s.down, f.detach(), (s.k // 2,) * 4, True, s.up == 1,
-                                 upfirdn2d_ref)
-
-    baselines = ("stylegan2",)
-
-    @staticmethod
-    def work(s: Shape, itemsize: int) -> dict:
-        return {"flops": 2.0 * s.n * s.co * s.c * s.k ** 2 * s.h * s.w}
-
-
-# in the registry's order (fastgen.ops.REGISTRY)
-SUITES = {name: cls for name in REGISTRY for cls in _SUITES if cls.op == name}
-
-
-def make_inputs(suite, shape: Shape, dtype, device, channels_last: bool, requires_grad=False):
+def make_inputs(suite, shape, dtype, device, channels_last: bool, need_grad=False) -> list[torch.Tensor]:
+    """The suite's inputs in dtype and layout on device; those in suite.grad_of require grad when
+    need_grad. Filters stay float32 (the ops take them so)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x, *rest = suite.inputs(shape)
-    x = x.to(device=device, dtype=dtype).to(memory_format=fmt)
-    return [t.to(device=device, dtype=dtype).requires_grad_(requires_grad) for t in (x, *rest)]
+    out = [x.to(device=device, dtype=dtype).to(memory_format=fmt)]
+    out += [t.to(device=device, dtype=dtype if suite.names[i + 1] != "filter" else t.dtype)
+            for i, t in enumerate(rest)]
+    return [t.requires_grad_(need_grad and i in suite.grad_of) for i, t in enumerate(out)]
 
 
-def providers(suite, device: str, compile_mode: str | None = "auto") -> dict:
-    """name -> f(*inputs, shape): every way this device can run the op. compile_mode "auto" is
-    max-autotune (without CUDA graphs) on a GPU and the default elsewhere."""
+def providers(suite, device: str, shape=None, compile_mode: str | None = "auto") -> dict:
+    """name -> f(*inputs, shape): every way this device can run the op at shape. compile_mode "auto"
+    is max-autotune (without CUDA graphs) on a GPU and the default elsewhere."""
     if compile_mode == "auto":
         compile_mode = "max-autotune-no-cudagraphs" if device == "cuda" else None
-    compiled = torch.compile(suite.eager, mode=compile_mode, dynamic=False)
-    table = {"eager": suite.eager, "compile": compiled}
+    table = {"eager": suite.eager, "compile": torch.compile(suite.eager, mode=compile_mode, dynamic=False)}
     table.update({name: getattr(suite, name) for name in getattr(suite, "baselines", ())})
-    # the fastgen backends that run here; on the CPU triton is the interpreter (correctness only)
+    table["auto"] = suite.fused(None)
+    # the backends that run here; on the CPU triton is the interpreter (correctness only, not timed)
     runs_here = {"composite"} | ({"cuda", "triton"} if device == "cuda" else {"cpu"})
+    worth = suite.backends(shape) if hasattr(suite, "backends") and shape is not None else None
     for name in REGISTRY[suite.op].impls:
-        if name in runs_here and backends()[name].available:
+        if name in runs_here and backends()[name].available and (worth is None or name in worth):
             table[name] = suite.fused(name)
     return table
 
 
-def _time_ms(fn, device: str, reps: int) -> float:
+def time_ms(fn, device: str, reps: int = 10, budget_s: float | None = None) -> float:
+    """Median milliseconds of fn() (one provider alone; rows time theirs together, time_together)."""
+    return time_together({"fn": fn}, device, reps, budget_s)["fn"]
+
+
+def time_together(steps: dict, device: str, reps: int = 10, budget_s: float | None = None) -> dict:
+    """Median milliseconds of each step. On a GPU triton.testing.do_bench, one after another. On the
+    CPU one warm-up call each, then `reps` rounds that call every step once in turn (or fewer rounds,
+    at least 3, once each step has had `budget_s` seconds): the CPU's speed drifts (other tenants,
+    memory reclaim), and round-robin timing lays the drift on every provider alike."""
     if device == "cuda":
         import triton.testing
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
+        return {name: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+                for name, fn in steps.items()}
+    for fn in steps.values():
         fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    times = {name: [] for name in steps}
+    start = time.perf_counter()
+    for done in range(1, reps + 1):
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+        if budget_s is not None and done >= 3 and time.perf_counter() - start > budget_s * len(steps):
+            break
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def copy_gbps(x: torch.Tensor) -> float:
-    """Measured device-to-device copy bandwidth (read + write) on a tensor of x's size."""
-    y = torch.empty_like(x)
-    ms = _time_ms(lambda: y.copy_(x), x.device.type, 20)
-    return 2 * x.numel() * x.element_size() / ms / 1e6
-
-
-def measure(f, inputs, shape, need_grad: bool, oracle, device: str, reps: int, work: dict) -> dict:
-    """One provider at one shape: median ms, TFLOP/s or GB/s, max error vs the oracle, peak MiB (CUDA)."""
-    def step():
-        out = f(*inputs, shape)
-        if need_grad:
-            out.backward(torch.ones_like(out))
-        return out
-
-    err = (step().double() - oracle).abs().max().item()
-    peak = None
+def peak_mib(step, device: str) -> float:
+    """The most memory one call of step() holds at once beyond what was allocated before it, in MiB.
+    CUDA: the caching allocator's peak. CPU: every allocation and free the profiler saw, in order."""
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         step()
         torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    ms = _time_ms(step, device, reps)
-    row = {"ms": ms, "max_err": err, "peak_mib": peak}
-    if "flops" in work:
-        row["tflops"] = work["flops"] * (3 if need_grad else 1) / ms / 1e9
-    if "bytes" in work and not need_grad:
-        row["gbps"] = work["bytes"] / ms / 1e6
-    return row
+        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    with _quiet(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                          profile_memory=True) as prof:
+        step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    held = peak = 0
+    for _, delta in events:
+        held += delta
+        peak = max(peak, held)
+    return peak / 2 ** 20
 
 
-def run(suite, device: str = "cpu", dtype=torch.float32, channels_last=False, shapes=None, passes=("fwd",),
-        reps: int = 10, log=print, on_row=None, compile_mode: str | None = "auto") -> list[dict]:
-    shapes = shapes or (suite.gpu_shapes if device == "cuda" else suite.cpu_shapes)
-    rows = []
-    for shape in shapes:
-        for kind in passes:
-            # a fresh torch.compile per row: one compiled graph per shape, never the recompile
-            # limit's silent fall back to eager
-            torch._dynamo.reset()
-            table = providers(suite, device, compile_mode)
-            need_grad = kind != "fwd"
-            inputs = make_inputs(suite, shape, dtype, device, channels_last, need_grad)
-            oracle = suite.eager(*(t.detach().double() for t in inputs), shape)
-            work = suite.work(shape, inputs[0].element_size())
-            results = {}
-            for name, f in table.items():
-                try:
-                    results[name] = measure(f, inputs, shape, need_grad, oracle, device, reps, work)
-                except Exception as e:  # a provider that fails is reported, not hidden
-                    results[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
-                    log(f"  {shape.name} {kind} {name}: FAILED {results[name]['error']}")
-            for r in results.values():
-                for base in ("eager", "compile"):
-                    if "ms" in r and "ms" in results.get(base, {}):
-                        r[f"speedup_vs_{base}"] = results[base]["ms"] / r["ms"]
-            row = {"op": suite.op, "shape": asdict(shape), "pass": kind, "dtype": str(dtype).replace("torch.", ""),
-                   "channels_last": channels_last, "compile_mode": compile_mode, "providers": results}
-            if device == "cuda":
-                row["copy_gbps"] = copy_gbps(inputs[0].detach())
-            rows.append(row)
-            log(format_row(row))
-            if on_row:
-                on_row(row)
-    return rows
+@contextlib.contextmanager
+def _quiet():
+    """The profiler's C++ side logs each start and stop to the process's stdout/stderr; silence them
+    (not Python's own output: nothing Python prints happens inside)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
 
 
-def format_row(row: dict) -> str:
-    s = row["shape"]
-    head = (f"{row['op']} {s['name']:>18s} N{s['n']} C{s['c']} {s['h']}x{s['w']} {row['dtype']} "
-            f"{'NHWC' if row['channels_last'] else 'NCHW'} {row['pass']}")
-    cells = []
-    for name, r in row["providers"].items():
-        if "ms" not in r:
-            cells.append(f"{name}=FAIL")
-            continue
-        cell = f"{name} {r['ms']:.3f}ms"
-        if "gbps" in r:
-            cell += f" {r['gbps']:.0f}GB/s"
-        if name != "eager" and "speedup_vs_eager" in r:
-            cell += f" x{r['speedup_vs_eager']:.2f}"
-        cells.append(cell)
-    return head + "\n    " + " | ".join(cells)
+def matmul_tflops(device: str, dtype: torch.dtype) -> float:
+    """The machine's measured matmul throughput at dtype (TFLOP/s): the compute ceiling."""
+    n = 8192 if device == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return 2 * n ** 3 / time_ms(lambda: a @ b, device, 5) / 1e9
 
 
-def summary_table(rows: list[dict]) -> str:
-    """One line per row: each provider's median ms and its speedup over eager and compile."""
-    first = ("eager", "compile")
-    names = sorted({n for r in rows for n in r["providers"]}, key=lambda n: (first.index(n) if n in first else 2, n))
-    lines = [f"{'op / shape':>34s} {'layout':6s} {'pass':7s} " + " ".join(f"{n:>20s}" for n in names)]
-    for r in rows:
-        cells = []
-        for n in names:
-            p = r["providers"].get(n, {})
-            if "ms" not in p:
-                cells.append(f"{'-' if not p else 'FAIL':>20s}")
-            elif n in first:
-                cells.append(f"{p['ms']:>12.3f}ms      ")
-            else:
-                cells.append(f"{p['ms']:8.3f}ms x{p.get('speedup_vs_eager', 0):.2f}/{p.get('speedup_vs_compile', 0):.2f}")
-        label = f"{r['op']} {r['shape']['name']}"
-        lines.append(f"{label:>34s} {'nhwc' if r['channels_last'] else 'nchw':6s} {r['pass']:7s} " + " ".join(cells))
-    return "median ms; fastgen cells: x speedup over eager / over compile\n" + "\n".join(lines)
+def copy_gbps(x: torch.Tensor) -> float:
+    """The measured copy bandwidth (read + write, GB/s) of a tensor of x's size: the ceiling of a
+    memory-bound op on x (a map that fits in cache is copied faster than one that does not)."""
+    y = torch.empty_like(x)
+    return 2 * x.numel() * x.element_size() / time_ms(lambda: y.copy_(x), x.device.type, 10) / 1e6
+
+
+def _evaluate(f, inputs, shape, grad_of, cotangent):
+    """f's output and the gradients of <output, cotangent> with respect to inputs[grad_of], detached."""
+    out = f(*inputs, shape)
+    if cotangent is None:
+        return [out.detach()]
+    grads = torch.autograd.grad(out, [inputs[i] for i in grad_of], cotangent)
+    return [out.detach()] + [g.detach() for g in grads]
+
+
+def row(suite, shape, device: str, dtype: torch.dtype, channels_last: bool, kind: str, table: dict,
+        peak_tflops: float, reps: int = 10, budget_s: float | None = None, on_provider=None) -> dict:
+    """One row: every provider of `table` at this shape, layout and pass (kind "fwd" or "fwd+bwd")."""
+    need_grad = kind != "fwd"
+    inputs = make_inputs(suite, shape, dtype, device, channels_last, need_grad)
+    oracle_inputs = [t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
+    grad_of = suite.grad_of if need_grad else ()
+    out64 = suite.eager(*oracle_inputs, shape)
+    cotangent = None
+    if need_grad:
+        g = torch.Generator().manual_seed(1)
+        cotangent = torch.randn(out64.shape, generator=g, dtype=torch.float64).to(out64.device)
+    want = [out64.detach()] + (list(torch.autograd.grad(out64, [oracle_inputs[i] for i in grad_of], cotangent))
+                               if need_grad else [])
+    cot = cotangent.to(dtype) if need_grad else None
+    work = suite.work(shape, inputs[0].element_size())
+    ceiling = {"matmul_tflops": peak_tflops, "copy_gbps": copy_gbps(inputs[0].detach())}
+    results, steps, eager_vals = {}, {}, None
+    for name, f in table.items():  # correctness, memory and warm-up, one provider at a time
+        if on_provider:
+            on_provider(name, False)
+        try:
+            with auto_choices() as picked:
+                got = _evaluate(f, inputs, shape, grad_of, cot)
+            eager_vals = got if name == "eager" else eager_vals
+            problems = judge(got, eager_vals, want, dtype)
+            steps[name] = (lambda f=f: _evaluate(f, inputs, shape, grad_of, cot))
+            r = {"passed": not problems, "problems": problems[:3],
+                 "max_err": (got[0].double() - want[0]).abs().max().item(),
+                 "grad_err": {suite.names[i]: (g.double() - w).abs().max().item()
+                              for i, g, w in zip(grad_of, got[1:], want[1:])},
+                 "peak_mib": peak_mib(steps[name], device)}
+            if name == "auto":
+                r["backend"] = next((b for op, b in picked if op == suite.op), None)
+        except Exception as e:  # a provider that fails is reported, not hidden
+            r = {"passed": False, "error": f"{type(e).__name__}: {e}"[:300]}
+        results[name] = r
+        if on_provider:
+            on_provider(name, True)
+    if on_provider:
+        on_provider("timing", False)
+    for name, ms in time_together(steps, device, reps, budget_s).items():
+        r = results[name]
+        r["ms"] = ms
+        if "flops" in work:
+            r["tflops"] = work["flops"] * (3 if need_grad else 1) / ms / 1e9
+            r["of_peak"] = r["tflops"] / ceiling["matmul_tflops"]
+        else:
+            r["gbps"] = (work["bytes"] + (work["bwd_bytes"] if need_grad else 0)) / ms / 1e6
+            r["of_peak"] = r["gbps"] / ceiling["copy_gbps"]
+    credit(results)
+    best = min((n for n in FASTGEN_BACKENDS if results.get(n, {}).get("passed")), key=lambda n: results[n]["ms"],
+               default=None)
+    return {"op": suite.op, "shape": asdict(shape), "pass": kind, "dtype": str(dtype).replace("torch.", ""),
+            "layout": "nhwc" if channels_last else "nchw", "channels_last": channels_last, "ceiling": ceiling,
+            "providers": results, "best": best, "passed": all(r.get("passed") for r in results.values())}
+
+
+def credit(results: dict) -> None:
+    """Speedups over eager and compile, for providers that passed (a wrong answer earns none)."""
+    for r in results.values():
+        for base in ("eager", "compile"):
+            if r.get("passed") and results.get(base, {}).get("passed"):
+                r[f"speedup_vs_{base}"] = results[base]["ms"] / r["ms"]
 
 
 def _cpu_name() -> str:

@@ -22,7 +22,7 @@ import tempfile
 import torch
 
 import fastgen
-from fastgen.bench import _time_ms
+from fastgen.bench.harness import time_ms
 
 PROVIDERS = ("eager", "compile", "converted")
 
@@ -75,7 +75,7 @@ def _measure_in_this_process(name: str, provider: str, channels_last: bool, reps
     with torch.no_grad():
         before = _rss_mib()
         out = step(z)  # the warm-up (and compilation)
-        ms = _time_ms(lambda: step(z), "cpu", reps)
+        ms = time_ms(lambda: step(z), "cpu", reps)
     torch.save(out, out_path)  # compared with eager's by the parent: no eager run in this process
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"ms": ms, "peak_rss_mib": peak, "peak_above_model_mib": peak - before}
@@ -89,7 +89,7 @@ def _rss_mib() -> float:
 
 def measure(name: str, provider: str, channels_last: bool = False, reps: int = 5, out_path: str = "") -> dict:
     """One provider of one model, in a fresh process; its output is saved to out_path."""
-    code = (f"import json, fastgen.bench_models as b; print(json.dumps(b._measure_in_this_process("
+    code = (f"import json, fastgen.bench.models as b; print(json.dumps(b._measure_in_this_process("
             f"{name!r}, {provider!r}, {channels_last!r}, {reps}, {out_path!r})))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800,
                           env=dict(os.environ))
