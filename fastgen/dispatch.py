@@ -17,6 +17,7 @@ Asking for a backend that cannot run raises; nothing falls back silently.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -202,9 +203,9 @@ def select(spec, x: torch.Tensor, backend: str | None, variant: str | None = Non
     """The backend op `spec` (a fastgen.ops._registry.OpSpec) runs on for input x.
 
     An explicitly named backend runs or raises. `auto` walks the spec's order for x's device, the
-    most specific entry first: "<device>/<variant>/<layout>", "<device>/<variant>",
-    "<device>/<layout>", "<device>" (variants are an op's size or mode classes, e.g. upsample_conv2d's
-    modes; layouts "nchw" and "nhwc"), and takes the first backend that this install has and that
+    most specific entry first (auto_order: keys "<device>[/<variant>][/<layout>][/<dtype>]"; variants
+    are an op's mode or size classes, e.g. upsample_conv2d's modes; layouts "nchw" and "nhwc"), and
+    takes the first backend that this install has and that
     takes x's dtype; XLA tensors always take the composite; CUDA tensors what a GPU run verified.
     Falling past the first choice is logged once per op, device and choice. Backends in the order
     that the op does not have are passed over (orders are shared).
@@ -224,11 +225,18 @@ def select(spec, x: torch.Tensor, backend: str | None, variant: str | None = Non
     return choice
 
 
-def auto_order(spec, kind: str, variant: str | None, memory_layout: str) -> tuple[str, ...]:
-    """The spec's auto order for a device kind, variant and layout (the most specific entry)."""
-    keys = ((f"{kind}/{variant}/{memory_layout}", f"{kind}/{variant}") if variant else ()) + (
-        f"{kind}/{memory_layout}", kind)
-    return next((spec.auto[k] for k in keys if k in spec.auto), ("composite",))
+def auto_order(spec, kind: str, variant: str | None, memory_layout: str, dtype: torch.dtype) -> tuple[str, ...]:
+    """The spec's auto order for a device kind, variant, layout and dtype: the entry whose key names
+    the most of them ("cpu/<variant>/<layout>/<dtype>", then "cpu/<variant>/<layout>", ...,
+    "cpu/<dtype>", "cpu"), earlier qualifiers breaking ties."""
+    qualifiers = [q for q in (variant, memory_layout, str(dtype).replace("torch.", "")) if q]
+    subsets = sorted((c for r in range(len(qualifiers), -1, -1) for c in itertools.combinations(qualifiers, r)),
+                     key=len, reverse=True)
+    for subset in subsets:
+        key = "/".join((kind, *subset))
+        if key in spec.auto:
+            return spec.auto[key]
+    return ("composite",)
 
 
 def _select_auto(spec, x: torch.Tensor, variant: str | None) -> str:
@@ -238,7 +246,7 @@ def _select_auto(spec, x: torch.Tensor, variant: str | None) -> str:
         return "composite"
     if kind == "cuda":
         return _select_verified(spec, x)
-    order = auto_order(spec, kind, variant, layout(x))
+    order = auto_order(spec, kind, variant, layout(x), x.dtype)
     candidates = [c for c in order if c in spec.backends]  # an op without a backend passes it over
     for choice in candidates:
         why = _unavailable(choice, device) or _unsupported(spec, choice, x.dtype)

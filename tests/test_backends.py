@@ -16,9 +16,11 @@ SPEC = OpSpec("op", public=None, ref=None, impls={"composite": Impl(None), "cuda
 CPU = torch.empty(1)
 
 
-def on(device: str, dtype=torch.float32):
-    """What select reads of an input: its device and dtype."""
-    return SimpleNamespace(device=torch.device(device), dtype=dtype)
+def on(device: str, dtype=torch.float32, channels_last=False):
+    """What select reads of an input: its device, dtype and layout (strides)."""
+    t = torch.empty(2, 3, 4, 5, device="meta", dtype=dtype)
+    t = t.to(memory_format=torch.channels_last) if channels_last else t
+    return SimpleNamespace(device=torch.device(device), dtype=dtype, dim=t.dim, is_contiguous=t.is_contiguous)
 
 
 def test_every_backend_is_reported_with_a_reason():
@@ -122,6 +124,24 @@ def test_auto_skips_a_backend_that_cannot_take_the_dtype(monkeypatch):
 def test_a_variant_has_its_own_auto_order():
     assert fb.select(SPEC, CPU, None, variant="slow") == "reference"
     assert fb.select(SPEC, CPU, None, variant="other") == "composite"
+
+
+def test_auto_orders_go_from_the_most_specific_entry():
+    spec = OpSpec("op", public=None, ref=None, impls={"composite": Impl(None)},
+                  auto={"cpu": ("composite",), "cpu/nhwc": ("reference",), "cpu/up/nchw": ("reference",),
+                        "cpu/down": ("composite",), "cpu/bfloat16": ("reference",),
+                        "cpu/nchw/bfloat16": ("composite",)})
+    assert fb.select(spec, on("cpu"), None) == "composite"
+    assert fb.select(spec, on("cpu", channels_last=True), None) == "reference"  # layout
+    assert fb.select(spec, on("cpu"), None, variant="up") == "reference"  # variant and layout
+    assert fb.select(spec, on("cpu", channels_last=True), None, variant="up") == "reference"  # layout
+    assert fb.select(spec, on("cpu", channels_last=True), None, variant="down") == "composite"  # variant first
+    assert fb.select(spec, on("cpu", torch.bfloat16, channels_last=True), None) == "reference"  # dtype
+    assert fb.select(spec, on("cpu", torch.bfloat16), None) == "composite"  # layout and dtype
+    with fb.auto_choices() as picked:
+        fb.select(spec, on("cpu", channels_last=True), None)
+        fb.select(spec, on("cpu"), "reference")  # named, not auto's: not recorded
+    assert picked == [("op", "reference")]
 
 
 def _in_fresh_python(code: str, **env) -> subprocess.CompletedProcess:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# README's main command: make the environment, build fastgen, and compare every provider
-# (eager, torch.compile, each fastgen backend) at generator shapes, writing the results under
-# benchmarks/results/.
+# README's main command: make the environment, build fastgen (once: an unchanged tree is not rebuilt),
+# and run `python -m fastgen bench`: eager vs torch.compile vs auto vs each fastgen backend, side by
+# side, every result checked against the float64 oracle; JSON + PNG under benchmarks/results/.
+# Arguments go to the command (--full for the whole sweep, --ops, --shapes, --models, ...).
 source "$(dirname "$0")/env.sh"
 cd "$root"
-device=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-') if torch.cuda.is_available() else 'cpu')")
-python -m fastgen bench --out "benchmarks/results/bench-$device.json" "$@"
+python -m fastgen bench "$@"

@@ -1,7 +1,8 @@
 """The command `python -m fastgen bench` (arguments: fastgen/__main__.py).
 
 Default: the quick run, one shape per op (Shape.quick), both layouts, forward and forward+backward;
-`--full` every shape. Writes benchmarks/results/bench-<device>[-quick].json (after every row, so a
+`--full` every shape. Writes benchmarks/results/bench-<device>[-<dtype>][-quick].json (the dtype named
+when it is not the device's default) (after every row, so a
 run cut short keeps its rows) and a .png chart beside it, prints the summary table, and exits 1 if
 any provider failed its correctness check.
 """
@@ -51,7 +52,9 @@ def main(args) -> int:
     if not tasks:
         print("no rows match the selection", file=sys.stderr)
         return 2
-    out = Path(args.out or f"benchmarks/results/bench-{device_tag(device)}{'' if full else '-quick'}.json")
+    default_dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    tag = device_tag(device) + ("" if dtype == default_dtype else f"-{str(dtype).replace('torch.', '')}")
+    out = Path(args.out or f"benchmarks/results/bench-{tag}{'' if full else '-quick'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     env = environment()
     print(f"on {env['device']} ({device}), torch {env['torch']}, triton {env['triton']}, {dtype}, git {env['git_sha']}")

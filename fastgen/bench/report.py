@@ -53,6 +53,7 @@ def chart(rows: list[dict], path: str, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     names = sorted({n for r in rows for n in r["providers"] if n != "eager"}, key=_order)
     labels = [f"{r['op']}\n{r['shape']['name']}\n{r['layout']} {r['pass']}" for r in rows]
@@ -79,6 +80,8 @@ def chart(rows: list[dict], path: str, title: str) -> None:
                 ax.bar(failed, [0.05] * len(failed), width, color="none", edgecolor="red", hatch="xx")
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(v)[0] in "25" else ""))
         ax.set_ylabel(f"speedup over {base} (x)")
         ax.grid(axis="y", which="both", alpha=0.3)
     axes[0].legend(ncol=len(names), fontsize=8, loc="upper left")

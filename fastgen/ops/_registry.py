@@ -41,6 +41,10 @@ def cpp_impls(run: Callable, *kernels: str) -> dict[str, Impl]:
 # The CPU auto order of an op with C++ kernels, fastest first (benchmarks/NOTES.md). CUDA has no order
 # here: auto there takes what the GPU record verified (fastgen.dispatch), fastest first.
 KERNELS_FIRST = {"cpu": ("cpu", "composite")}
+# In bfloat16 and float16 the C++ CPU kernels convert element by element and eager's vectorized
+# kernels win (benchmarks/results/bench-cpu-bfloat16-quick.json, -float16-quick.json): ops whose
+# kernels lose there say so with this.
+EAGER_IN_LOW_PRECISION = {f"cpu/{dtype}": ("reference", "composite") for dtype in ("bfloat16", "float16")}
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,8 @@ class OpSpec:
     public: Callable                     # fastgen.ops.<name>
     impls: Mapping[str, Impl]            # backend -> Impl; "composite" always, "reference" is `ref`
     examples: tuple[Example, ...] = ()
-    # "cpu" or "cpu/<variant>" -> backends, fastest first; those the op lacks are passed over
+    # "cpu[/<variant>][/<layout>][/<dtype>]" -> backends, fastest first (fastgen.dispatch.auto_order);
+    # those the op lacks are passed over
     auto: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(KERNELS_FIRST))
     custom_op: bool = False              # True: fastgen::<name>, `str backend` its last argument;
                                          # False: a composition of other ops, whose backends it borrows

@@ -17,7 +17,8 @@ from torch import Tensor
 
 from fastgen.activations import activation, torch_layer
 from fastgen.dispatch import _EXT_WHY, _INTERPRET, select
-from fastgen.ops._registry import NO_FLOAT64, Example, Impl, OpSpec, cpp_impls, define
+from fastgen.ops._registry import (EAGER_IN_LOW_PRECISION, KERNELS_FIRST, NO_FLOAT64, Example, Impl, OpSpec,
+                                   cpp_impls, define)
 from fastgen.ops._util import check_floating, check_tensor, memory_format, opmath_dtype
 
 
@@ -199,6 +200,7 @@ SPEC = define(OpSpec(
     impls={"composite": Impl(_bias_act_composite), "triton": Impl(_bias_act_triton, NO_FLOAT64),
            **cpp_impls(_bias_act_fused, "_bias_act_fused", "_bias_act_grad_fused")},  # the backward's pass too
     custom_op=True,
+    auto={**KERNELS_FIRST, **EAGER_IN_LOW_PRECISION},
     examples=(Example("bias_act_lrelu_clamp", lambda: (torch.randn(2, 8, 5, 6), torch.randn(8)),
                       {"act": "lrelu", "clamp": 1.5}, (0, 1)),
               Example("bias_act_swish", lambda: (torch.randn(2, 8, 5, 6), torch.randn(8)), {"act": "swish"}, (0, 1))),

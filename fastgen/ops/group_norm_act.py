@@ -16,7 +16,8 @@ from torch import Tensor
 
 from fastgen.activations import activation as activation_row, activation_backward, check_activation, torch_layer
 from fastgen.dispatch import _INTERPRET, select
-from fastgen.ops._registry import NO_FLOAT64, Example, Impl, OpSpec, cpp_impls, define
+from fastgen.ops._registry import (EAGER_IN_LOW_PRECISION, KERNELS_FIRST, NO_FLOAT64, Example, Impl, OpSpec,
+                                   cpp_impls, define)
 from fastgen.ops._util import check_floating, check_tensor, as_ncl, memory_format, opmath_dtype
 
 
@@ -263,6 +264,7 @@ SPEC = define(OpSpec(
     impls={"composite": Impl(_group_norm_act_composite), "triton": Impl(_group_norm_act_triton, NO_FLOAT64),
            **cpp_impls(_group_norm_act_fused, "_group_norm_act_fused")},
     custom_op=True,
+    auto={**KERNELS_FIRST, **EAGER_IN_LOW_PRECISION},
     examples=(Example("group_norm_act", lambda: (torch.randn(2, 8, 5, 6), 4, torch.randn(8), torch.randn(8)),
                       grad_of=(0, 2, 3)),),
 ))

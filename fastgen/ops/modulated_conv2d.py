@@ -186,10 +186,10 @@ def conv2d_resample(x, w, f, up, down, pad, groups, flip_weight, upfirdn):
     return _conv(x, w, groups, flip_weight)
 
 
-# A composition: its backends are upfirdn2d's (the FIR kernels), selected under its own name.
+# A composition: its backends are upfirdn2d's (the FIR kernels), selected under its own name; its auto
+# order is the usual one (its reference is the slow plain formulation, never worth taking).
 SPEC = define(OpSpec(
     name="modulated_conv2d", public=modulated_conv2d, impls=UPFIRDN2D.impls,
-    auto=UPFIRDN2D.auto,
     examples=(Example("modulated_conv2d_up2", lambda: (torch.randn(2, 4, 6, 6), torch.randn(3, 4, 3, 3),
                                                        torch.randn(2, 4) + 1),
                       {"up": 2, "resample_filter": setup_filter((1, 3, 3, 1)), "padding": 1}, (0, 1, 2)),),

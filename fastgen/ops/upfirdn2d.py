@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastgen.dispatch import _INTERPRET, select
-from fastgen.ops._registry import NO_FLOAT64, Example, Impl, OpSpec, cpp_impls, define
+from fastgen.ops._registry import KERNELS_FIRST, NO_FLOAT64, Example, Impl, OpSpec, cpp_impls, define
 from fastgen.ops._util import check_floating, check_tensor, memory_format, opmath_dtype
 
 
@@ -272,6 +272,8 @@ SPEC = define(OpSpec(
     impls={"composite": Impl(_upfirdn2d_composite), "triton": Impl(_upfirdn2d_triton, NO_FLOAT64),
            **cpp_impls(_upfirdn2d_fused, "_upfirdn2d_fused")},
     custom_op=True,
+    # in low precision, channels_last: eager beats the C++ kernel (bench-cpu-bfloat16-quick.json)
+    auto={**KERNELS_FIRST, **{f"cpu/nhwc/{dtype}": ("reference", "composite") for dtype in ("bfloat16", "float16")}},
     examples=(Example("upfirdn2d_up2", lambda: (torch.randn(2, 3, 8, 7), setup_filter((1, 3, 3, 1))),
                       {"up": 2, "padding": [2, 1, 2, 1], "gain": 4.0}),
               Example("upfirdn2d_down2_separable", lambda: (torch.randn(2, 3, 8, 7), torch.tensor([1.0, 3, 3, 1]) / 8),
