@@ -1,11 +1,11 @@
 """batch_norm_act: nn.BatchNorm2d + activation vs fastgen (the suite interface: fastgen/bench/suite.py)."""
 
-from fastgen.bench.suite import Shape, norm_inputs, norm_work, suite
+from fastgen.bench.suite import NormSuite, Shape, suite
 from fastgen.ops.batch_norm_act import batch_norm_act, batch_norm_act_ref
 
 
 @suite
-class BatchNormAct2d:
+class BatchNormAct2d(NormSuite):
     op = "batch_norm_act"
     # DCGAN generator BatchNorm + ReLU layers, training mode (batch statistics)
     gpu_shapes = [Shape("dcgan-256x16", 128, 256, 16, 16, activation="relu", quick=True),
@@ -13,10 +13,6 @@ class BatchNormAct2d:
                   Shape("dcgan-64x64", 128, 64, 64, 64, activation="relu")]
     cpu_shapes = [Shape("dcgan-128x16", 16, 128, 16, 16, activation="relu", quick=True),
                   Shape("dcgan-64x32", 16, 64, 32, 32, activation="relu")]
-    names = ("x", "weight", "bias")
-    grad_of = (0, 1, 2)
-    inputs = staticmethod(norm_inputs)
-    work = staticmethod(norm_work)
 
     @staticmethod
     def eager(x, w, b, s: Shape):

@@ -1,11 +1,11 @@
 """group_norm_act: nn.GroupNorm + activation vs fastgen (the suite interface: fastgen/bench/suite.py)."""
 
-from fastgen.bench.suite import Shape, norm_inputs, norm_work, suite
+from fastgen.bench.suite import NormSuite, Shape, suite
 from fastgen.ops.group_norm_act import group_norm_act, group_norm_act_ref
 
 
 @suite
-class GroupNormAct:
+class GroupNormAct(NormSuite):
     op = "group_norm_act"
     # SD-VAE decoder GroupNorm(32) + SiLU at its largest maps; a batch; instance norm + ReLU
     # (style transfer), which runs on the same op with one channel per group
@@ -22,10 +22,6 @@ class GroupNormAct:
         Shape("batch-8x64x32", 8, 64, 32, 32),
         Shape("instance-norm-64x32", 8, 64, 32, 32, groups=64, activation="relu"),  # G = C
     ]
-    names = ("x", "weight", "bias")
-    grad_of = (0, 1, 2)
-    inputs = staticmethod(norm_inputs)
-    work = staticmethod(norm_work)
 
     @staticmethod
     def eager(x, w, b, s: Shape):

@@ -128,8 +128,11 @@ def _quiet():
 
 
 def matmul_tflops(device: str, dtype: torch.dtype) -> float:
-    """The machine's measured matmul throughput at dtype (TFLOP/s): the compute ceiling."""
+    """The machine's measured matmul throughput (TFLOP/s): the compute ceiling. At dtype on a GPU; in
+    float32 on the CPU, where half-precision GEMM may have no fast kernel at all (float16 2048^3 took
+    minutes here) and float32 is what the CPU computes fastest."""
     n = 8192 if device == "cuda" else 2048
+    dtype = dtype if device == "cuda" else torch.float32
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     return 2 * n ** 3 / time_ms(lambda: a @ b, device, 5) / 1e9
 

@@ -90,6 +90,14 @@ def norm_work(s: Shape, itemsize: int) -> dict:
     return {"bytes": 3.0 * size, "bwd_bytes": 5.0 * size}
 
 
+class NormSuite:
+    """What the normalization suites share: x with a per-channel weight and bias, all with gradients."""
+    names = ("x", "weight", "bias")
+    grad_of = (0, 1, 2)
+    inputs = staticmethod(norm_inputs)
+    work = staticmethod(norm_work)
+
+
 def fir_filter() -> torch.Tensor:
     f = torch.tensor([1.0, 3.0, 3.0, 1.0])
     return torch.outer(f, f) / 64
