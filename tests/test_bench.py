@@ -91,7 +91,7 @@ def test_auto_takes_the_fastest_backend_measured(row):
     suite = SUITES[row["op"]]
     shape = Shape(**{**row["shape"], "padding": tuple(row["shape"]["padding"])})
     inputs = make_inputs(suite, shape, getattr(torch, row["dtype"]), "cpu", row["channels_last"], row["pass"] != "fwd")
-    with auto_choices() as picked, torch.no_grad():
+    with auto_choices() as picked:  # with the row's inputs, requires_grad included
         suite.fused(None)(*inputs, shape)
     choice = next(b for op, b in picked if op == row["op"])
     timed = {n: p["ms"] for n, p in row["providers"].items() if n in FASTGEN_BACKENDS and p.get("passed")}

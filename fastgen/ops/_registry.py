@@ -42,8 +42,8 @@ def cpp_impls(run: Callable, *kernels: str) -> dict[str, Impl]:
 # here: auto there takes what the GPU record verified (fastgen.dispatch), fastest first.
 KERNELS_FIRST = {"cpu": ("cpu", "composite")}
 # In bfloat16 and float16 the C++ CPU kernels convert element by element and eager's vectorized
-# kernels win (benchmarks/results/bench-cpu-bfloat16-quick.json, -float16-quick.json): ops whose
-# kernels lose there say so with this.
+# kernels win (benchmarks/results/bench-cpu-bfloat16-quick.json; float16: cpu-float16-untuned.json):
+# ops whose kernels lose there say so with this.
 EAGER_IN_LOW_PRECISION = {f"cpu/{dtype}": ("reference", "composite") for dtype in ("bfloat16", "float16")}
 
 
