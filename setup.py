@@ -113,7 +113,8 @@ setup(
     name="fastgen",
     version="0.1.0",
     description="Fused PyTorch kernels for image generators",
-    packages=["fastgen", "fastgen.ops", "fastgen.nn", "fastgen.models", "fastgen.bench", "fastgen.kernels"],
+    packages=["fastgen", "fastgen.ops", "fastgen.nn", "fastgen.models", "fastgen.bench", "fastgen.train",
+              "fastgen.kernels"],
     package_dir={"fastgen.kernels": "kernels"},
     package_data={"fastgen": ["gpu_verified.json"]},  # the GPU record, once a GPU run commits one
     ext_modules=[extension()],

@@ -30,7 +30,7 @@ using namespace fastgen::cpu;
 
 template <typename scalar_t, int ACT>
 void batch_norm_act_kernel(const at::Tensor& x, at::Tensor& out, const at::Tensor& weight, const at::Tensor& bias,
-                           at::Tensor& mean, at::Tensor& var, bool training, double eps, float slope,
+                           at::Tensor& mean, at::Tensor& var, bool training, double eps, double slope,
                            bool channels_last) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t N = x.size(0), C = x.size(1), L = x.numel() / (N * C);
@@ -112,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_act_cpu", [&] {
     with_activation(activation, [&](auto act) {
       batch_norm_act_kernel<scalar_t, decltype(act)::value>(x, out, w, b, m, v, training, eps,
-                                                            static_cast<float>(negative_slope), channels_last);
+                                                            negative_slope, channels_last);
     });
   });
   return {out, m, v};

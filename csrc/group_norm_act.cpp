@@ -35,7 +35,7 @@ using namespace fastgen::cpu;
 
 template <typename scalar_t, int ACT>
 void group_norm_act_kernel(const at::Tensor& x, at::Tensor& out, int64_t G, const at::Tensor& weight,
-                           const at::Tensor& bias, double eps, float slope, bool channels_last) {
+                           const at::Tensor& bias, double eps, double slope, bool channels_last) {
   const int64_t N = x.size(0), C = x.size(1), L = x.numel() / (N * C), CG = C / G;
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* yp = out.mutable_data_ptr<scalar_t>();
@@ -125,7 +125,7 @@ at::Tensor group_norm_act_cpu(const at::Tensor& x_in, int64_t num_groups, const 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_act_cpu", [&] {
     fastgen::cpu::with_activation(activation, [&](auto act) {
       group_norm_act_kernel<scalar_t, decltype(act)::value>(x, out, num_groups, w, b, eps,
-                                                            static_cast<float>(negative_slope), channels_last);
+                                                            negative_slope, channels_last);
     });
   });
   return out;

@@ -90,10 +90,11 @@ void shifted_sums_rows(const scalar_t* x, int64_t rows, int64_t C, const opmath_
 
 // y = act(x * a + b) over len values; a, b scalars (NCHW rows) or per-value arrays (NHWC rows).
 template <typename scalar_t, int ACT, bool kPerValue, typename opmath_t = at::opmath_type<scalar_t>>
-void apply_span(const scalar_t* x, scalar_t* y, int64_t len, const opmath_t* a, const opmath_t* b, float slope) {
+void apply_span(const scalar_t* x, scalar_t* y, int64_t len, const opmath_t* a, const opmath_t* b, double slope) {
+  // slope stays double until it meets the compute type: a float64 input computes with 0.2, not 0.2f
   int64_t i = 0;
   if constexpr (std::is_same_v<scalar_t, float>) {
-    const Vec vs(slope);
+    const Vec vs(static_cast<float>(slope));
     for (; i + Vec::size() <= len; i += Vec::size()) {
       const Vec va = kPerValue ? Vec::loadu(a + i) : Vec(*a);
       const Vec vb = kPerValue ? Vec::loadu(b + i) : Vec(*b);

@@ -1,4 +1,4 @@
-"""python -m fastgen {bench,info}."""
+"""python -m fastgen {info,verify,bench,train}."""
 
 import argparse
 import json
@@ -36,8 +36,26 @@ def main(argv=None) -> int:
     bench.add_argument("--reps", type=int, default=5, help="timed repetitions per model and provider")
     bench.add_argument("--compile-mode", default="auto",
                        help="torch.compile mode of the compile provider (auto: max-autotune on a GPU)")
+    train = sub.add_parser("train", help="train a reference generator on scikit-learn's digits (torchrun: several processes)")
+    train.add_argument("--model", required=True, choices=("dcgan", "stylegan2", "vae"))
+    train.add_argument("--data", default="digits", choices=("digits",),
+                       help="scikit-learn's bundled 8x8 digits, upscaled to 32x32 (no download)")
+    train.add_argument("--steps", type=int, default=None, help="default: the model's (under 3 minutes on 2 cores)")
+    train.add_argument("--batch", type=int, default=None, help="images per process per step")
+    train.add_argument("--backend", default="auto", help="the fastgen backend of the fused layers")
+    train.add_argument("--unfused", action="store_true", help="train the plain torch build instead (a baseline)")
+    train.add_argument("--out", default=None, help="where the samples, loss plot and checkpoint go (default runs/<model>)")
+    train.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    train.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    train.add_argument("--dtype", default="float32", choices=("float32", "float64"),
+                       help="float64: for checking against the unfused build")
+    train.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
+    if args.command == "train":
+        from fastgen.train import main as train_main
+
+        return train_main(args)
     print(fastgen.summary())
     if args.command == "info":
         return 0

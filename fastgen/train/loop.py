@@ -1,0 +1,129 @@
+"""The training loop behind `python -m fastgen train`: one process, or several under torchrun
+(torch.distributed: gloo on the CPU, NCCL on GPUs), a progress bar, and on rank 0 only: a PNG grid of
+samples, a PNG loss plot, a checkpoint that resumes exactly (networks, optimizers, the generators'
+state, the loss history) and a JSON summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fastgen.dispatch import use_backend
+from fastgen.train.data import Batches, digits
+from fastgen.train.dcgan import DCGAN
+from fastgen.train.stylegan2 import StyleGAN2
+from fastgen.train.vae import VAE
+
+RECIPES = {r.name: r for r in (DCGAN, StyleGAN2, VAE)}
+GRID = 8  # an 8x8 grid of samples
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world) of this process; joins the process group when torchrun started several."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and os.environ.get("FASTGEN_DEVICE") == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend)
+    return int(os.environ.get("RANK", "0")), world
+
+
+def train(model: str, steps: int | None = None, batch: int | None = None, backend: str = "auto",
+          fused: bool = True, out: str | None = None, resume: bool = False, device: str = "cpu",
+          dtype: torch.dtype = torch.float32, seed: int = 0, ranks: list[int] | None = None,
+          world: int | None = None, progress: bool = True) -> dict:
+    """Train `model` ("dcgan", "stylegan2", "vae") on the digits; returns the run's summary. `batch` is
+    per process. `ranks`/`world` emulate a distributed run's ranks in this one process (tests: the
+    ranks' batches concatenated are the distributed run's whole batch)."""
+    recipe_cls = RECIPES[model]
+    steps = steps or recipe_cls.defaults["steps"]
+    batch = batch or recipe_cls.defaults["batch"]
+    rank, real_world = distributed()
+    ranks, world = (ranks, world) if ranks is not None else ([rank], real_world)
+    dev = torch.device(device, rank % torch.cuda.device_count()) if device == "cuda" else torch.device(device)
+    out_dir = Path(out or f"runs/{model}")
+    ckpt_path = out_dir / "checkpoint.pt"
+    torch.manual_seed(seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    recipe = recipe_cls(fused, dev, dtype, real_world)
+    batches = Batches(digits(), batch, ranks, world, seed)
+    history, start = {name: [] for name in recipe.losses}, 0
+    torch.manual_seed(seed + 1 + rank)  # the models' own noise (StyleGAN2's noise inputs), per rank
+    if resume:
+        state = torch.load(ckpt_path, map_location=dev, weights_only=False)
+        recipe.load_state_dict(state["recipe"])
+        history, start = state["history"], state["step"]
+        torch.set_rng_state(state["rng"])
+    t0 = time.perf_counter()
+    bar = _bar(range(start, steps), rank == 0 and progress, f"{model} ({'fused, ' + backend if fused else 'unfused'})")
+    with use_backend(backend):
+        for t in bar:
+            losses = recipe.step(t, recipe.cast(batches.reals(t)), batches)
+            for name in recipe.losses:
+                history[name].append(losses[name])
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()}, refresh=False)
+    seconds = time.perf_counter() - t0
+    summary = {"model": model, "fused": fused, "backend": backend, "steps": steps, "batch_per_process": batch,
+               "processes": real_world, "device": str(dev), "seconds": seconds,
+               "final": {k: _tail_mean(v) for k, v in history.items()}}
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({"recipe": recipe.state_dict(), "history": history, "step": steps, "rng": torch.get_rng_state(),
+                    "config": {"model": model, "batch": batch, "fused": fused, "seed": seed}}, ckpt_path)
+        z = torch.randn(GRID * GRID, *recipe.sample_shape(), generator=torch.Generator().manual_seed(seed))
+        save_grid(recipe.samples(z), out_dir / "samples.png")
+        save_loss_plot(history, out_dir / "losses.png", f"{model} on digits, {real_world} process(es)")
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return {**summary, "history": history, "recipe": recipe}
+
+
+def _tail_mean(values: list[float], n: int = 20) -> float:
+    tail = [v for v in values[-n:] if v == v]  # NaN: a lazy regularizer not yet computed
+    return sum(tail) / len(tail) if tail else float("nan")
+
+
+def _bar(steps, show: bool, desc: str):
+    if not show:
+        return steps
+    from tqdm import tqdm
+
+    return tqdm(steps, desc=desc, unit="step", file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
+
+
+def save_grid(images: torch.Tensor, path: Path) -> None:
+    """images (n, 1, H, W) in [-1, 1] as one square grid, grey on black, 2 pixels apart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n, _, h, w = images.shape
+    side = int(n ** 0.5)
+    grid = torch.ones(side * (h + 2), side * (w + 2)) * -1
+    for i, img in enumerate(images[: side * side].float().cpu()):
+        r, c = divmod(i, side)
+        grid[r * (h + 2) + 1: r * (h + 2) + 1 + h, c * (w + 2) + 1: c * (w + 2) + 1 + w] = img[0]
+    plt.imsave(path, ((grid + 1) / 2).clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
+
+
+def save_loss_plot(history: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, values in history.items():
+        steps = [i for i, v in enumerate(values) if v == v]
+        ax.plot(steps, [values[i] for i in steps], label=name, linewidth=0.8)
+    ax.set_xlabel("step")
+    ax.set_title(title, fontsize=10)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
