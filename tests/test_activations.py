@@ -133,3 +133,21 @@ def test_bad_names_and_layers_raise_naming_the_argument():
         fa.activation_of(nn.Softplus(beta=2.0))  # another function than the table's softplus
     with pytest.raises(TypeError, match="cannot fuse activation"):
         fa.activation_of(nn.Hardswish())
+
+
+@pytest.mark.parametrize("backend", ["cpu", "composite"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_float64_norms_keep_the_slope_in_float64(backend, channels_last):
+    """A leaky_relu slope of 0.2 is 0.2 in a float64 computation, not 0.2f (the C++ norm kernels took
+    it as float once: 1e-8 off, where float64 agrees to 1e-15)."""
+    if backend == "cpu" and not backends()["cpu"].available:
+        pytest.skip(backends()["cpu"].reason)
+    from fastgen.ops import batch_norm_act, group_norm_act
+
+    x = (3 * torch.randn(4, 8, 5, 6, dtype=torch.float64)).to(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    w, b = torch.randn(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    got = batch_norm_act(x, None, None, w, b, True, activation="leaky_relu", negative_slope=0.2, backend=backend)
+    assert (got - F.leaky_relu(F.batch_norm(x, None, None, w, b, True), 0.2)).abs().max() < 1e-13
+    got = group_norm_act(x, 4, w, b, activation="leaky_relu", negative_slope=0.2, backend=backend)
+    assert (got - F.leaky_relu(F.group_norm(x, 4, w, b), 0.2)).abs().max() < 1e-13
