@@ -26,7 +26,8 @@ def main(args) -> int:
                 args.device, getattr(torch, args.dtype), args.seed)
     if rank == 0:
         final = ", ".join(f"{k} {v:.4f}" for k, v in run["final"].items())
-        print(f"{args.model}: {run['steps']} steps, {world} process(es), {run['seconds']:.0f} s; "
+        print(f"{args.model}: {run['steps']} steps, {world} process(es), {run['seconds']:.0f} s "
+              f"(median step {run['median_step_ms']:.0f} ms); "
               f"final (mean of the last 20 steps): {final}; wrote {args.out or f'runs/{args.model}'}/"
               "{samples.png, losses.png, checkpoint.pt, summary.json}")
     if world > 1:

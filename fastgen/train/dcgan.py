@@ -14,7 +14,7 @@ Z_DIM = 64
 
 class DCGAN(Recipe):
     name = "dcgan"
-    defaults = {"steps": 800, "batch": 64}
+    defaults = {"steps": 2000, "batch": 64}
     losses = ("loss_D", "loss_G")
 
     def build(self, fused: bool):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -59,9 +60,12 @@ def train(model: str, steps: int | None = None, batch: int | None = None, backen
         torch.set_rng_state(state["rng"])
     t0 = time.perf_counter()
     bar = _bar(range(start, steps), rank == 0 and progress, f"{model} ({'fused, ' + backend if fused else 'unfused'})")
+    step_ms = []
     with use_backend(backend):
         for t in bar:
+            t1 = time.perf_counter()
             losses = recipe.step(t, recipe.cast(batches.reals(t)), batches)
+            step_ms.append((time.perf_counter() - t1) * 1e3)
             for name in recipe.losses:
                 history[name].append(losses[name])
             if hasattr(bar, "set_postfix"):
@@ -69,6 +73,7 @@ def train(model: str, steps: int | None = None, batch: int | None = None, backen
     seconds = time.perf_counter() - t0
     summary = {"model": model, "fused": fused, "backend": backend, "steps": steps, "batch_per_process": batch,
                "processes": real_world, "device": str(dev), "seconds": seconds,
+               "median_step_ms": statistics.median(step_ms[1:] or step_ms) if step_ms else None,
                "final": {k: _tail_mean(v) for k, v in history.items()}}
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -94,8 +99,9 @@ def _bar(steps, show: bool, desc: str):
     return tqdm(steps, desc=desc, unit="step", file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
 
 
-def save_grid(images: torch.Tensor, path: Path) -> None:
-    """images (n, 1, H, W) in [-1, 1] as one square grid, grey on black, 2 pixels apart."""
+def save_grid(images: torch.Tensor, path: Path, zoom: int = 3) -> None:
+    """images (n, 1, H, W) in [-1, 1] as one square grid, grey on black, 2 pixels apart, each pixel
+    drawn zoom x zoom (32x32 digits are small on a screen)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,6 +113,7 @@ def save_grid(images: torch.Tensor, path: Path) -> None:
     for i, img in enumerate(images[: side * side].float().cpu()):
         r, c = divmod(i, side)
         grid[r * (h + 2) + 1: r * (h + 2) + 1 + h, c * (w + 2) + 1: c * (w + 2) + 1 + w] = img[0]
+    grid = grid.repeat_interleave(zoom, 0).repeat_interleave(zoom, 1)
     plt.imsave(path, ((grid + 1) / 2).clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
 
 

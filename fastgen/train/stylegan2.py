@@ -43,7 +43,7 @@ def _adam(params, lr: float, every: int) -> torch.optim.Adam:
 
 class StyleGAN2(Recipe):
     name = "stylegan2"
-    defaults = {"steps": 300, "batch": 16}
+    defaults = {"steps": 900, "batch": 16}
     losses = ("loss_D", "loss_G", "r1", "pl")
 
     def build(self, fused: bool):

@@ -10,7 +10,8 @@ from torch import nn
 from fastgen.models import VAE as VAEModel
 from fastgen.train.recipe import Recipe
 
-LATENT = (4, 8, 8)  # 32x32 -> two downsamplings -> 8x8, 4 channels
+LATENT = (4, 4, 4)  # 32x32 -> three downsamplings -> 4x4, 4 channels: a latent small enough that
+# samples from the prior N(0, I) decode to whole digits
 
 
 class _NegativeELBO(nn.Module):
@@ -29,12 +30,12 @@ class _NegativeELBO(nn.Module):
 
 class VAE(Recipe):
     name = "vae"
-    defaults = {"steps": 600, "batch": 32}
+    defaults = {"steps": 1000, "batch": 32}
     losses = ("loss", "recon", "kl")
 
     def build(self, fused: bool):
-        vae = VAEModel(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 3,
-                       up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 32),
+        vae = VAEModel(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 4,
+                       up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16, 32, 32, 32),
                        layers_per_block=1, latent_channels=LATENT[0], norm_num_groups=8, sample_size=32,
                        fused=fused)
         self.elbo = self.module(_NegativeELBO(vae))
