@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import json
 import logging
+import threading
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,7 +120,14 @@ def backends() -> dict[str, Backend]:
     return {b.name: b for b in table}
 
 
-_stack: list[str] = []
+class _PerThread(threading.local):
+    """The use_backend blocks open in this thread: one thread's block never changes another's choice."""
+
+    def __init__(self):
+        self.stack: list[str] = []
+
+
+_blocks = _PerThread()
 _env_default = os.environ.get("FASTGEN_BACKEND", "auto").strip() or "auto"
 
 
@@ -131,19 +139,20 @@ def _validate_name(name: str, argname: str = "backend") -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Run the fastgen ops inside this block with backend `name` (an op's own backend= wins)."""
-    _stack.append(_validate_name(name))
+    """Run the fastgen ops inside this block with backend `name` (an op's own backend= wins); the
+    block holds for the thread that opened it."""
+    _blocks.stack.append(_validate_name(name))
     try:
         yield
     finally:
-        _stack.pop()
+        _blocks.stack.pop()
 
 
 def requested(backend: str | None) -> str:
     if backend is not None:
         return _validate_name(backend)
-    if _stack:
-        return _stack[-1]
+    if _blocks.stack:
+        return _blocks.stack[-1]
     return _validate_name(_env_default, "FASTGEN_BACKEND")
 
 

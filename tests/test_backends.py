@@ -126,6 +126,26 @@ def test_a_variant_has_its_own_auto_order():
     assert fb.select(SPEC, CPU, None, variant="other") == "composite"
 
 
+def test_use_backend_blocks_are_per_thread():
+    import threading
+
+    inside, release, seen = threading.Event(), threading.Event(), {}
+
+    def holder():
+        with fb.use_backend("reference"):
+            seen["holder"] = fb.requested(None)
+            inside.set()
+            release.wait(30)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    assert inside.wait(30)
+    seen["other"] = fb.requested(None)  # this thread opened no block
+    release.set()
+    t.join()
+    assert seen == {"holder": "reference", "other": fb.requested(None)} and seen["other"] != "reference"
+
+
 def test_auto_orders_go_from_the_most_specific_entry():
     spec = OpSpec("op", public=None, ref=None, impls={"composite": Impl(None)},
                   auto={"cpu": ("composite",), "cpu/nhwc": ("reference",), "cpu/up/nchw": ("reference",),

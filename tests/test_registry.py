@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import fastgen
 from fastgen import activations
 from fastgen import bench
 from fastgen.bench import SUITES
@@ -112,3 +113,65 @@ def test_every_custom_op_has_a_benchmark_suite_and_a_readme_row():
             assert spec.name in SUITES, f"{spec.name} has no suite in fastgen/bench/"
         assert f"`fastgen.ops.{spec.name}`" in readme, f"README's ops table lacks {spec.name}"
     assert sorted(s.op for s in bench._SUITES) == sorted(SUITES), "a suite names an op that is not registered"
+
+
+EXAMPLES64 = [pytest.param(spec, ex, b, id=f"{spec.name}-{ex.name}-{b}") for spec in SPECS for ex in spec.examples
+              for b in cpu_backends(spec.name, torch.float64)]
+
+
+@pytest.mark.parametrize("spec,example,backend", EXAMPLES64)
+def test_float64_stays_float64(spec, example, backend):
+    """Every backend that takes float64 computes in float64: output and gradients agree with the
+    reference to near float64 precision (no Python scalar, no float32 constant rounds on the way)."""
+    skip_unavailable(backend, "cpu")
+    as64 = [t.double() if torch.is_tensor(t) and t.is_floating_point() else t for t in example.inputs()]
+    kw64 = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in example.kwargs.items()}
+    results = []
+    for name in (backend, "reference"):
+        inputs = [t.detach().clone().requires_grad_(i in example.grad_of) if torch.is_tensor(t) else t
+                  for i, t in enumerate(as64)]
+        out = spec.public(*inputs, **kw64, backend=name)
+        grad = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        results.append([out] + list(torch.autograd.grad(out, [inputs[i] for i in example.grad_of], grad)))
+    for got, want in zip(*results, strict=True):
+        assert got.dtype == torch.float64
+        scale = max(1.0, want.abs().max().item())
+        assert (got - want).abs().max().item() <= 1e-12 * scale, (got - want).abs().max().item()
+
+
+@pytest.mark.parametrize("spec,example,backend", EXAMPLES)
+def test_forward_is_bitwise_reproducible_across_calls_and_thread_counts(spec, example, backend):
+    skip_unavailable(backend, "cpu")
+    inputs = example.inputs()
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 2):
+            torch.set_num_threads(n)
+            outs.append(spec.public(*inputs, **example.kwargs, backend=backend))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("backend", ["cpu", "composite"])
+def test_norm_statistics_do_not_depend_on_the_thread_count(backend, channels_last):
+    """Maps large enough that the C++ kernels split their reductions over threads."""
+    from fastgen.ops import batch_norm_act, group_norm_act
+
+    skip_unavailable(backend, "cpu")
+    if backend == "cpu" and not fastgen.backends()["cpu"].available:
+        pytest.skip(fastgen.backends()["cpu"].reason)
+    x = torch.randn(8, 64, 48, 40).to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    w, b = torch.randn(64), torch.randn(64)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append((group_norm_act(x, 8, w, b, backend=backend),
+                         batch_norm_act(x, None, None, w, b, True, backend=backend)))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
