@@ -26,7 +26,7 @@ C10_HOST_DEVICE inline T sigmoid(T z) { return T(1) / (T(1) + ::exp(-z)); }
 template <typename T>
 C10_HOST_DEVICE inline T activate(T z, int act, T alpha) {
   switch (act) {
-    case kRelu: return z > T(0) ? z : T(0);
+    case kRelu: return z < T(0) ? T(0) : z;  // a NaN passes, as torch.relu's does
     case kLeakyRelu: return z > T(0) ? z : z * alpha;
     case kSilu: return z / (T(1) + ::exp(-z));
     case kGelu: return T(0.5) * z * (T(1) + ::erf(z * T(kSqrtHalf)));

@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(kThreads) batch_norm_act_kernel(const BatchNor
       for (int64_t i = 0; i < p.split; ++i)
         merge(n, mean, m2, static_cast<T>(min(p.chunk, p.N * p.L - i * p.chunk)),
               static_cast<const T*>(p.mean_in)[i * p.C + c], static_cast<const T*>(p.var_in)[i * p.C + c]);
-      var = m2 > T(0) ? m2 / n : T(0);  // rounding can leave m2 a hair below 0 (a constant channel)
+      var = m2 < T(0) ? T(0) : m2 / n;  // rounding can leave m2 a hair below 0 (a constant channel); NaN passes
     } else {
       mean = static_cast<const T*>(p.mean_in)[c];
       var = static_cast<const T*>(p.var_in)[c];

@@ -111,7 +111,8 @@ __global__ void __launch_bounds__(kThreads) group_norm_act_kernel(const GroupNor
                               static_cast<const T*>(p.m2)[row * p.split + i]});
     }
     s_mean = w.mean;
-    s_rstd = T(1) / sqrt(max(w.m2 / w.n, T(0)) + static_cast<T>(p.eps));
+    const T var = w.m2 / w.n;  // not max(): fmax would turn a NaN statistic into 0
+    s_rstd = T(1) / sqrt((var < T(0) ? T(0) : var) + static_cast<T>(p.eps));
   }
   __syncthreads();
   const T mean = s_mean, rstd = s_rstd, slope = static_cast<T>(p.slope);

@@ -9,7 +9,7 @@ import triton.language as tl
 @triton.jit
 def _activate(z, ACT: tl.constexpr, ALPHA):
     if ACT == 1:  # relu
-        z = tl.maximum(z, 0.0)
+        z = tl.where(z < 0, 0.0, z)  # tl.maximum would turn a NaN into 0; torch.relu keeps it
     elif ACT == 2:  # leaky_relu
         z = tl.where(z > 0, z, z * ALPHA)
     elif ACT == 3:  # silu
@@ -24,9 +24,9 @@ def _activate(z, ACT: tl.constexpr, ALPHA):
     elif ACT == 7:  # sigmoid
         z = tl.sigmoid(z)
     elif ACT == 8:  # elu
-        z = tl.where(z > 0, z, tl.exp(tl.minimum(z, 0.0)) - 1.0)
+        z = tl.where(z > 0, z, tl.exp(tl.where(z > 0, 0.0, z)) - 1.0)
     elif ACT == 9:  # selu
-        z = 1.0507009873554805 * tl.where(z > 0, z, 1.6732632423543772 * (tl.exp(tl.minimum(z, 0.0)) - 1.0))
+        z = 1.0507009873554805 * tl.where(z > 0, z, 1.6732632423543772 * (tl.exp(tl.where(z > 0, 0.0, z)) - 1.0))
     elif ACT == 10:  # softplus, linear above F.softplus's threshold 20
-        z = tl.where(z > 20.0, z, tl.log(1.0 + tl.exp(tl.minimum(z, 20.0))))
+        z = tl.where(z > 20.0, z, tl.log(1.0 + tl.exp(tl.where(z > 20.0, 20.0, z))))
     return z

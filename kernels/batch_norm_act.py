@@ -97,7 +97,7 @@ def _batch_norm_act_fwd_kernel(
             m2s = tl.load(var_ptr + parts[:, None] * C + offs_c[None, :], mask=mask_pc, other=0.0)
             d = tl.where(mask_pc, means - mean[None, :], 0.0)
             m2 += tl.sum(m2s, axis=0) + tl.sum(counts[:, None] * d * d, axis=0)
-        var = tl.maximum(m2 / total, 0.0)
+        var = tl.where(m2 < 0, 0.0, m2) / total  # not tl.maximum: it would turn a NaN into 0
     else:
         mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
         var = tl.load(var_ptr + offs_c, mask=mask_c, other=1.0).to(tl.float32)

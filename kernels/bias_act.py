@@ -29,7 +29,7 @@ def _bias_act_fwd_kernel(
         z += tl.load(b_ptr + (offs // inner) % C, mask=mask, other=0.0).to(tl.float32)
     y = _activate(z, ACT, ALPHA) * GAIN
     if CLAMP >= 0:
-        y = tl.minimum(tl.maximum(y, -CLAMP), CLAMP)
+        y = tl.where(y < -CLAMP, -CLAMP, tl.where(y > CLAMP, CLAMP, y))  # a NaN passes, as in torch.clamp
     if EMULATE_BF16:
         y = _round_to_bf16(y)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)

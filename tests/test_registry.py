@@ -175,3 +175,23 @@ def test_norm_statistics_do_not_depend_on_the_thread_count(backend, channels_las
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("spec,example,backend", EXAMPLES)
+def test_nan_and_inf_land_where_eager_puts_them(spec, example, backend, bad):
+    """A NaN or an Inf in one input pixel: the output is non-finite exactly where the unfused layers'
+    output is (a NaN in one group or sample does not leak into another's); a NaN input gives NaN in
+    eager's positions. (An Inf may come out as Inf where eager has Inf - Inf = NaN: upsample_conv2d's
+    fold adds the weights that meet the same input pixel before multiplying.)"""
+    skip_unavailable(backend, "cpu")
+    inputs = example.inputs()
+    inputs[0][(0,) * inputs[0].dim()] = bad
+    got = spec.public(*inputs, **example.kwargs, backend=backend)
+    want = spec.ref(*[t.double() if torch.is_tensor(t) and t.is_floating_point() else t for t in inputs],
+                    **{k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
+                       for k, v in example.kwargs.items()})
+    assert torch.equal(got.isfinite(), want.isfinite()), \
+        f"{int((~got.isfinite()).sum())} non-finite vs eager's {int((~want.isfinite()).sum())}"
+    if bad != bad:  # NaN
+        assert torch.equal(got.isnan(), want.isnan()) and want.isnan().any() and not want.isnan().all()
