@@ -89,3 +89,25 @@ def test_torch_export_captures_each_custom_op(spec):
     fresh = example.inputs()
     want = spec.public(*fresh, **example.kwargs, backend="composite")
     assert torch.equal(exported.module()(*[fresh[i] for i in tensors]), want)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
+def test_deterministic_mode_runs_and_repeats_bitwise(spec):
+    """No kernel of ours uses atomics (forward or backward; grep csrc/ kernels/ finds none), so under
+    torch.use_deterministic_algorithms(True) every backend runs, and twice gives the same bits."""
+    example = spec.examples[0]
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for backend in ["reference", *cpu_backends(spec.name)]:
+            runs = []
+            for _ in range(2):
+                torch.manual_seed(0)  # the same inputs both times
+                inputs = [t.requires_grad_(True) if i in example.grad_of else t
+                          for i, t in enumerate(example.inputs())]
+                out = spec.public(*inputs, **example.kwargs, backend=backend)
+                grads = torch.autograd.grad(out, [inputs[i] for i in example.grad_of], torch.ones_like(out))
+                runs.append([out, *grads])
+            assert all(torch.equal(a, b) for a, b in zip(*runs)), backend
+    finally:
+        torch.use_deterministic_algorithms(previous)
