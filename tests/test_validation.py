@@ -30,6 +30,10 @@ CASES = [
     ("gn-rank", lambda: ops.group_norm_act(torch.randn(4), 2), "x", lambda: F.group_norm(torch.randn(4), 2)),
     ("gn-int", lambda: ops.group_norm_act(INT_X, 2), "x", lambda: F.group_norm(INT_X, 2)),
     ("gn-groups", lambda: ops.group_norm_act(x4(), 3), "num_groups", ValueError),  # nn.GroupNorm's class
+    ("gn-one-value", lambda: ops.group_norm_act(x4(1, C, 1, 1), C), "x", lambda: F.group_norm(x4(1, C, 1, 1), C)),
+    ("in-one-pixel", lambda: ops.instance_norm_act(x4(2, C, 1, 1)), "x", lambda: F.instance_norm(x4(2, C, 1, 1))),
+    ("adain-one-pixel", lambda: ops.adaptive_instance_norm(x4(2, C, 1, 1), torch.randn(2, C), torch.randn(2, C)),
+     "x", lambda: F.instance_norm(x4(2, C, 1, 1))),
     ("gn-weight-shape", lambda: ops.group_norm_act(x4(), 2, torch.randn(5)), "weight",
      lambda: F.group_norm(x4(), 2, torch.randn(5))),
     ("gn-weight-dtype", lambda: ops.group_norm_act(x4(), 2, MISMATCH), "weight", RuntimeError),

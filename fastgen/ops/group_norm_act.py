@@ -74,6 +74,9 @@ def _check_group_norm_act(x, num_groups, weight, bias, eps, act, negative_slope)
     n, c = x.shape[:2]
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or c % num_groups:
         raise ValueError(f"num_groups must be a positive int dividing the {c} channels, got {num_groups!r}")
+    if x.numel() and n * x[0, : c // num_groups].numel() == 1:  # F.group_norm's own rule (it counts the batch)
+        raise ValueError(f"Expected more than 1 value per channel when training, got x of shape {tuple(x.shape)} "
+                         f"and num_groups={num_groups}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue

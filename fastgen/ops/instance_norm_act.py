@@ -20,9 +20,15 @@ def instance_norm_act(x: Tensor, weight: Optional[Tensor] = None, bias: Optional
                       eps: float = 1e-5, activation: str = "relu", negative_slope: float = 0.01, *,
                       backend: Optional[str] = None) -> Tensor:
     """activation(instance_norm(x, weight, bias, eps)), fused. See instance_norm_act_ref."""
-    check_tensor("x", x)
+    _check_one_pixel(x)
     return group_norm_act(x, x.shape[1] if x.dim() > 1 else 1, weight, bias, eps, activation, negative_slope,
                           backend=backend)
+
+
+def _check_one_pixel(x) -> None:
+    check_tensor("x", x)
+    if x.dim() > 2 and x.numel() and x[0, 0].numel() == 1:  # F.instance_norm's rule
+        raise ValueError(f"Expected more than 1 spatial element when training, got x of shape {tuple(x.shape)}")
 
 
 def instance_norm_act_ref(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
@@ -44,7 +50,7 @@ def adaptive_instance_norm(x: Tensor, style_scale: Tensor, style_bias: Tensor, e
                            backend: Optional[str] = None) -> Tensor:
     """AdaIN: instance-normalize x, then a per-sample, per-channel affine from the style, then the
     activation, fused. See adaptive_instance_norm_ref."""
-    check_tensor("x", x)
+    _check_one_pixel(x)
     for name, t in (("style_scale", style_scale), ("style_bias", style_bias)):
         check_tensor(name, t, 2)
         if x.dim() >= 2 and tuple(t.shape) != tuple(x.shape[:2]):

@@ -1,0 +1,146 @@
+"""Property tests (hypothesis): random shapes (odd sizes, 1-pixel maps, many small groups), dtypes,
+memory formats, non-contiguous views and parameters, for every op and every backend that runs on
+CPU tensors here, forward and backward, against the op's reference in float64.
+
+The quick profile (the default, README's test command) draws a few examples per op; the deep one
+(`pytest tests/test_properties.py --hypothesis-profile=deep`) hundreds. A failure found is kept as
+an explicit regression case with @example."""
+
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from fastgen import ops
+from fastgen.activations import NAMES
+from fastgen.ops.upfirdn2d import setup_filter
+
+from cases import cpu_backends, skip_unavailable
+from tolerances import assert_close, assert_close_grad
+
+settings.register_profile("quick", max_examples=12, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("deep", max_examples=400, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile("quick")
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@st.composite
+def images(draw, channels=None, min_side=1):
+    """(x, dtype name): an N x C x H x W map, in either layout, sometimes a strided view."""
+    n = draw(st.integers(1, 3))
+    c = channels if channels is not None else draw(st.integers(1, 12))
+    h, w = draw(st.integers(min_side, 9)), draw(st.integers(min_side, 9))
+    dtype = draw(st.sampled_from(sorted(DTYPES)))
+    layout = draw(st.sampled_from(["nchw", "nhwc", "strided"]))
+    seed = draw(st.integers(0, 2 ** 31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    if layout == "strided":  # every other column of a wider map: not contiguous in any format
+        x = torch.randn(n, c, h, 2 * w, generator=g, dtype=DTYPES[dtype])[..., ::2]
+    else:
+        x = torch.randn(n, c, h, w, generator=g, dtype=DTYPES[dtype])
+        x = x.to(memory_format=torch.channels_last) if layout == "nhwc" else x
+    return x, dtype
+
+
+def _check(name, op, ref, backend, tensors, dtype, grad_of):
+    """op(*tensors, backend) against ref(*tensors) in float64, output and gradients of a random cotangent."""
+    skip_unavailable(backend, "cpu")
+    if backend != "reference" and backend not in cpu_backends(name, DTYPES[dtype]):
+        return  # e.g. triton takes no float64
+    leaves = [t.detach().clone().requires_grad_(i in grad_of) for i, t in enumerate(tensors)]
+    out = op(*leaves, backend)
+    as64 = [t.detach().double().requires_grad_(i in grad_of) for i, t in enumerate(tensors)]
+    want = ref(*as64)
+    assert out.shape == want.shape and out.dtype == tensors[0].dtype
+    assert_close(out, want, DTYPES[dtype])
+    cot = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    got = torch.autograd.grad(out, [leaves[i] for i in grad_of], cot.to(out.dtype))
+    wanted = torch.autograd.grad(want, [as64[i] for i in grad_of], cot)
+    for g, w in zip(got, wanted, strict=True):
+        assert_close_grad(g, w, DTYPES[dtype])
+
+
+def backends(op: str):
+    return st.sampled_from(["reference", *cpu_backends(op)])
+
+
+@given(data=st.data(), backend=backends("group_norm_act"))
+def test_group_norm_act(data, backend):
+    groups = data.draw(st.sampled_from([1, 2, 3, 4]))
+    x, dtype = data.draw(images(channels=groups * data.draw(st.integers(1, 3))))
+    assume(x.shape[0] * x[0, : x.shape[1] // groups].numel() > 1)  # refused, as F.group_norm does
+    act = data.draw(st.sampled_from(NAMES))
+    shape = (x.shape[0], x.shape[1]) if data.draw(st.booleans()) else (x.shape[1],)  # AdaIN's per-sample affine
+    w, b = (torch.randn(shape, dtype=x.dtype) for _ in range(2))
+    _check("group_norm_act", lambda x, w, b, be: ops.group_norm_act(x, groups, w, b, activation=act, backend=be),
+           lambda x, w, b: ops.group_norm_act_ref(x, groups, w, b, activation=act), backend, [x, w, b], dtype, (0, 1, 2))
+
+
+@given(data=st.data(), backend=backends("batch_norm_act"))
+def test_batch_norm_act(data, backend):
+    x, dtype = data.draw(images())
+    if x.shape[0] * x.shape[2] * x.shape[3] < 2:
+        x = torch.cat([x, x.flip(0) + 1])  # training needs 2 values per channel, as torch's
+    act = data.draw(st.sampled_from(NAMES))
+    w, b = (torch.randn(x.shape[1], dtype=x.dtype) for _ in range(2))
+    _check("batch_norm_act",
+           lambda x, w, b, be: ops.batch_norm_act(x, None, None, w, b, True, activation=act, backend=be),
+           lambda x, w, b: ops.batch_norm_act_ref(x, None, None, w, b, True, activation=act), backend, [x, w, b],
+           dtype, (0, 1, 2))
+
+
+@given(data=st.data(), backend=backends("pixel_norm"))
+def test_pixel_norm(data, backend):
+    x, dtype = data.draw(images())
+    _check("pixel_norm", lambda x, be: ops.pixel_norm(x, backend=be), ops.pixel_norm_ref, backend, [x], dtype, (0,))
+
+
+@given(data=st.data(), backend=backends("bias_act"))
+def test_bias_act(data, backend):
+    x, dtype = data.draw(images())
+    act = data.draw(st.sampled_from(["linear", "relu", "lrelu", "tanh", "sigmoid", "elu", "selu", "softplus",
+                                     "swish", "gelu"]))
+    clamp = data.draw(st.sampled_from([None, 0.5, 256.0]))
+    b = torch.randn(x.shape[1], dtype=x.dtype)
+    _check("bias_act", lambda x, b, be: ops.bias_act(x, b, act=act, clamp=clamp, backend=be),
+           lambda x, b: ops.bias_act_ref(x, b, act=act, clamp=clamp), backend, [x, b], dtype, (0, 1))
+
+
+@given(data=st.data(), backend=backends("upfirdn2d"))
+def test_upfirdn2d(data, backend):
+    x, dtype = data.draw(images(min_side=2))
+    up, down = data.draw(st.sampled_from([1, 2])), data.draw(st.sampled_from([1, 2]))
+    pad = data.draw(st.lists(st.integers(0, 2), min_size=4, max_size=4))
+    f = setup_filter(data.draw(st.sampled_from([[1, 1], [1, 3, 3, 1], [1, 2, 1]])))
+    if (x.shape[2] * up + pad[2] + pad[3] < f.shape[0]) or (x.shape[3] * up + pad[0] + pad[1] < f.shape[1]):
+        return  # an image smaller than the filter: rejected by both (the validation tests)
+    _check("upfirdn2d", lambda x, be: ops.upfirdn2d(x, f, up, down, pad, gain=up * up, backend=be),
+           lambda x: ops.upfirdn2d_ref(x, f, up, down, pad, gain=up * up), backend, [x], dtype, (0,))
+
+
+@given(data=st.data(), backend=backends("upsample_conv2d"))
+def test_upsample_conv2d(data, backend):
+    x, dtype = data.draw(images(min_side=1))
+    mode, scale = data.draw(st.sampled_from([("nearest", 2), ("nearest", 3), ("bilinear", 2)]))
+    k = data.draw(st.sampled_from([1, 3]))
+    w = torch.randn(data.draw(st.integers(1, 6)), x.shape[1], k, k, dtype=x.dtype)
+    b = torch.randn(w.shape[0], dtype=x.dtype)
+    _check("upsample_conv2d",
+           lambda x, w, b, be: ops.upsample_conv2d(x, w, b, scale_factor=scale, mode=mode, padding=k // 2, backend=be),
+           lambda x, w, b: ops.upsample_conv2d_ref(x, w, b, scale_factor=scale, mode=mode, padding=k // 2), backend,
+           [x, w, b], dtype, (0, 1, 2))
+
+
+@given(data=st.data(), backend=backends("modulated_conv2d"))
+def test_modulated_conv2d(data, backend):
+    x, dtype = data.draw(images(min_side=2))
+    up = data.draw(st.sampled_from([1, 2]))
+    w = torch.randn(data.draw(st.integers(1, 6)), x.shape[1], 3, 3, dtype=x.dtype)
+    styles = 1 + 0.2 * torch.randn(x.shape[0], x.shape[1], dtype=x.dtype)
+    f = setup_filter([1, 3, 3, 1])
+    _check("modulated_conv2d",
+           lambda x, w, s, be: ops.modulated_conv2d(x, w, s, True, up, 1, f, 1, flip_weight=up == 1, backend=be),
+           lambda x, w, s: ops.modulated_conv2d_ref(x, w, s, True, up, 1, f, 1, flip_weight=up == 1), backend,
+           [x, w, styles], dtype, (0, 1, 2))
