@@ -4,6 +4,16 @@ import zlib
 import pytest
 import torch
 
+# hypothesis profiles (tests/test_properties.py): quick by default; --hypothesis-profile=deep for long
+# runs. (The XLA stage's environment has no hypothesis and runs no property test.)
+if importlib.util.find_spec("hypothesis"):
+    from hypothesis import HealthCheck, settings
+
+    _slow_ok = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.register_profile("quick", max_examples=12, **_slow_ok)
+    settings.register_profile("deep", max_examples=400, **_slow_ok)
+    settings.load_profile("quick")
+
 
 # tests/xla runs in the XLA stage's own environment (tools/test_xla.sh), where torch_xla exists
 collect_ignore = [] if importlib.util.find_spec("torch_xla") else ["xla"]

@@ -3,11 +3,11 @@ memory formats, non-contiguous views and parameters, for every op and every back
 CPU tensors here, forward and backward, against the op's reference in float64.
 
 The quick profile (the default, README's test command) draws a few examples per op; the deep one
-(`pytest tests/test_properties.py --hypothesis-profile=deep`) hundreds. A failure found is kept as
+(`pytest tests/test_properties.py --hypothesis-profile=deep`) hundreds (both in tests/conftest.py). A failure found is kept as
 an explicit regression case with @example."""
 
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from fastgen import ops
@@ -16,12 +16,6 @@ from fastgen.ops.upfirdn2d import setup_filter
 
 from cases import cpu_backends, skip_unavailable
 from tolerances import assert_close, assert_close_grad
-
-settings.register_profile("quick", max_examples=12, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("deep", max_examples=400, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.load_profile("quick")
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
