@@ -31,5 +31,8 @@ def main(args) -> int:
               f"final (mean of the last 20 steps): {final}; wrote {args.out or f'runs/{args.model}'}/"
               "{samples.png, losses.png, checkpoint.pt, summary.json}")
     if world > 1:
+        # every rank waits for rank 0's files before the group goes: a rank that tore its gloo
+        # threads down while another still used the group aborted ("terminate called ...")
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return 0
