@@ -187,7 +187,8 @@ _warned: set[tuple[str, str, str]] = set()
 
 
 def layout(x: torch.Tensor) -> str:
-    """'nhwc' for a channels_last 4-D tensor (that is not also contiguous), else 'nchw'."""
+    """'nhwc' for a channels_last 4-D tensor (that is not also contiguous), else 'nchw' (the ops'
+    output layout follows it: fastgen.ops._util.memory_format)."""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return "nhwc"
     return "nchw"
@@ -239,9 +240,7 @@ def auto_order(spec, kind: str, variant: str | None, memory_layout: str, dtype: 
     the most of them ("cpu/<variant>/<layout>/<dtype>", then "cpu/<variant>/<layout>", ...,
     "cpu/<dtype>", "cpu"), earlier qualifiers breaking ties."""
     qualifiers = [q for q in (variant, memory_layout, str(dtype).replace("torch.", "")) if q]
-    subsets = sorted((c for r in range(len(qualifiers), -1, -1) for c in itertools.combinations(qualifiers, r)),
-                     key=len, reverse=True)
-    for subset in subsets:
+    for subset in (c for r in range(len(qualifiers), -1, -1) for c in itertools.combinations(qualifiers, r)):
         key = "/".join((kind, *subset))
         if key in spec.auto:
             return spec.auto[key]

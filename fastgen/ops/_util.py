@@ -2,12 +2,12 @@
 
 import torch
 
+from fastgen.dispatch import layout
+
 
 def memory_format(x: torch.Tensor) -> torch.memory_format:
     """The layout an op's output keeps: channels_last when the input is (strictly) in it."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
+    return torch.channels_last if layout(x) == "nhwc" else torch.contiguous_format
 
 
 def check_tensor(name: str, t, dim: int | None = None) -> None:
