@@ -6,7 +6,7 @@
 // training: per-channel statistics over (N, *) by shifted sums (K = the channel's first value;
 // float within a block, double across blocks), returned as (mean, biased var) for the caller's
 // running-statistics update; otherwise the given mean and var. Then one pass writing
-// act(x * a_c + b_c), a_c = weight_c / sqrt(var_c + eps), b_c = bias_c - mean_c * a_c.
+// act((x - mean_c) * a_c + bias_c), a_c = weight_c / sqrt(var_c + eps).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -77,18 +77,17 @@ void batch_norm_act_kernel(const at::Tensor& x, at::Tensor& out, const at::Tenso
   const scalar_t* wp = weight.defined() ? weight.const_data_ptr<scalar_t>() : nullptr;
   const scalar_t* bp = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
   for (int64_t c = 0; c < C; ++c) {
-    const double ac = (wp ? static_cast<double>(wp[c]) : 1.0) / std::sqrt(static_cast<double>(vp[c]) + eps);
-    a[c] = static_cast<opmath_t>(ac);
-    b[c] = static_cast<opmath_t>((bp ? static_cast<double>(bp[c]) : 0.0) - static_cast<double>(mp[c]) * ac);
+    a[c] = static_cast<opmath_t>((wp ? static_cast<double>(wp[c]) : 1.0) / std::sqrt(static_cast<double>(vp[c]) + eps));
+    b[c] = static_cast<opmath_t>(bp ? static_cast<double>(bp[c]) : 0.0);
   }
   if (!channels_last) {
     at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t nc = begin; nc < end; ++nc)
-        apply_span<scalar_t, ACT, false>(xp + nc * L, yp + nc * L, L, &a[nc % C], &b[nc % C], slope);
+        apply_span<scalar_t, ACT, false>(xp + nc * L, yp + nc * L, L, &mp[nc % C], &a[nc % C], &b[nc % C], slope);
     });
   } else {
     at::parallel_for(0, N * L, std::max<int64_t>(1, 4096 / C), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) apply_span<scalar_t, ACT, true>(xp + r * C, yp + r * C, C, a.data(), b.data(), slope);
+      for (int64_t r = begin; r < end; ++r) apply_span<scalar_t, ACT, true>(xp + r * C, yp + r * C, C, mp, a.data(), b.data(), slope);
     });
   }
 }

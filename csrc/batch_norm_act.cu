@@ -7,7 +7,7 @@
 //   batch_norm_stats_kernel  grid (split, channel blocks): Welford per thread over its rows of its
 //                            chunk, merged per channel across the block (Chan); partial (mean, M2).
 //   batch_norm_act_kernel    grid (split, channel blocks): merges the partials (training) or reads
-//                            the given mean and var, then writes act(x * a_c + b_c) over its chunk;
+//                            the given mean and var, then writes act((x - mean_c) * a_c + b_c) over its chunk;
 //                            blocks of chunk 0 store the statistics for the running update.
 // Two reads of x and one write in training, one read and one write in eval.
 #include <ATen/ATen.h>
@@ -97,7 +97,7 @@ __global__ void __launch_bounds__(kThreads) batch_norm_stats_kernel(const BatchN
 template <typename scalar_t, bool kTraining>
 __global__ void __launch_bounds__(kThreads) batch_norm_act_kernel(const BatchNormParams p) {
   using T = at::opmath_type<scalar_t>;
-  __shared__ T sa[32], sb[32];
+  __shared__ T sm[32], sa[32], sb[32];
   const Tile t = tile(p);
   const int64_t c = static_cast<int64_t>(blockIdx.y) * t.tc + t.c;
   if (t.r == 0 && c < p.C) {
@@ -118,18 +118,19 @@ __global__ void __launch_bounds__(kThreads) batch_norm_act_kernel(const BatchNor
       static_cast<T*>(p.var_out)[c] = var;
     }
     const T a = (p.w ? static_cast<T>(static_cast<const scalar_t*>(p.w)[c]) : T(1)) / sqrt(var + static_cast<T>(p.eps));
+    sm[t.c] = mean;
     sa[t.c] = a;
-    sb[t.c] = (p.b ? static_cast<T>(static_cast<const scalar_t*>(p.b)[c]) : T(0)) - mean * a;
+    sb[t.c] = p.b ? static_cast<T>(static_cast<const scalar_t*>(p.b)[c]) : T(0);
   }
   __syncthreads();
   if (c >= p.C) return;
-  const T a = sa[t.c], b = sb[t.c], slope = static_cast<T>(p.slope);
+  const T m = sm[t.c], a = sa[t.c], b = sb[t.c], slope = static_cast<T>(p.slope);
   const int64_t r0 = blockIdx.x * p.chunk, r1 = min(r0 + p.chunk, p.N * p.L);
   const scalar_t* x = static_cast<const scalar_t*>(p.x);
   scalar_t* y = static_cast<scalar_t*>(p.out);
   for (int64_t r = r0 + t.r; r < r1; r += t.tr) {
     const int64_t o = offset(p, r, c);
-    y[o] = static_cast<scalar_t>(fastgen::activate<T>(static_cast<T>(x[o]) * a + b, p.act, slope));
+    y[o] = static_cast<scalar_t>(fastgen::activate<T>((static_cast<T>(x[o]) - m) * a + b, p.act, slope));
   }
 }
 

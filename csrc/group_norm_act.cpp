@@ -8,7 +8,7 @@
 //      element (float within a block, double across blocks); per group
 //      mean = K + S1 / n, var = S2 / n - (S1 / n)^2: with K a sample of the group there is no
 //      catastrophic cancellation, unlike E[x^2] - E[x]^2.
-//   2. y = act(x * a_c + b_c), a_c = rstd * weight_c, b_c = bias_c - mean * a_c.
+//   2. y = act((x - mean) * a_c + bias_c), a_c = rstd * weight_c.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -48,37 +48,37 @@ void group_norm_act_kernel(const at::Tensor& x, at::Tensor& out, int64_t G, cons
   const int64_t sbn = bias.defined() && bias.dim() == 2 ? C : 0;
   const scalar_t* wp = weight.defined() ? weight.const_data_ptr<scalar_t>() : nullptr;
   const scalar_t* bp = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
-  // from a group's shifted sums to its channels' a = rstd * w and b = bias - mean * a
-  auto coefficients = [&](int64_t n, int64_t g, double t1, double t2, opmath_t* a, opmath_t* b) {
+  // from a group's shifted sums to its channels' m = mean, a = rstd * w and b = bias
+  auto coefficients = [&](int64_t n, int64_t g, double t1, double t2, opmath_t* m, opmath_t* a, opmath_t* b) {
     const double count = static_cast<double>(CG * L), m1 = t1 / count;
     const double mean = static_cast<double>(shift(n, g)) + m1;
     const double rstd = 1.0 / std::sqrt(std::max(t2 / count - m1 * m1, 0.0) + eps);
     for (int64_t c = g * CG; c < (g + 1) * CG; ++c) {
-      const double ac = rstd * (wp ? static_cast<double>(wp[n * swn + c]) : 1.0);
-      a[c - g * CG] = static_cast<opmath_t>(ac);
-      b[c - g * CG] = static_cast<opmath_t>((bp ? static_cast<double>(bp[n * sbn + c]) : 0.0) - mean * ac);
+      m[c - g * CG] = static_cast<opmath_t>(mean);
+      a[c - g * CG] = static_cast<opmath_t>(rstd * (wp ? static_cast<double>(wp[n * swn + c]) : 1.0));
+      b[c - g * CG] = static_cast<opmath_t>(bp ? static_cast<double>(bp[n * sbn + c]) : 0.0);
     }
   };
 
   if (!channels_last) {
     // A group is CG contiguous rows of L: statistics then output while it is still in cache.
     at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
-      std::vector<opmath_t> a(CG), b(CG);
+      std::vector<opmath_t> m(CG), a(CG), b(CG);
       for (int64_t ng = begin; ng < end; ++ng) {
         const int64_t n = ng / G, g = ng % G;
         const scalar_t* rows = xp + ng * CG * L;
         double t1 = 0, t2 = 0;
         for (int64_t c = 0; c < CG; ++c) shifted_sums(rows + c * L, L, shift(n, g), t1, t2);
-        coefficients(n, g, t1, t2, a.data(), b.data());
+        coefficients(n, g, t1, t2, m.data(), a.data(), b.data());
         for (int64_t c = 0; c < CG; ++c)
-          apply_span<scalar_t, ACT, false>(rows + c * L, yp + ng * CG * L + c * L, L, &a[c], &b[c], slope);
+          apply_span<scalar_t, ACT, false>(rows + c * L, yp + ng * CG * L + c * L, L, &m[c], &a[c], &b[c], slope);
       }
     });
     return;
   }
 
   // channels_last: rows of C channels. 1. each task sums a run of rows of one sample into its
-  // own per-channel accumulators; 2. per group coefficients; 3. y = act(x * a + b) row by row.
+  // own per-channel accumulators; 2. per group coefficients; 3. y = act((x - m) * a + b) row by row.
   const int64_t rows_per_task = std::clamp<int64_t>(32768 / C, 1, kBlock);
   const int64_t tasks_per_n = (L + rows_per_task - 1) / rows_per_task;
   std::vector<opmath_t> p1(N * tasks_per_n * C), p2(N * tasks_per_n * C);
@@ -93,7 +93,7 @@ void group_norm_act_kernel(const at::Tensor& x, at::Tensor& out, int64_t G, cons
       shifted_sums_rows(xp + (n * L + l0) * C, l1 - l0, C, k.data(), a1, a2);
     }
   });
-  std::vector<opmath_t> a(N * C), b(N * C);
+  std::vector<opmath_t> m(N * C), a(N * C), b(N * C);
   for (int64_t n = 0; n < N; ++n)
     for (int64_t g = 0; g < G; ++g) {
       double t1 = 0, t2 = 0;
@@ -102,12 +102,12 @@ void group_norm_act_kernel(const at::Tensor& x, at::Tensor& out, int64_t G, cons
           t1 += p1[t * C + c];
           t2 += p2[t * C + c];
         }
-      coefficients(n, g, t1, t2, &a[n * C + g * CG], &b[n * C + g * CG]);
+      coefficients(n, g, t1, t2, &m[n * C + g * CG], &a[n * C + g * CG], &b[n * C + g * CG]);
     }
   at::parallel_for(0, N * L, std::max<int64_t>(1, 4096 / C), [&](int64_t begin, int64_t end) {
     for (int64_t nl = begin; nl < end; ++nl) {
       const int64_t n = nl / L;
-      apply_span<scalar_t, ACT, true>(xp + nl * C, yp + nl * C, C, &a[n * C], &b[n * C], slope);
+      apply_span<scalar_t, ACT, true>(xp + nl * C, yp + nl * C, C, &m[n * C], &a[n * C], &b[n * C], slope);
     }
   });
 }

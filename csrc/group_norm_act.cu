@@ -7,7 +7,8 @@
 //   group_norm_stats_kernel  grid (N*G, split): Welford per thread, merged across the block with
 //                            Chan's formula; writes the chunk's (mean, M2).
 //   group_norm_act_kernel    grid (N*G, split): merges the group's partials, then writes
-//                            act(x * a_c + b_c) over its chunk, a_c = rstd * w_c, b_c = b_c - mean * a_c.
+//                            act((x - mean) * a_c + b_c) over its chunk, a_c = rstd * w_c (the mean is
+//                            not folded into b: that cancels badly where a group is nearly constant).
 // Two reads of x and one write; statistics in fp32 (fp64 for double).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -126,8 +127,8 @@ __global__ void __launch_bounds__(kThreads) group_norm_act_kernel(const GroupNor
     element(p, k, len, c, l);
     const int64_t ch = c0 + c;
     const T a = rstd * (wp ? static_cast<T>(wp[n * p.swn + ch]) : T(1));
-    const T b = (bp ? static_cast<T>(bp[n * p.sbn + ch]) : T(0)) - mean * a;
-    const T z = static_cast<T>(x[ch * p.sxc + (l0 + l) * p.sxl]) * a + b;
+    const T b = bp ? static_cast<T>(bp[n * p.sbn + ch]) : T(0);
+    const T z = (static_cast<T>(x[ch * p.sxc + (l0 + l) * p.sxl]) - mean) * a + b;
     out[ch * p.soc + (l0 + l) * p.sol] = static_cast<scalar_t>(fastgen::activate<T>(z, p.act, slope));
   }
 }

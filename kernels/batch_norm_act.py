@@ -3,9 +3,10 @@
 x is read as rows (n, l) x channels through strides, in BLOCK_R x BLOCK_C tiles, so that NCHW
 (unit stride along l) and channels_last (unit stride along C) both load whole lines.
 _batch_norm_stats_kernel: grid (row chunks, channel blocks); each program folds its rows into
-per-channel (mean, M2) tile by tile with Chan's formula (see kernels/group_norm_act.py).
+per-channel (mean, M2) of x - K tile by tile with Chan's formula, K the channel's first value (see
+kernels/group_norm_act.py).
 _batch_norm_act_fwd_kernel: grid (row chunks, channel blocks); merges the SPLIT partials of its
-channels (training) or reads the given mean and var, and writes act(x * a_c + b_c); the programs
+channels (training) or reads the given mean and var, and writes act((x - mean_c) * a_c + bias_c); the programs
 of row chunk 0 also store the statistics for the running-statistics update.
 """
 
@@ -19,7 +20,7 @@ from .activation import _activate
 @triton.jit(do_not_specialize=['N', 'C', 'L', 'CHUNK'])  # sizes: one compiled variant, not one per size class
 def _batch_norm_stats_kernel(
     x_ptr,  # (N, C, L) through strides
-    mean_ptr, m2_ptr,  # (SPLIT, C) fp32 partial statistics
+    mean_ptr, m2_ptr,  # (SPLIT, C) fp32 partial statistics of x - K
     N, C, L, CHUNK,  # rows (n, l) per program
     stride_xn, stride_xc, stride_xl,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -27,6 +28,7 @@ def _batch_norm_stats_kernel(
     part = tl.program_id(0)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
+    k = tl.load(x_ptr + offs_c.to(tl.int64) * stride_xc, mask=mask_c, other=0.0).to(tl.float32)  # the shift
     count = tl.zeros((BLOCK_C,), dtype=tl.float32)
     mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -37,7 +39,7 @@ def _batch_norm_stats_kernel(
         mask = mask_r[:, None] & mask_c[None, :]
         ptrs = x_ptr + ((rows // L) * stride_xn + (rows % L) * stride_xl)[:, None] \
             + offs_c.to(tl.int64)[None, :] * stride_xc
-        v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.where(mask, tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) - k[None, :], 0.0)
         n_b = tl.sum(mask_r.to(tl.float32), axis=0)
         if n_b > 0:
             mean_b = tl.sum(v, axis=0) / n_b
@@ -98,16 +100,18 @@ def _batch_norm_act_fwd_kernel(
             d = tl.where(mask_pc, means - mean[None, :], 0.0)
             m2 += tl.sum(m2s, axis=0) + tl.sum(counts[:, None] * d * d, axis=0)
         var = tl.where(m2 < 0, 0.0, m2) / total  # not tl.maximum: it would turn a NaN into 0
+        k = tl.load(x_ptr + offs_c.to(tl.int64) * stride_xc, mask=mask_c, other=0.0).to(tl.float32)
     else:
         mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
         var = tl.load(var_ptr + offs_c, mask=mask_c, other=1.0).to(tl.float32)
+        k = tl.zeros((BLOCK_C,), dtype=tl.float32)
     if part == 0:
-        tl.store(mean_out_ptr + offs_c, mean, mask=mask_c)
+        tl.store(mean_out_ptr + offs_c, k + mean, mask=mask_c)
         tl.store(var_out_ptr + offs_c, var, mask=mask_c)
     a = 1.0 / tl.sqrt(var + EPS)
     if HAS_WEIGHT:
         a = a * tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-    b = -mean * a
+    b = tl.zeros((BLOCK_C,), dtype=tl.float32)
     if HAS_BIAS:
         b += tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
 
@@ -119,7 +123,7 @@ def _batch_norm_act_fwd_kernel(
         l = rows % L
         ch = offs_c.to(tl.int64)[None, :]
         v = tl.load(x_ptr + (n * stride_xn + l * stride_xl)[:, None] + ch * stride_xc, mask=mask, other=0.0)
-        y = _activate(v.to(tl.float32) * a[None, :] + b[None, :], ACT, SLOPE)
+        y = _activate(((v.to(tl.float32) - k[None, :]) - mean[None, :]) * a[None, :] + b[None, :], ACT, SLOPE)
         if EMULATE_BF16:
             y = _round_to_bf16(y)
         tl.store(out_ptr + (n * stride_on + l * stride_ol)[:, None] + ch * stride_oc,

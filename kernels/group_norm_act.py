@@ -4,9 +4,11 @@ Each (sample, group) owns C/G channels x L positions; its positions are cut into
 that a GPU has enough programs. Pass 1 (_group_norm_stats_kernel): each program folds its chunk
 into (mean, M2) tile by tile with Chan's parallel formula,
     n = n_a + n_b,  d = mean_b - mean_a,  mean = mean_a + d * n_b / n,  M2 = M2_a + M2_b + d^2 n_a n_b / n,
-which never forms E[x^2] - E[x]^2. Pass 2 (_group_norm_act_fwd_kernel): each program merges its
-group's partials the same way, var = M2 / n, and writes y = act(x * a_c + b_c) over its chunk with
-a_c = rstd * weight_c and b_c = bias_c - mean * a_c.
+which never forms E[x^2] - E[x]^2, over x - K with K the group's first value (so that a constant
+group's mean is exact: its rstd ~ 1/sqrt(eps) magnifies any error there). Pass 2 (_group_norm_act_fwd_kernel): each program merges its
+group's partials the same way, var = M2 / n, and writes y = act((x - K - mean) * a_c + bias_c) over its
+chunk with a_c = rstd * weight_c (the mean is not folded into the bias: where a group is nearly
+constant, a_c is huge and x * a_c + (bias_c - mean * a_c) cancels two large numbers).
 x is read through strides as (N, C, L): unit stride along L (NCHW) or along C (channels_last).
 """
 
@@ -20,7 +22,7 @@ from .activation import _activate
 @triton.jit(do_not_specialize=['C', 'L', 'CG', 'CHUNK'])  # sizes: one compiled variant, not one per size class
 def _group_norm_stats_kernel(
     x_ptr,  # (N, C, L), strides stride_xn, stride_xc, stride_xl
-    mean_ptr, m2_ptr,  # (N * G, SPLIT) fp32 partial statistics
+    mean_ptr, m2_ptr,  # (N * G, SPLIT) fp32 partial statistics of x - K, K the group's first value
     C, L, CG,  # channels, positions, channels per group
     CHUNK,  # positions per program
     stride_xn, stride_xc, stride_xl,
@@ -36,6 +38,7 @@ def _group_norm_stats_kernel(
     mask_c = offs_c < CG
     base = x_ptr + n * stride_xn + (g * CG + offs_c).to(tl.int64)[:, None] * stride_xc
     start = part.to(tl.int64) * CHUNK
+    k = tl.load(x_ptr + n * stride_xn + (g * CG).to(tl.int64) * stride_xc).to(tl.float32)  # the shift
     count = tl.zeros((), dtype=tl.float32)
     mean = tl.zeros((), dtype=tl.float32)
     m2 = tl.zeros((), dtype=tl.float32)
@@ -43,6 +46,7 @@ def _group_norm_stats_kernel(
         offs_l = start + l0 + tl.arange(0, BLOCK_L)
         mask = mask_c[:, None] & (offs_l < L)[None, :] & (offs_l < start + CHUNK)[None, :]
         v = tl.load(base + offs_l[None, :] * stride_xl, mask=mask, other=0.0).to(tl.float32)
+        v = tl.where(mask, v - k, 0.0)
         n_b = tl.sum(mask.to(tl.float32), axis=None)
         if n_b > 0:
             mean_b = tl.sum(v, axis=None) / n_b
@@ -93,10 +97,11 @@ def _group_norm_act_fwd_kernel(
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < CG
     ch = (g * CG + offs_c).to(tl.int64)
+    k = tl.load(x_ptr + n * stride_xn + (g * CG).to(tl.int64) * stride_xc).to(tl.float32)
     a = tl.zeros((BLOCK_C,), dtype=tl.float32) + rstd
     if HAS_WEIGHT:
         a = a * tl.load(w_ptr + n * stride_wn + ch, mask=mask_c, other=0.0).to(tl.float32)
-    b = -mean * a
+    b = tl.zeros((BLOCK_C,), dtype=tl.float32)
     if HAS_BIAS:
         b += tl.load(b_ptr + n * stride_bn + ch, mask=mask_c, other=0.0).to(tl.float32)
 
@@ -107,7 +112,7 @@ def _group_norm_act_fwd_kernel(
         offs_l = start + l0 + tl.arange(0, BLOCK_L)
         mask = mask_c[:, None] & (offs_l < L)[None, :] & (offs_l < start + CHUNK)[None, :]
         v = tl.load(x_base + offs_l[None, :] * stride_xl, mask=mask, other=0.0).to(tl.float32)
-        y = _activate(v * a[:, None] + b[:, None], ACT, SLOPE)
+        y = _activate(((v - k) - mean) * a[:, None] + b[:, None], ACT, SLOPE)
         if EMULATE_BF16:
             y = _round_to_bf16(y)
         tl.store(o_base + offs_l[None, :] * stride_ol, y.to(out_ptr.dtype.element_ty), mask=mask)

@@ -109,7 +109,8 @@ def batch_statistics(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance over (N, *), two passes in opmath; differentiable."""
     dims = (0, *range(2, x.dim()))
     xf = x.to(opmath_dtype(x.dtype))
-    mean = xf.mean(dims)
+    k = xf[0].reshape(x.shape[1], -1)[:, 0]  # each channel's first value: see group_norm_act's _statistics
+    mean = k + (xf - _channel_view(k, x)).mean(dims)
     centered = xf - _channel_view(mean, x)
     return mean, (centered * centered).mean(dims)
 
@@ -121,10 +122,9 @@ def _batch_norm_act_composite(x, weight, bias, mean, var, training, eps, act, sl
     a = torch.rsqrt(var + eps)
     if weight is not None:
         a = a * weight.to(a.dtype)
-    b = -mean * a
-    if bias is not None:
-        b = b + bias.to(b.dtype)
-    z = torch.addcmul(_channel_view(b, x), x.to(a.dtype), _channel_view(a, x))
+    # act((x - mean) * a + bias): the mean not folded into the bias (see group_norm_act's composite)
+    b = torch.zeros_like(a) if bias is None else bias.to(a.dtype)
+    z = torch.addcmul(_channel_view(b, x), x.to(a.dtype) - _channel_view(mean, x), _channel_view(a, x))
     return activation_row(act).value(z, slope).to(x.dtype).contiguous(memory_format=memory_format(x)), mean.clone(), var.clone()
 
 
@@ -237,8 +237,8 @@ def _backward_aten(grad, x, weight, bias, mean, var, eps, act, slope, need):
     grad = grad.contiguous(memory_format=memory_format(x))
     invstd = torch.rsqrt(var + eps)
     a = invstd if weight is None else invstd * weight
-    b = -mean * a if bias is None else bias - mean * a
-    z = torch.addcmul(_channel_view(b, x), x, _channel_view(a, x)).to(x.dtype)
+    b = torch.zeros_like(a) if bias is None else bias
+    z = torch.addcmul(_channel_view(b, x), x - _channel_view(mean, x), _channel_view(a, x)).to(x.dtype)
     gz = activation_backward(grad, z, act, slope)
     # the statistics are in opmath: the weight joins them (aten's mixed-precision BatchNorm)
     w = None if weight is None else weight.to(mean.dtype)
