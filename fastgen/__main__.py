@@ -19,6 +19,8 @@ def main(argv=None) -> int:
     verify.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     verify.add_argument("--out", default=None, help="the record (JSON), e.g. fastgen/gpu_verified.json")
     verify.add_argument("--ops", default=None, help="comma-separated ops (default: all)")
+    verify.add_argument("--untimed", action="store_true",
+                        help="check only, no speedup timing (e.g. under compute-sanitizer)")
     bench = sub.add_parser("bench", help="every provider side by side at generator shapes (default: the quick run)")
     bench.add_argument("--full", action="store_true", help="every shape of every suite (default: one per op)")
     bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -62,7 +64,7 @@ def main(argv=None) -> int:
     if args.command == "verify":
         from fastgen import verify as fv
 
-        return fv.main(args.device, args.out, args.ops.split(",") if args.ops else None)
+        return fv.main(args.device, args.out, args.ops.split(",") if args.ops else None, timed=not args.untimed)
     if args.models:
         from fastgen.bench import models
         from fastgen.bench.harness import environment

@@ -44,3 +44,12 @@ def test_verify_catches_a_broken_backend(monkeypatch):
     record = verify.verify("cpu", ["pixel_norm"], (torch.float32,), log=lambda *a: None)
     assert record["ops"]["pixel_norm"]["composite"]["float32"]["passed"] is False
     assert verify.failures(record) == ["pixel_norm/composite/float32"]
+
+
+def test_sanitize_rehearsal_runs_memcheck_and_racecheck_stages(tmp_path):
+    done = gpu_check(tmp_path, "--sanitize", "--ops", "pixel_norm")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "== memcheck" in done.stdout and "== racecheck" in done.stdout
+    assert "gpu_check --sanitize: PASSED" in done.stdout
+    log = (tmp_path / "memcheck.log").read_text()
+    assert "pixel_norm               triton" in log and "pixel_norm               composite" in log

@@ -39,6 +39,30 @@ def test_a_thousand_forward_backward_calls_do_not_grow_memory(spec):
         assert _rss_mib() - before < 8, f"{backend}: RSS grew {_rss_mib() - before:.1f} MiB over 1000 calls"
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
+def test_a_thousand_cuda_calls_do_not_grow_allocated_memory(spec):
+    """The same on the GPU (tools/gpu_check.sh), for every backend there, Triton included: memory
+    held by tensors (memory_allocated) returns to where it was, and the caching allocator's reserve
+    does not climb."""
+    example = spec.examples[0]
+    to_cuda = lambda: [t.cuda() for t in example.inputs()]  # noqa: E731
+    for backend in ["reference", *[b for b in ("composite", "triton", "cuda") if b in spec.impls]]:
+        def step():
+            inputs = [t.requires_grad_(True) if i in example.grad_of else t for i, t in enumerate(to_cuda())]
+            out = spec.public(*inputs, **example.kwargs, backend=backend)
+            torch.autograd.grad(out, [inputs[i] for i in example.grad_of], torch.ones_like(out))
+        for _ in range(100):
+            step()
+        torch.cuda.synchronize()
+        allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+        for _ in range(1000):
+            step()
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() == allocated, f"{backend}: allocated memory grew"
+        assert torch.cuda.memory_reserved() <= reserved + 2 ** 21, f"{backend}: reserved memory grew"
+
+
 @pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
 def test_four_threads_calling_at_once_get_correct_results(spec):
     example = spec.examples[0]

@@ -8,14 +8,20 @@
 #   run(command="bash tools/gpu_check.sh", timeout_s=540)
 # --dry-run rehearses the same stages on the CPU (no build, Triton through the interpreter, small
 # sizes; tests/test_gpu_check.py runs it in CI). --ops a,b limits verify and the sweep to those ops.
+# --sanitize: instead of the tests and the sweep, every CUDA and Triton kernel (fastgen verify: each
+# op's examples, forward and backward, every dtype) under compute-sanitizer's memcheck, then the
+# CUDA C++ kernels that use shared memory under racecheck; any report fails the gate. A second run:
+#   run(command="bash tools/gpu_check.sh --sanitize", timeout_s=540)
 set -uo pipefail
 dry=0
+sanitize=0
 ops=""
 while [ $# -gt 0 ]; do
   case $1 in
     --dry-run) dry=1 ;;
+    --sanitize) sanitize=1 ;;
     --ops) ops=$2; shift ;;
-    *) echo "usage: tools/gpu_check.sh [--dry-run] [--ops op1,op2]"; exit 2 ;;
+    *) echo "usage: tools/gpu_check.sh [--dry-run] [--sanitize] [--ops op1,op2]"; exit 2 ;;
   esac
   shift
 done
@@ -65,6 +71,18 @@ else
 fi
 
 stage info 120 python -m fastgen info
+if [ $sanitize = 1 ]; then
+  # compute-sanitizer ships with the toolkit; the rehearsal runs the same commands without it
+  sanitizer() { [ $dry = 1 ] || echo "$CUDA_HOME/bin/compute-sanitizer --tool $1 --error-exitcode 86 --target-processes all --print-limit 20"; }
+  all_ops=$(python -c 'from fastgen.ops import REGISTRY; print(",".join(REGISTRY))')
+  stage memcheck $(($(left) * 2 / 3)) $(sanitizer memcheck) \
+    python -m fastgen verify --device "$device" --untimed --ops "${ops:-$all_ops}"
+  # the CUDA C++ kernels with __shared__ (csrc/*.cu): block reductions and the conv tiles
+  stage racecheck "$(left)" $(sanitizer racecheck) \
+    python -m fastgen verify --device "$device" --untimed --ops "${ops:-group_norm_act,batch_norm_act,upsample_conv2d}"
+  echo "gpu_check --sanitize: $([ $status = 0 ] && echo PASSED || echo FAILED) in $((SECONDS - start)) s"
+  exit $status
+fi
 stage verify $(($(left) / 3)) python -m fastgen verify --device "$device" --out "$OUT/gpu_verified.json" \
   ${ops:+--ops "$ops"}
 stage test_build 120 python -m pytest tests/test_build.py -q -p no:cacheprovider
@@ -73,7 +91,10 @@ if [ $device = cuda ]; then
   stage tests_cuda $(($(left) / 2)) python -m pytest -m cuda -q -p no:cacheprovider -n 8 \
     tests/test_upsample_conv2d.py tests/test_group_norm_act.py tests/test_batch_norm_act.py tests/test_upfirdn2d.py \
     tests/test_bias_act.py tests/test_pixel_norm.py tests/test_modulated_conv2d.py tests/test_instance_norm_act.py \
-    --junitxml="$OUT/tests_cuda.xml"
+    tests/test_hardening.py --junitxml="$OUT/tests_cuda.xml"
+  # above 2^31 elements: one at a time (up to ~30 GB each)
+  stage tests_huge $(($(left) / 3)) python -m pytest -m cuda -q -p no:cacheprovider tests/test_huge.py \
+    --junitxml="$OUT/tests_huge.xml"
   stage sweep_upsample $(($(left) / 3)) python -m fastgen bench --full --device cuda --dtype bfloat16 --passes fwd \
     --ops upsample_conv2d --shapes sdvae-up1,sdvae-up2,sdvae-up3 --layouts nhwc,nchw --out "$OUT/bench_upsample.json"
   stage sweep_ops "$(left)" python -m fastgen bench --full --device cuda --dtype bfloat16 --passes fwd,fwd+bwd \
