@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The XLA stage of README's test command (tools/test.sh runs it after the main tests): every op and
-# layer on an XLA device (torch_xla on the CPU, PJRT_DEVICE=CPU) against CPU eager, with no CPU
-# fallback allowed. Its own environment (requirements-xla.txt: torch 2.9.0 + torch_xla 2.9.0) and
-# its own CPU-only build of fastgen, made in a copy of the tree so that its fastgen._C (built for
-# torch 2.9) never replaces the main environment's in this checkout.
+# The oldest-torch stage of README's test command (tools/test.sh runs it after the main tests), in
+# its own environment (requirements-xla.txt: torch 2.9.0, Triton 3.5.0, torch_xla 2.9.0) with its
+# own CPU-only build of fastgen, made in a copy of the tree so that its fastgen._C (built for torch
+# 2.9) never replaces the main environment's in this checkout:
+#   1. XLA: every op and layer on an XLA device (torch_xla on the CPU, PJRT_DEVICE=CPU) against CPU
+#      eager, with no CPU fallback allowed;
+#   2. the main test suite again, on the oldest torch and Triton README promises (all but the
+#      2^31-element tests: the same C++ as in the main run, and minutes of it).
 set -euo pipefail
 src=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 copy=${FASTGEN_XLA_TREE:-$HOME/.cache/fastgen/xla-tree}
@@ -15,4 +18,8 @@ export FASTGEN_REQUIREMENTS="$src/requirements-xla.txt" FASTGEN_CUDA=0 PJRT_DEVI
 export FASTGEN_BUILD_DIR=${FASTGEN_XLA_BUILD_DIR:-$HOME/.cache/fastgen/xla-build}
 source "$copy/tools/env.sh"
 cd "$copy"
+echo "== XLA (torch $(python -c 'import torch; print(torch.__version__)'))"
 python -m pytest tests/xla -q -p no:cacheprovider -rs "$@"
+echo "== the main tests on torch $(python -c 'import torch, triton; print(torch.__version__, "+ Triton", triton.__version__)')"
+python -m pytest tests -q -p no:cacheprovider --ignore=tests/xla \
+  --ignore=tests/test_huge.py "$@"

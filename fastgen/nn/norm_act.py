@@ -147,16 +147,15 @@ class BatchNormAct2d(nn.BatchNorm2d):
 
     def _synchronized(self, x, running_mean, running_var, factor):
         """Statistics over the whole group's batch: all-reduced sums, two passes (exact), through
-        the differentiable torch.distributed.nn all_reduce so that gradients see the whole batch."""
-        from torch.distributed.nn.functional import all_reduce
-
+        a differentiable all-reduce (_AllReduceSum) so that gradients see the whole batch."""
+        all_reduce = _AllReduceSum.apply
         group = self.process_group or torch.distributed.group.WORLD
         dims = (0, *range(2, x.dim()))
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        sums = all_reduce(torch.cat([xf.sum(dims), xf.new_full((1,), x.numel() // x.shape[1])]), group=group)
+        sums = all_reduce(torch.cat([xf.sum(dims), xf.new_full((1,), x.numel() // x.shape[1])]), group)
         count, mean = sums[-1], sums[:-1] / sums[-1]
         centered = xf - mean.view(1, -1, *((1,) * (x.dim() - 2)))
-        var = all_reduce((centered * centered).sum(dims), group=group) / count
+        var = all_reduce((centered * centered).sum(dims), group) / count
         if running_mean is not None:
             update_running_stats(running_mean, running_var, mean.detach(), var.detach(), int(count.item()), factor)
         return batch_norm_act(x, mean, var, self.weight, self.bias, False, 0.0, self.eps, self.activation,
@@ -164,6 +163,25 @@ class BatchNormAct2d(nn.BatchNorm2d):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation!r}, sync={self.sync}"
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the process group, differentiable: the gradient of every rank's input is the sum of
+    all ranks' output gradients. (torch.distributed.nn.functional.all_reduce did this; torch 2.14
+    deprecates it, and the functional collectives it points to have no autograd on torch 2.9.)"""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        out = tensor.clone()
+        torch.distributed.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 def _world_size(group) -> int:

@@ -210,13 +210,16 @@ def _setup_context_group_norm_act(ctx, inputs, output):
 def _backward_group_norm_act(ctx, grad: Tensor):
     """A plain first-order backward on CPU or CUDA (grad mode is off here without create_graph)
     runs aten's fused kernels: see _backward_aten. A backward that must itself be differentiable
-    (create_graph) or runs on XLA is aten math with the statistics recomputed from x: double
+    (create_graph), runs on XLA or is traced with symbolic sizes is aten math with the statistics recomputed from x: double
     backward works and XLA lowers it."""
     x, weight, bias = ctx.saved_tensors
     num_groups, eps, act, slope = ctx.args
     need = ctx.needs_input_grad
     need_x, need_w, need_b = need[0], need[2] and weight is not None, need[3] and bias is not None
-    if not torch.is_grad_enabled() and x.device.type in ("cpu", "cuda"):
+    # symbolic sizes (torch.compile with dynamic shapes): the math route, which inductor fuses anyway;
+    # torch 2.9's decomposition of native_group_norm_backward fails there (divmod of a SymInt)
+    concrete = not any(isinstance(s, torch.SymInt) for s in x.shape)
+    if not torch.is_grad_enabled() and x.device.type in ("cpu", "cuda") and concrete:
         gx, gw, gb = _backward_aten(grad, x, weight, bias, num_groups, eps, act, slope, (need_x, need_w, need_b))
         return gx, None, gw, gb, None, None, None, None
     xhat5, rstd = _normalized(x, num_groups, eps)
