@@ -25,8 +25,8 @@ def _pixel_norm_fwd_kernel(
     pid = tl.program_id(0).to(tl.int64)
     blocks = tl.cdiv(L, BLOCK_L)
     n = pid // blocks
-    offs_l = (pid % blocks) * BLOCK_L + tl.arange(0, BLOCK_L)
-    offs_c = tl.arange(0, BLOCK_C)
+    offs_l = (pid % blocks) * BLOCK_L + tl.arange(0, BLOCK_L).to(tl.int64)
+    offs_c = tl.arange(0, BLOCK_C).to(tl.int64)  # c * stride_c reaches C * H * W in NCHW: past int32
     mask = (offs_l < L)[:, None] & (offs_c < C)[None, :]
     x = tl.load(x_ptr + n * stride_xn + offs_l[:, None] * stride_xl + offs_c[None, :] * stride_xc,
                 mask=mask, other=0.0).to(tl.float32)

@@ -165,7 +165,9 @@ def _batch_norm_act_triton(x, weight, bias, mean, var, training, eps, act, slope
         mean_out, var_out, n, c, length, chunk, split, *xv.stride(), *ov.stride(), eps, slope,
         TRAINING=training, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT=activation_row(act).code,
         EMULATE_BF16=x.dtype == torch.bfloat16 and _INTERPRET, SPLIT_BLOCK=min(32, triton.next_power_of_2(split)),
-        BLOCK_R=block_r, BLOCK_C=block_c)
+        # 8 warps: with 4, the training merge plus a heavy activation (selu, softplus) spilled in bf16
+        # (tools/triton_aot.py); with 8 no variant does (128 registers at most)
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8)
     return out, mean_out, var_out
 
 

@@ -279,6 +279,10 @@ def _upsample_conv2d_triton(x, weight, bias, scale, mode, padding):
         # tensor cores, and roundings to bf16 are done by hand.
         DOT_IN_FP32=x.dtype == torch.float32 or emulate_bf16, EMULATE_BF16=emulate_bf16,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        # fp32 products go through FMAs, not tensor cores, and the software pipeline's stages then sit
+        # in registers: with 4 warps and 3 stages fp32 tiles spilled (255 registers, up to 628 B), with
+        # 8 warps and 1 stage none does (172 at most; tools/triton_aot.py)
+        **(dict(num_warps=8, num_stages=1) if x.dtype == torch.float32 else {}),
     )
     return out
 

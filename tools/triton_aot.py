@@ -1,0 +1,533 @@
+"""GPU code checked without a GPU: every Triton kernel variant our launchers produce, compiled ahead of
+time for sm_80 and sm_90 by the real Triton compiler and ptxas, with a resource report; the CUDA C++
+kernels' resources from the built extension (cuobjdump); launch grids at the largest shapes users run.
+
+    python tools/triton_aot.py [--arch 80,90] [--out benchmarks/results/gpu-resources.json] [--quick]
+
+How, on a machine with no GPU (shared/TOOLCHAIN.md): Triton's active driver is replaced by one whose
+target is the GPU asked for, and every `kernel[grid](...)` launch becomes `kernel.run(..., warmup=True)`,
+which compiles (to PTX and a cubin) without launching. The launches come from the real launchers:
+the public ops are called with backend="triton" on CPU tensors (only dtypes, strides and pointer
+alignment matter to the compiler; nothing is computed), across every dtype, memory format, constexpr
+choice (activations, modes, scales, affine/bias, training/eval) and size class Triton specializes on
+(1, a multiple of 16, other), forward and backward. `ptxas -v` on each variant's PTX gives registers
+and spills; Triton's metadata gives shared memory and warps.
+
+Fails (exit 1) on: a compile error; a spill or any local memory (stack frame) in any kernel (all of
+ours run per element or per tile);
+shared memory above what a block may have (Triton opts in above 48 KB itself; the CUDA C++ kernels
+use static shared memory, so 48 KB); a block above 1024 threads; a launch grid over its limits
+(x < 2^31, y and z < 2^16) at the large shapes; a kernel that indexes a tensor of 2^31 or more
+elements through an int32 pointer offset (its TTIR: `tt.addptr` with i32 offsets). Must run with the
+interpreter off (the script unsets TRITON_INTERPRET before importing Triton).
+"""
+
+import argparse
+import contextlib
+import io
+import itertools
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # the real compiler; must precede importing triton or torch
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TRITON_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+# Per-SM limits (CUDA programming guide, occupancy): A100 (sm_80) and H100/H200 (sm_90).
+LIMITS = {
+    80: {"name": "A100", "sms": 108, "regs": 65536, "max_warps": 64, "max_blocks": 32,
+         "smem_sm": 164 * 1024, "smem_block_optin": 163 * 1024},
+    90: {"name": "H200", "sms": 132, "regs": 65536, "max_warps": 64, "max_blocks": 32,
+         "smem_sm": 228 * 1024, "smem_block_optin": 227 * 1024},
+}
+SMEM_STATIC = 48 * 1024  # a block's static shared memory without the dynamic opt-in
+SMEM_RESERVED = 1024  # per block, reserved by the runtime (sm_80 and later)
+
+
+# ---------------------------------------------------------------------------------------------
+# compile only
+
+class CompileOnlyDriver:
+    """Triton's driver for a GPU that is not here: the target, device 0, stream 0; nothing else."""
+
+    def __init__(self, arch: int):
+        self.arch = arch
+
+    def get_current_target(self):
+        return GPUTarget("cuda", self.arch, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def __getattr__(self, name):
+        raise AttributeError(f"compile-only driver: no {name} (nothing may launch here)")
+
+
+class Recorder:
+    """Turns every kernel[grid](...) into a compile, and keeps each launch: kernel, grid, args."""
+
+    def __init__(self):
+        self.launches = []
+        self._saved = JITFunction.__getitem__
+
+    def __enter__(self):
+        recorder = self
+
+        def getitem(fn, grid):
+            def launch(*args, **kwargs):
+                log, t0 = io.StringIO(), time.perf_counter()
+                with contextlib.redirect_stdout(log):  # Triton prints its own ptxas -v log (dump_ptxas_log)
+                    compiled = fn.run(*args, grid=grid, warmup=True, **kwargs)
+                g = grid(kwargs) if callable(grid) else grid
+                named = {**dict(zip(fn.arg_names, args)), **kwargs}
+                sizes = {k: v.numel() for k, v in named.items() if isinstance(v, torch.Tensor)}
+                recorder.launches.append({"kernel": fn.fn.__name__, "compiled": compiled, "ptxas_log": log.getvalue(),
+                                          "seconds": time.perf_counter() - t0, "grid": tuple(int(v) for v in g),
+                                          "largest_tensor": max(sizes.values(), default=0), "sizes": sizes})
+                return compiled
+            return launch
+
+        JITFunction.__getitem__ = getitem
+        return self
+
+    def __exit__(self, *exc):
+        JITFunction.__getitem__ = self._saved
+
+
+def _allow_triton_on_cpu_tensors():
+    """The dispatcher runs backend="triton" on CPU tensors only under the interpreter; here the
+    launchers run for their compiles alone."""
+    from fastgen import dispatch
+    unavailable = dispatch._unavailable
+    dispatch._unavailable = lambda name, device: "" if name == "triton" else unavailable(name, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# the launches: every public op with backend="triton", across what makes a distinct variant
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LAYOUTS = ("nchw", "nhwc")
+SIZES = {"one": (1, 1, 1, 1), "x16": (2, 16, 16, 16), "other": (3, 5, 7, 9)}  # Triton's size classes
+
+
+def _tensor(shape, dtype, layout, grad=False, lazy=False):
+    """Random values; or, `lazy`, memory never touched (the large shapes: only sizes and strides count)."""
+    nhwc = layout == "nhwc" and len(shape) == 4
+    if lazy:
+        return torch.empty(shape, dtype=dtype, memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+    x = torch.randn(shape).to(dtype)
+    return (x.contiguous(memory_format=torch.channels_last) if nhwc else x).requires_grad_(grad)
+
+
+def _run(fn, grad_of):
+    """Forward, and the backward (its kernels too) when inputs need gradients."""
+    out = fn()
+    if grad_of:
+        out = out[0] if isinstance(out, tuple) else out
+        torch.autograd.grad(out, grad_of, torch.ones_like(out), allow_unused=True)
+
+
+def configs(full: bool, axes: dict, first: str | None = None):
+    """Settings of an op's options. full: every combination. Otherwise every value of the `first`
+    axis (the activation: the whole epilogue changes), each with the other axes at their first value,
+    then every other value of each other axis once (one factor at a time): every constexpr value
+    compiles in every dtype, layout and size class, without the full product's hour."""
+    names = list(axes)
+    if full:
+        yield from (dict(zip(names, combo)) for combo in itertools.product(*axes.values()))
+        return
+    base = {k: v[0] for k, v in axes.items()}
+    seen = []
+    for name in ([first] if first else []) + [n for n in names if n != first]:
+        for value in axes[name]:
+            c = {**base, name: value}
+            if c not in seen:
+                seen.append(c)
+                yield c
+
+
+def cases(full=False, quick=False):
+    """(op, description, thunk) for every launch configuration (see configs)."""
+    from fastgen import ops
+    from fastgen.activations import NAMES
+    from fastgen.ops.upfirdn2d import setup_filter
+
+    bias_acts = ["lrelu", "linear", "relu", "tanh", "sigmoid", "elu", "selu", "softplus", "swish", "gelu"]
+    norm_acts = ["silu", *[a for a in NAMES if a != "silu"]]
+    sizes = {"x16": SIZES["x16"]} if quick else SIZES
+    if quick:
+        bias_acts, norm_acts = bias_acts[:1], norm_acts[:1]
+    for dtype, layout, (size, shape) in itertools.product(DTYPES, LAYOUTS, sizes.items()):
+        tag = f"{str(dtype)[6:]}/{layout}/{size}"
+        n, c, h, w = shape
+
+        for o in configs(full, {"act": bias_acts, "bias": (True, False), "clamp": (None, 256.0)}, "act"):
+            def bias_act(o=o):
+                x, b = _tensor(shape, dtype, layout, True), _tensor((c,), dtype, "", True) if o["bias"] else None
+                _run(lambda: ops.bias_act(x, b, act=o["act"], clamp=o["clamp"], backend="triton"),
+                     [x] + ([b] if o["bias"] else []))
+            yield "bias_act", f"{tag}/{o}", bias_act
+
+        gshape = (n, 2 * c, max(h, 2), w)  # 2 values per group at least
+        for o in configs(full, {"act": norm_acts, "affine": ("channel", "none", "sample")}, "act"):
+            def group_norm(o=o):
+                x = _tensor(gshape, dtype, layout, True)
+                wshape = {"none": None, "channel": (2 * c,), "sample": (n, 2 * c)}[o["affine"]]
+                wb = [_tensor(wshape, dtype, "", True) for _ in range(2)] if wshape else [None, None]
+                _run(lambda: ops.group_norm_act(x, c, *wb, activation=o["act"], backend="triton"),
+                     [x] + [t for t in wb if t is not None])
+            yield "group_norm_act", f"{tag}/{o}", group_norm
+
+        bshape = (max(n, 2), c, h, w)
+        for o in configs(full, {"act": norm_acts, "training": (True, False), "affine": (True, False)}, "act"):
+            def batch_norm(o=o):
+                x = _tensor(bshape, dtype, layout, True)
+                wb = [_tensor((c,), dtype, "", True) for _ in range(2)] if o["affine"] else [None, None]
+                stats = (torch.zeros(c), torch.ones(c))
+                _run(lambda: ops.batch_norm_act(x, *stats, *wb, o["training"], activation=o["act"], backend="triton"),
+                     [x] + [t for t in wb if t is not None])
+            yield "batch_norm_act", f"{tag}/{o}", batch_norm
+
+        def pixel_norm():
+            x = _tensor(shape, dtype, layout, True)
+            _run(lambda: ops.pixel_norm(x, backend="triton"), [x])
+        yield "pixel_norm", tag, pixel_norm
+
+        ushape = (n, c, max(h, 4), max(w, 4))
+        for o in configs(full, {"up_down": ((2, 1), (1, 1), (1, 2), (2, 2)), "taps": (4, 2, 3), "pad": (2, 0)}):
+            def upfirdn(o=o):
+                x = _tensor(ushape, dtype, layout, True)
+                f = setup_filter({2: [1, 1], 3: [1, 2, 1], 4: [1, 3, 3, 1]}[o["taps"]])
+                up, down = o["up_down"]
+                _run(lambda: ops.upfirdn2d(x, f, up, down, o["pad"], gain=up * up, backend="triton"), [x])
+            yield "upfirdn2d", f"{tag}/{o}", upfirdn
+
+        for o in configs(full, {"mode": (("nearest", 2), ("nearest", 3), ("nearest", 4), ("bilinear", 2)),
+                                "k": (3, 1), "bias": (True, False), "co": (c + 2, 1, 16)}):
+            def upsample_conv(o=o):
+                x = _tensor(shape, dtype, layout, True)
+                wt = _tensor((o["co"], c, o["k"], o["k"]), dtype, "", True)
+                b = _tensor((o["co"],), dtype, "", True) if o["bias"] else None
+                mode, scale = o["mode"]
+                _run(lambda: ops.upsample_conv2d(x, wt, b, scale_factor=scale, mode=mode, padding=o["k"] // 2,
+                                                 backend="triton"), [x, wt] + ([b] if o["bias"] else []))
+            yield "upsample_conv2d", f"{tag}/{o}", upsample_conv
+
+        for up, down in ((1, 1), (2, 1), (1, 2)):
+            def modulated(up=up, down=down):
+                x = _tensor(ushape, dtype, layout, True)
+                wt, s = _tensor((3, c, 3, 3), dtype, "", True), _tensor((ushape[0], c), dtype, "", True)
+                _run(lambda: ops.modulated_conv2d(x, wt, s, True, up, down, setup_filter([1, 3, 3, 1]), 1,
+                                                  flip_weight=up == 1, backend="triton"), [x, wt, s])
+            yield "modulated_conv2d", f"{tag}/up={up}/down={down}", modulated
+
+
+def large_cases():
+    """The largest shapes users run, forward only, tensors allocated lazily (never touched here):
+    SD-VAE decode at 1024x1024 and 2048x2048, batch 1 and 4 (its biggest maps: 128 channels at full
+    size, the last upsample from 256 channels), StyleGAN2 at 1024x1024, batch 32 (the last layers)."""
+    from fastgen import ops
+    from fastgen.ops.upfirdn2d import setup_filter
+
+    bf = torch.bfloat16
+    for side, batch, layout in itertools.product((1024, 2048), (1, 4), LAYOUTS):
+        tag = f"sdvae-{side}/batch={batch}/{layout}"
+        big = (batch, 128, side, side)
+        half = (batch, 256, side // 2, side // 2)
+        yield "group_norm_act", tag, lambda big=big, layout=layout: ops.group_norm_act(
+            _tensor(big, bf, layout, lazy=True), 32, activation="silu", backend="triton")
+        yield "upsample_conv2d", tag, lambda half=half, layout=layout: ops.upsample_conv2d(
+            _tensor(half, bf, layout, lazy=True), _tensor((256, 256, 3, 3), bf, ""), padding=1, backend="triton")
+        yield "bias_act", tag, lambda big=big, layout=layout: ops.bias_act(_tensor(big, bf, layout, lazy=True), act="swish",
+                                                            backend="triton")
+        yield "pixel_norm", tag, lambda big=big, layout=layout: ops.pixel_norm(_tensor(big, bf, layout, lazy=True), backend="triton")
+        yield "batch_norm_act", tag, lambda big=big, layout=layout: ops.batch_norm_act(
+            _tensor(big, bf, layout, lazy=True), torch.zeros(128), torch.ones(128), training=True, backend="triton")
+    tag = "stylegan2-1024/batch=32/nchw"
+    x = (32, 32, 512, 512)
+    yield "upfirdn2d", tag, lambda: ops.upfirdn2d(_tensor(x, bf, "nchw", lazy=True), setup_filter([1, 3, 3, 1]), up=2,
+                                                  padding=[2, 1, 2, 1], gain=4, backend="triton")
+    yield "bias_act", tag, lambda: ops.bias_act(_tensor((32, 32, 1024, 1024), bf, "nchw", lazy=True),
+                                                _tensor((32,), bf, ""), act="lrelu", backend="triton")
+
+
+# ---------------------------------------------------------------------------------------------
+# resources
+
+def ptxas_report(ptx: str, arch: int, log: str = "") -> dict:
+    """Registers, spill stores/loads and stack from `ptxas -v`: the log of Triton's own ptxas run when
+    it compiled the kernel here, else (a kernel from Triton's disk cache) ptxas again, as Triton runs it."""
+    if "Used" not in log:
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+            f.write(ptx)
+            f.flush()
+            done = subprocess.run([str(TRITON_BIN / "ptxas"), "-v", "--regAllocOptLevel=2",
+                                   f"--gpu-name=sm_{arch}{'a' if arch == 90 else ''}", "-o", os.devnull, f.name],
+                                  capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"ptxas failed: {done.stderr[-500:]}")
+        log = done.stderr
+    text = log
+    number = lambda pattern: int(m.group(1)) if (m := re.search(pattern, text)) else 0  # noqa: E731
+    return {"registers": number(r"Used (\d+) registers"), "spill_stores": number(r"(\d+) bytes spill stores"),
+            "spill_loads": number(r"(\d+) bytes spill loads"), "stack": number(r"(\d+) bytes stack frame")}
+
+
+def occupancy(registers: int, threads: int, smem: int, arch: int) -> dict:
+    """Blocks and warps one SM holds for this kernel, and what limits them (CUDA occupancy rules:
+    registers allocated per warp in units of 256, a block's shared memory plus 1 KB reserved)."""
+    lim = LIMITS[arch]
+    warps = math.ceil(threads / 32)
+    regs_per_warp = math.ceil(max(registers, 1) * 32 / 256) * 256
+    by = {"warps": lim["max_warps"] // warps, "blocks": lim["max_blocks"],
+          "registers": (lim["regs"] // regs_per_warp) // warps,
+          "shared memory": lim["smem_sm"] // (smem + SMEM_RESERVED) if smem else lim["max_blocks"]}
+    blocks = min(by.values())
+    return {"blocks_per_sm": blocks, "occupancy": round(blocks * warps / lim["max_warps"], 3),
+            "limited_by": min(by, key=by.get)}
+
+
+def int32_offsets(ttir: str) -> list[str]:
+    """The pointer each int32 tensor offset (`tt.addptr %p, %o : ..., tensor<...xi32>`) is added to,
+    traced back through splat/broadcast/expand_dims/addptr to the kernel argument it starts from
+    ('?' where the trace ends elsewhere, e.g. at a loop-carried value)."""
+    params = set(re.findall(r"(%\w+): !tt\.ptr", ttir))
+    defs, roots = {}, []  # names repeat across regions: a use sees the latest definition above it
+
+    def root(value):
+        for _ in range(200):
+            if value in params:
+                return value[1:]
+            op, operands = defs.get(value, (None, []))
+            if op not in ("tt.splat", "tt.broadcast", "tt.expand_dims", "tt.addptr", "tt.reshape") or not operands:
+                return "?"
+            value = operands[0]
+        return "?"
+
+    for line in ttir.splitlines():
+        use = re.search(r"tt\.addptr (%[\w.]+), [^:]+: tensor<[^>]*!tt\.ptr<[^>]*>>, tensor<[0-9x]*xi32>", line)
+        if use:
+            roots.append(root(use.group(1)))
+        m = re.match(r"\s*(%[\w.]+) = ([\w.]+) (.*)", line)
+        if m:
+            defs[m.group(1)] = (m.group(2), re.findall(r"%[\w.]+", m.group(3)))
+    return roots
+
+
+def triton_report(arch: int, full: bool, quick: bool) -> tuple[dict, list[str]]:
+    """Compile every variant for `arch`; the report and the problems found."""
+    driver.set_active(CompileOnlyDriver(arch))
+    triton.knobs.nvidia.dump_ptxas_log = True
+    problems, variants, launches = [], {}, 0
+    with Recorder() as rec:
+        for op, what, thunk in cases(full, quick):
+            try:
+                thunk()
+            except Exception as e:  # a compile error (or a launcher that cannot run): a failure
+                problems.append(f"sm_{arch} {op} {what}: {_one_line(e)}")
+            for launch in rec.launches:
+                compiled = launch["compiled"]
+                key = compiled.hash
+                if key not in variants:
+                    meta = compiled.metadata
+                    threads = meta.num_warps * 32 * getattr(meta, "num_ctas", 1)
+                    res = ptxas_report(compiled.asm["ptx"], arch, launch["ptxas_log"])
+                    variants[key] = {"kernel": launch["kernel"], "op": op, "example": what, "threads": threads,
+                                     "compile_s": round(launch["seconds"], 2),
+                                     "shared": meta.shared, **res, **occupancy(res["registers"], threads,
+                                                                              meta.shared, arch)}
+            launches += len(rec.launches)
+            rec.launches.clear()
+        grids = []
+        for op, what, thunk in large_cases():
+            try:
+                thunk()
+            except Exception as e:
+                problems.append(f"sm_{arch} large {op} {what}: {_one_line(e)}")
+            for launch in rec.launches:
+                g = launch["grid"] + (1,) * (3 - len(launch["grid"]))
+                # an int32 offset into a tensor of 2^31 or more elements (or into what the trace cannot name)
+                risky = sorted({p for p in int32_offsets(launch["compiled"].asm["ttir"])
+                                if p == "?" or launch["sizes"].get(p, 0) >= 2 ** 31})
+                grids.append({"op": op, "shape": what, "kernel": launch["kernel"], "grid": g,
+                              "largest_tensor": launch["largest_tensor"], "int32_offsets_into_large": risky})
+                if g[0] >= 2 ** 31 or g[1] >= 2 ** 16 or g[2] >= 2 ** 16:
+                    problems.append(f"sm_{arch} {op} {what}: {launch['kernel']} grid {g} over the limits")
+                if risky:
+                    problems.append(f"sm_{arch} {op} {what}: {launch['kernel']} adds int32 offsets to {risky} "
+                                    f"(largest tensor {launch['largest_tensor']} elements)")
+            rec.launches.clear()
+    lim = LIMITS[arch]
+    for v in variants.values():
+        where = f"sm_{arch} {v['kernel']} ({v['op']} {v['example']})"
+        if v["spill_stores"] or v["spill_loads"] or v["stack"]:
+            problems.append(f"{where}: spills {v['spill_stores']} B stored, {v['spill_loads']} B loaded, "
+                            f"{v['stack']} B stack ({v['registers']} registers)")
+        if v["shared"] > lim["smem_block_optin"]:
+            problems.append(f"{where}: {v['shared']} B of shared memory, over the {lim['smem_block_optin']} B a block may have")
+        if v["threads"] > 1024:
+            problems.append(f"{where}: {v['threads']} threads per block")
+    return {"arch": f"sm_{arch}", "launches": launches, "variants": list(variants.values()), "grids": grids}, problems
+
+
+def _one_line(e: Exception) -> str:
+    """A compile error's gist: its type and last line (Triton's first lines are source positions)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    cause = e.__cause__ or e.__context__
+    if cause is not None:
+        lines += [f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}"]
+    return f"{type(e).__name__}: {(lines[-1] if lines else '')[:300]}"
+
+
+def cuda_report(arch: int, lib: Path | None) -> tuple[list, list[str]]:
+    """The CUDA C++ kernels of the built fastgen._C: registers, local memory (spills and stack),
+    static shared memory, from `cuobjdump --dump-resource-usage`; threads per block from csrc/."""
+    if lib is None:
+        return [], []
+    done = subprocess.run([str(TRITON_BIN / "cuobjdump"), "--dump-resource-usage", str(lib)], capture_output=True,
+                          text=True)
+    if done.returncode or "Fatbin" not in done.stdout:
+        return [], []  # a CPU-only build: no CUDA kernels in it
+    threads = {}
+    for cu in (ROOT / "csrc").glob("*.cu"):
+        m = re.search(r"constexpr int (?:kThreads|THREADS) = (\d+);", cu.read_text())
+        threads[cu.stem] = int(m.group(1)) if m else 1024
+    kernels, problems, current = [], [], None
+    for block in done.stdout.split("Fatbin elf code:")[1:]:
+        if f"arch = sm_{arch}" not in block:
+            continue
+        for name, usage in re.findall(r"Function (\S+):\n\s+(REG:.*)", block):
+            fields = dict(re.findall(r"(\w+(?:\[\d+\])?):(\d+)", usage))
+            source = next((s for s in threads if f"_{s}_cu_" in name), None)
+            t = threads.get(source, 1024)
+            regs, local, shared = int(fields["REG"]), int(fields["LOCAL"]), int(fields["SHARED"])
+            current = {"kernel": _demangle(name), "source": f"csrc/{source}.cu", "threads": t, "registers": regs,
+                       "local": local, "shared": shared, **occupancy(regs, t, shared, arch)}
+            kernels.append(current)
+            if local:
+                problems.append(f"sm_{arch} {current['kernel']}: {local} B of local memory (spills or stack)")
+            if shared > SMEM_STATIC:
+                problems.append(f"sm_{arch} {current['kernel']}: {shared} B of static shared memory")
+    return kernels, problems
+
+
+def _demangle(name: str) -> str:
+    done = subprocess.run(["c++filt", name], capture_output=True, text=True)
+    out = done.stdout.strip() or name
+    return re.sub(r"\(anonymous namespace\)::|c10::", "", out)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def summary(report: dict) -> str:
+    lines = []
+    for arch in report["archs"]:
+        tri = arch["triton"]
+        by_kernel = defaultdict(list)
+        for v in tri["variants"]:
+            by_kernel[v["kernel"]].append(v)
+        lines.append(f"{arch['arch']}: {len(tri['variants'])} Triton variants from {tri['launches']} launches; "
+                     f"{len(arch['cuda'])} CUDA C++ kernels")
+        lines.append(f"  {'kernel':44s} {'variants':>8s} {'regs':>9s} {'spill B':>7s} {'smem KB':>9s} {'threads':>7s} "
+                     f"{'occupancy':>13s}  limited by")
+        rows = [(k, vs) for k, vs in by_kernel.items()]
+        rows += [(re.sub(r"^void ", "", c["kernel"]).split("(")[0] + " [cuda]",
+                  [dict(c, spill_stores=c["local"], spill_loads=0)]) for c in arch["cuda"]]
+        for kernel, vs in rows:
+            worst = min(vs, key=lambda v: v["occupancy"])
+            regs = [v["registers"] for v in vs]
+            smem = [v["shared"] for v in vs]
+            occ = [v["occupancy"] for v in vs]
+            lines.append(f"  {kernel[:44]:44s} {len(vs):8d} {min(regs):4d}-{max(regs):<4d} "
+                         f"{max(v['spill_stores'] + v['spill_loads'] for v in vs):7d} "
+                         f"{min(smem) / 1024:4.0f}-{max(smem) / 1024:<4.0f} {max(v['threads'] for v in vs):7d} "
+                         f"{min(occ):5.2f}-{max(occ):<5.2f}  {worst['limited_by']}")
+    return "\n".join(lines)
+
+
+def one_arch(arch: int, full: bool, quick: bool, lib: Path | None) -> tuple[dict, list[str]]:
+    tri, p1 = triton_report(arch, full, quick)
+    cuda, p2 = cuda_report(arch, lib)
+    return {"arch": f"sm_{arch}", "limits": LIMITS[arch], "triton": tri, "cuda": cuda}, p1 + p2
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="80,90")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu-resources.json"))
+    parser.add_argument("--full", action="store_true", help="every combination of every op's options (an hour)")
+    parser.add_argument("--quick", action="store_true", help="one activation and size class (a smoke run)")
+    parser.add_argument("--extension", default=None, help="the fastgen._C to read the CUDA kernels from "
+                        "(default: the one fastgen imports)")
+    parser.add_argument("--part", action="store_true", help=argparse.SUPPRESS)  # one arch, for the parallel run
+    args = parser.parse_args(argv)
+    if args.extension is None:
+        import fastgen
+        args.extension = next(iter(Path(fastgen.__file__).parent.glob("_C*.so")), None)
+    archs = [int(a) for a in args.arch.split(",")]
+    t0 = time.perf_counter()
+    if args.part:
+        _allow_triton_on_cpu_tensors()
+        part, problems = one_arch(archs[0], args.full, args.quick, Path(args.extension) if args.extension else None)
+        Path(args.out).write_text(json.dumps({"part": part, "problems": problems}))
+        return 0
+    # one process per architecture, side by side (each keeps its own Triton driver)
+    with tempfile.TemporaryDirectory() as tmp:
+        flags = [*(["--full"] if args.full else []), *(["--quick"] if args.quick else []),
+                 *(["--extension", str(args.extension)] if args.extension else [])]
+        procs = [subprocess.Popen([sys.executable, __file__, "--part", "--arch", str(a), "--out", f"{tmp}/{a}.json",
+                                   *flags]) for a in archs]
+        codes = [p.wait() for p in procs]
+        parts = [json.loads(Path(f"{tmp}/{a}.json").read_text()) if c == 0 else None for a, c in zip(archs, codes)]
+    report = {"triton": triton.__version__, "torch": torch.__version__, "git_sha": _git_sha(),
+              "extension": str(args.extension),
+              "profile": "full" if args.full else "quick" if args.quick else "ci",
+              "seconds": round(time.perf_counter() - t0, 1), "archs": [], "problems": []}
+    for a, part in zip(archs, parts):
+        if part is None:
+            report["problems"].append(f"sm_{a}: the compile process failed")
+            continue
+        report["archs"].append(part["part"])
+        report["problems"] += part["problems"]
+        tri = part["part"]["triton"]
+        print(f"sm_{a}: {len(tri['variants'])} Triton variants compiled ({tri['launches']} launches), "
+              f"{len(part['part']['cuda'])} CUDA kernels")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(summary(report))
+    print(f"wrote {args.out}")
+    for p in report["problems"]:
+        print("PROBLEM", p)
+    print(f"triton_aot: {'FAILED' if report['problems'] else 'PASSED'} ({len(report['problems'])} problems) "
+          f"in {report['seconds']} s")
+    return 1 if report["problems"] else 0
+
+
+def _git_sha() -> str:
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    return done.stdout.strip() or "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
