@@ -515,6 +515,7 @@ def main(argv=None) -> int:
               f"{len(part['part']['cuda'])} CUDA kernels")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
+    Path(args.out).with_suffix(".txt").write_text(summary(report) + "\n")
     print(summary(report))
     print(f"wrote {args.out}")
     for p in report["problems"]:
