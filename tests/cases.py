@@ -6,6 +6,7 @@ gets bf16 wrong, so there the launchers set EMULATE_BF16 (rounding by hand) and 
 tiles through an fp32 tl.dot); the triton-cuda cases (marked cuda, run by tools/gpu_check.sh) run
 the native path: bf16 casts and bf16 tl.dot on tensor cores, with both flags off."""
 
+import copy
 import os
 
 import pytest
@@ -15,6 +16,7 @@ import fastgen
 
 from fastgen.dispatch import DEVICES
 from fastgen.ops import REGISTRY
+from fastgen.tolerances import judge
 
 
 def fast_backends(op: str) -> list:
@@ -37,13 +39,21 @@ def skip_unavailable(backend: str, device: str) -> None:
         pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1")
 
 
-def check_compiled_layer(layer, x: torch.Tensor, backend: str) -> None:
-    """torch.compile(fullgraph=True) of the layer gives eager's output, and its backward runs."""
+def check_compiled_layer(layer, x: torch.Tensor, backend: str, *more: torch.Tensor) -> None:
+    """torch.compile(fullgraph=True) of the layer (inputs x, *more) gives eager's output, is within the
+    unfused layers' own error of the float64 oracle (the layer in float64 on the reference path), and
+    its backward runs (when x requires grad)."""
     skip_unavailable(backend, "cpu")
     torch._dynamo.reset()
     with fastgen.use_backend(backend):
-        eager = layer(x)
-        compiled = torch.compile(layer, fullgraph=True)(x)
+        eager = layer(x, *more)
+        compiled = torch.compile(layer, fullgraph=True)(x, *more)
     torch.testing.assert_close(compiled, eager)
-    compiled.sum().backward()
-    assert x.grad is not None and x.grad.isfinite().all()
+    with fastgen.use_backend("reference"), torch.no_grad():
+        oracle = copy.deepcopy(layer).double()(x.detach().double(), *[t.double() for t in more])
+        unfused = layer(x.detach(), *more)
+    problems = judge([compiled.detach()], [unfused], [oracle], x.dtype)
+    assert not problems, problems
+    if x.requires_grad:
+        compiled.sum().backward()
+        assert x.grad is not None and x.grad.isfinite().all()

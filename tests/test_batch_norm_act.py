@@ -10,7 +10,7 @@ from torch import nn
 from fastgen.nn import BatchNormAct2d
 from fastgen.ops import batch_norm_act, batch_norm_act_ref
 from fastgen.activations import ACTIVATIONS
-from cases import cpu_backends
+from cases import check_compiled_layer, cpu_backends
 from tolerances import assert_close, assert_close_grad
 
 BACKENDS = cpu_backends("batch_norm_act")
@@ -170,10 +170,10 @@ def test_layer_matches_batch_norm2d_then_relu(momentum):
 
 
 def test_compile_fullgraph_eval():
-    torch._dynamo.reset()
     layer = BatchNormAct2d(4).eval()
-    x = torch.randn(2, 4, 5, 5)
-    torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), layer(x))
+    with torch.no_grad():
+        layer.running_mean.normal_(), layer.running_var.uniform_(0.5, 2), layer.weight.normal_()
+    check_compiled_layer(layer, torch.randn(2, 4, 5, 5), "auto")
 
 
 @pytest.mark.parametrize("kwargs,error,match", [

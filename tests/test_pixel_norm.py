@@ -3,7 +3,7 @@ import torch
 
 from fastgen.nn import PixelNorm
 from fastgen.ops import pixel_norm, pixel_norm_ref
-from cases import fast_backends, skip_unavailable
+from cases import check_compiled_layer, fast_backends, skip_unavailable
 from tolerances import assert_close, assert_close_grad
 
 FAST = fast_backends("pixel_norm")
@@ -49,10 +49,7 @@ def test_opcheck(backend, device):
 
 
 def test_compile_fullgraph_and_layer():
-    torch._dynamo.reset()
-    layer = PixelNorm()
-    x = torch.randn(2, 8, 4, 4)
-    torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), pixel_norm_ref(x))
+    check_compiled_layer(PixelNorm(), torch.randn(2, 8, 4, 4), "composite")
 
 
 def test_bad_arguments():
