@@ -19,8 +19,9 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
-def _step(spec, example, backend):
-    inputs = [t.requires_grad_(True) if i in example.grad_of else t for i, t in enumerate(example.inputs())]
+def _step(spec, example, backend, device="cpu"):
+    inputs = [t.to(device) if torch.is_tensor(t) else t for t in example.inputs()]
+    inputs = [t.requires_grad_(True) if i in example.grad_of else t for i, t in enumerate(inputs)]
     out = spec.public(*inputs, **example.kwargs, backend=backend)
     torch.autograd.grad(out, [inputs[i] for i in example.grad_of], torch.ones_like(out))
 
@@ -46,18 +47,13 @@ def test_a_thousand_cuda_calls_do_not_grow_allocated_memory(spec):
     held by tensors (memory_allocated) returns to where it was, and the caching allocator's reserve
     does not climb."""
     example = spec.examples[0]
-    to_cuda = lambda: [t.cuda() for t in example.inputs()]  # noqa: E731
     for backend in ["reference", *[b for b in ("composite", "triton", "cuda") if b in spec.impls]]:
-        def step():
-            inputs = [t.requires_grad_(True) if i in example.grad_of else t for i, t in enumerate(to_cuda())]
-            out = spec.public(*inputs, **example.kwargs, backend=backend)
-            torch.autograd.grad(out, [inputs[i] for i in example.grad_of], torch.ones_like(out))
         for _ in range(100):
-            step()
+            _step(spec, example, backend, "cuda")
         torch.cuda.synchronize()
         allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
         for _ in range(1000):
-            step()
+            _step(spec, example, backend, "cuda")
         torch.cuda.synchronize()
         assert torch.cuda.memory_allocated() == allocated, f"{backend}: allocated memory grew"
         assert torch.cuda.memory_reserved() <= reserved + 2 ** 21, f"{backend}: reserved memory grew"
