@@ -95,20 +95,22 @@ inline Vec activate_vec(Vec z, Vec alpha) {
   return z;
 }
 
+// The derivatives use exp_u20 (2 ulp) throughout: a gradient needs no more, and Sleef's 1-ulp exp
+// made the backward's first pass twice as slow (silu at 1x256x64x64: 0.33 vs 0.17 ms on 2 cores).
 template <int ACT>
 inline Vec activate_grad_vec(Vec z, Vec alpha) {
   const Vec one(1.f), zero(0.f);
   if constexpr (ACT == kRelu) return Vec::blendv(zero, one, z > zero);
   if constexpr (ACT == kLeakyRelu) return Vec::blendv(alpha, one, z > zero);
   if constexpr (ACT == kSilu || ACT == kSigmoid || ACT == kSoftplus) {
-    const Vec s = one / (one + z.neg().exp());
+    const Vec s = one / (one + z.neg().exp_u20());
     if constexpr (ACT == kSilu) return s * (one + z * (one - s));
     if constexpr (ACT == kSigmoid) return s * (one - s);
     if constexpr (ACT == kSoftplus) return Vec::blendv(s, one, z > Vec(static_cast<float>(kSoftplusThreshold)));
   }
   if constexpr (ACT == kGelu)
     return Vec(0.5f) * (one + (z * Vec(static_cast<float>(kSqrtHalf))).erf()) +
-           z * Vec(static_cast<float>(kInvSqrtTwoPi)) * (Vec(-0.5f) * z * z).exp();
+           z * Vec(static_cast<float>(kInvSqrtTwoPi)) * (Vec(-0.5f) * z * z).exp_u20();
   if constexpr (ACT == kGeluTanh) {
     const Vec k(static_cast<float>(kSqrtTwoOverPi));
     const Vec t = (k * (z + Vec(0.044715f) * z * z * z)).tanh();
@@ -118,10 +120,10 @@ inline Vec activate_grad_vec(Vec z, Vec alpha) {
     const Vec t = z.tanh();
     return one - t * t;
   }
-  if constexpr (ACT == kElu) return Vec::blendv(at::vec::minimum(z, zero).exp(), one, z > zero);
+  if constexpr (ACT == kElu) return Vec::blendv(at::vec::minimum(z, zero).exp_u20(), one, z > zero);
   if constexpr (ACT == kSelu)
     return Vec(static_cast<float>(kSeluScale)) *
-           Vec::blendv(Vec(static_cast<float>(kSeluAlpha)) * at::vec::minimum(z, zero).exp(), one, z > zero);
+           Vec::blendv(Vec(static_cast<float>(kSeluAlpha)) * at::vec::minimum(z, zero).exp_u20(), one, z > zero);
   return one;
 }
 

@@ -9,6 +9,8 @@
 //      mean = K + S1 / n, var = S2 / n - (S1 / n)^2: with K a sample of the group there is no
 //      catastrophic cancellation, unlike E[x^2] - E[x]^2.
 //   2. y = act((x - mean) * a_c + bias_c), a_c = rstd * weight_c.
+// The kernel returns y and each (sample, group)'s mean and rstd, which the backward
+// (_group_norm_act_backward: norm_cpu.h's two passes) reads instead of recomputing them.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -26,7 +28,12 @@
 TORCH_LIBRARY_FRAGMENT(fastgen, m) {
   m.def(
       "_group_norm_act_fused(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, "
-      "int activation, float negative_slope) -> Tensor");
+      "int activation, float negative_slope) -> (Tensor, Tensor, Tensor)");
+  // dx (empty unless need_x), and per (sample, channel) sum(gz * xhat) and sum(gz) in opmath,
+  // gz = dy * act'(z): dgamma and dbeta before the sum over samples of a per-channel affine
+  m.def(
+      "_group_norm_act_backward(Tensor grad, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, "
+      "int activation, float negative_slope, bool need_x) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace {
@@ -35,11 +42,14 @@ using namespace fastgen::cpu;
 
 template <typename scalar_t, int ACT>
 void group_norm_act_kernel(const at::Tensor& x, at::Tensor& out, int64_t G, const at::Tensor& weight,
-                           const at::Tensor& bias, double eps, double slope, bool channels_last) {
+                           const at::Tensor& bias, double eps, double slope, bool channels_last,
+                           at::Tensor& mean_out, at::Tensor& rstd_out) {
   const int64_t N = x.size(0), C = x.size(1), L = x.numel() / (N * C), CG = C / G;
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* yp = out.mutable_data_ptr<scalar_t>();
   using opmath_t = at::opmath_type<scalar_t>;
+  opmath_t* saved_mean = mean_out.mutable_data_ptr<opmath_t>();
+  opmath_t* saved_rstd = rstd_out.mutable_data_ptr<opmath_t>();
   // element (n, c, l): NCHW n*C*L + c*L + l; channels_last n*L*C + l*C + c
   const int64_t sc = channels_last ? 1 : L;
   auto shift = [&](int64_t n, int64_t g) { return static_cast<opmath_t>(xp[n * C * L + g * CG * sc]); };
@@ -53,6 +63,8 @@ void group_norm_act_kernel(const at::Tensor& x, at::Tensor& out, int64_t G, cons
     const double count = static_cast<double>(CG * L), m1 = t1 / count;
     const double mean = static_cast<double>(shift(n, g)) + m1;
     const double rstd = 1.0 / std::sqrt(std::max(t2 / count - m1 * m1, 0.0) + eps);
+    saved_mean[n * G + g] = static_cast<opmath_t>(mean);
+    saved_rstd[n * G + g] = static_cast<opmath_t>(rstd);
     for (int64_t c = g * CG; c < (g + 1) * CG; ++c) {
       m[c - g * CG] = static_cast<opmath_t>(mean);
       a[c - g * CG] = static_cast<opmath_t>(rstd * (wp ? static_cast<double>(wp[n * swn + c]) : 1.0));
@@ -112,27 +124,126 @@ void group_norm_act_kernel(const at::Tensor& x, at::Tensor& out, int64_t G, cons
   });
 }
 
-at::Tensor group_norm_act_cpu(const at::Tensor& x_in, int64_t num_groups, const std::optional<at::Tensor>& weight,
-                              const std::optional<at::Tensor>& bias, double eps, int64_t activation,
-                              double negative_slope) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_act_cpu(
+    const at::Tensor& x_in, int64_t num_groups, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, int64_t activation, double negative_slope) {
   TORCH_CHECK(x_in.dim() >= 2 && x_in.size(1) % num_groups == 0, "x must be (N, C, *) with C divisible by num_groups");
   TORCH_CHECK(activation >= 0 && activation < fastgen::kNumActivations, "unknown activation code ", activation);
   const bool channels_last = fastgen::is_channels_last(x_in);
   const at::Tensor x = fastgen::dense(x_in);
   at::Tensor out = at::empty_like(x, fastgen::output_format(x));
-  if (x.numel() == 0) return out;
+  const auto opmath = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor mean = at::empty({x.size(0), num_groups}, x.options().dtype(opmath)), rstd = at::empty_like(mean);
+  if (x.numel() == 0) return {out, mean, rstd};
   const at::Tensor w = fastgen::contiguous_or_undefined(weight), b = fastgen::contiguous_or_undefined(bias);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_act_cpu", [&] {
     fastgen::cpu::with_activation(activation, [&](auto act) {
       group_norm_act_kernel<scalar_t, decltype(act)::value>(x, out, num_groups, w, b, eps,
-                                                            negative_slope, channels_last);
+                                                            negative_slope, channels_last, mean, rstd);
     });
   });
-  return out;
+  return {out, mean, rstd};
+}
+
+// ---------------------------------------------------------------------------------------------
+// backward: gz = dy * act'(z) from the saved statistics; per channel sum(gz) and sum(gz * (x - mean)),
+// per group their weighted sums, then dx (norm_cpu.h). NCHW: a group's CG rows of L, both passes
+// while it is in cache; channels_last: norm_act_backward_rows with a segment per sample.
+
+template <typename scalar_t, int ACT>
+void group_norm_act_backward_kernel(const at::Tensor& dy_t, const at::Tensor& x, at::Tensor& dx_t, const at::Tensor& mean,
+                                    const at::Tensor& rstd, const at::Tensor& weight, const at::Tensor& bias, double slope,
+                                    bool channels_last, at::Tensor& dgamma_t, at::Tensor& dbeta_t) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t N = x.size(0), C = x.size(1), L = x.numel() / (N * C), G = mean.size(1), CG = C / G;
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const scalar_t* dy = dy_t.const_data_ptr<scalar_t>();
+  scalar_t* dx = dx_t.defined() ? dx_t.mutable_data_ptr<scalar_t>() : nullptr;
+  const opmath_t* mp = mean.const_data_ptr<opmath_t>();
+  const opmath_t* rp = rstd.const_data_ptr<opmath_t>();
+  opmath_t* dgamma = dgamma_t.mutable_data_ptr<opmath_t>();
+  opmath_t* dbeta = dbeta_t.mutable_data_ptr<opmath_t>();
+  const int64_t swn = weight.defined() && weight.dim() == 2 ? C : 0;
+  const int64_t sbn = bias.defined() && bias.dim() == 2 ? C : 0;
+  const scalar_t* wp = weight.defined() ? weight.const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* bp = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+  // the forward's per-channel coefficients: a = rstd * w, b
+  auto coefficient_a = [&](int64_t n, int64_t c) {
+    return static_cast<opmath_t>(static_cast<double>(rp[n * G + c / CG]) * (wp ? static_cast<double>(wp[n * swn + c]) : 1.0));
+  };
+  auto coefficient_b = [&](int64_t n, int64_t c) { return bp ? static_cast<opmath_t>(bp[n * sbn + c]) : opmath_t(0); };
+
+  if (channels_last) {
+    std::vector<opmath_t> m(N * C), a(N * C), b(N * C);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t c = 0; c < C; ++c) {
+        m[n * C + c] = mp[n * G + c / CG];
+        a[n * C + c] = coefficient_a(n, c);
+        b[n * C + c] = coefficient_b(n, c);
+      }
+    norm_act_backward_rows<scalar_t, ACT>(xp, dy, dx, N, L, C, CG, m.data(), a.data(), b.data(), rp, true, slope,
+                                          dgamma, dbeta);
+    return;
+  }
+  at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
+    std::vector<opmath_t> a(CG), b(CG);
+    for (int64_t ng = begin; ng < end; ++ng) {
+      const int64_t n = ng / G, c0 = (ng % G) * CG, base = ng * CG * L;
+      const opmath_t m = mp[ng];
+      const double r = static_cast<double>(rp[ng]);
+      double s1 = 0, s2 = 0;
+      for (int64_t j = 0; j < CG; ++j) {
+        a[j] = coefficient_a(n, c0 + j);
+        b[j] = coefficient_b(n, c0 + j);
+        double t1 = 0, t2 = 0;
+        grad_sums<scalar_t, ACT>(xp + base + j * L, dy + base + j * L, dx ? dx + base + j * L : nullptr, L, m, a[j],
+                                 b[j], slope, t1, t2);
+        dbeta[n * C + c0 + j] = static_cast<opmath_t>(t1);
+        dgamma[n * C + c0 + j] = static_cast<opmath_t>(t2 * r);
+        s1 += static_cast<double>(a[j]) * t1;
+        s2 += static_cast<double>(a[j]) * t2;
+      }
+      if (dx == nullptr) continue;
+      const double count = static_cast<double>(CG * L);
+      const opmath_t p = static_cast<opmath_t>(-r * r * s2 / count), q = static_cast<opmath_t>(-s1 / count);
+      for (int64_t j = 0; j < CG; ++j)
+        grad_input_span<scalar_t, ACT, false>(xp + base + j * L, dy + base + j * L, dx + base + j * L, L, &m, &a[j],
+                                              &b[j], &p, &q, slope);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_act_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x_in, const at::Tensor& mean, const at::Tensor& rstd,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, int64_t activation,
+    double negative_slope, bool need_x) {
+  TORCH_CHECK(x_in.dim() >= 2 && mean.dim() == 2 && mean.size(0) == x_in.size(0) && x_in.size(1) % mean.size(1) == 0,
+              "x must be (N, C, *) and mean (N, G) with G dividing C");
+  TORCH_CHECK(grad.sizes() == x_in.sizes(), "grad must have x's shape");
+  TORCH_CHECK(activation >= 0 && activation < fastgen::kNumActivations, "unknown activation code ", activation);
+  const bool channels_last = fastgen::is_channels_last(x_in);
+  const at::Tensor x = fastgen::dense(x_in);
+  const at::Tensor dy = grad.contiguous(fastgen::output_format(x));
+  const auto opmath = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor dx = need_x ? at::empty_like(x, fastgen::output_format(x)) : at::Tensor();
+  at::Tensor dgamma = at::zeros({x.size(0), x.size(1)}, x.options().dtype(opmath)), dbeta = at::zeros_like(dgamma);
+  if (x.numel() > 0) {
+    const at::Tensor w = fastgen::contiguous_or_undefined(weight), b = fastgen::contiguous_or_undefined(bias);
+    const at::Tensor m = mean.contiguous(), r = rstd.contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_act_backward_cpu", [&] {
+      TORCH_CHECK(m.scalar_type() == opmath && r.scalar_type() == opmath, "mean and rstd must be in opmath");
+      with_activation(activation, [&](auto act) {
+        group_norm_act_backward_kernel<scalar_t, decltype(act)::value>(dy, x, dx, m, r, w, b, negative_slope,
+                                                                       channels_last, dgamma, dbeta);
+      });
+    });
+  }
+  return {need_x ? dx : at::empty({0}, x.options()), dgamma, dbeta};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastgen, CPU, m) {
   m.impl("_group_norm_act_fused", &group_norm_act_cpu);
+  m.impl("_group_norm_act_backward", &group_norm_act_backward_cpu);
 }

@@ -3,10 +3,12 @@
 // setup.py compiles for); scalar loops in opmath for the other dtypes.
 #pragma once
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <type_traits>
+#include <vector>
 
 #include "activation.h"
 
@@ -110,6 +112,166 @@ void apply_span(const scalar_t* x, scalar_t* y, int64_t len, const opmath_t* m, 
                        (kPerValue ? b[i] : *b);
     y[i] = static_cast<scalar_t>(fastgen::activate<opmath_t>(z, ACT, static_cast<opmath_t>(slope)));
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward of y = act((x - m) * a + b), a = rstd * w: gz = dy * act'(z) is the gradient of the
+// pre-activation. Pass 1 sums gz and gz * (x - m) per channel (dbeta, and dgamma / rstd; the group's
+// sums of w * those give dx's two correction terms); pass 2 writes
+//   dx = gz * a + (x - m) * p + q,   p = -rstd^2 * sum(w * gz * (x - m) * rstd) / n,  q = -rstd * sum(w * gz) / n
+// per group (p = q = 0 when the statistics are given, not taken of x). When x's dtype is its own
+// opmath (float, double), pass 1 stores gz in dx and pass 2 reads it back; otherwise pass 2
+// recomputes it (dx in half precision cannot hold gz).
+
+template <typename scalar_t>
+constexpr bool kStoresGz = std::is_same_v<scalar_t, at::opmath_type<scalar_t>>;
+
+// Pass 1 over len contiguous values with one (m, a, b): s_gz += sum(gz), s_gzd += sum(gz * (x - m))
+// (float within a block, double across blocks); gz stored to dx when dx is not null and kStoresGz.
+template <typename scalar_t, int ACT, typename opmath_t = at::opmath_type<scalar_t>>
+void grad_sums(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t len, opmath_t m, opmath_t a, opmath_t b,
+               double slope, double& s_gz, double& s_gzd) {
+  const bool store = kStoresGz<scalar_t> && dx != nullptr;
+  for (int64_t b0 = 0; b0 < len; b0 += kBlock) {
+    const int64_t b1 = std::min(len, b0 + kBlock);
+    int64_t i = b0;
+    opmath_t t1 = 0, t2 = 0;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      const Vec vm(m), va(a), vb(b), vs(static_cast<float>(slope));
+      Vec v1(0.f), v2(0.f);
+      for (; i + Vec::size() <= b1; i += Vec::size()) {
+        const Vec d = Vec::loadu(x + i) - vm;
+        const Vec gz = Vec::loadu(dy + i) * activate_grad_vec<ACT>(at::vec::fmadd(d, va, vb), vs);
+        if (store) gz.store(dx + i);
+        v1 += gz;
+        v2 = at::vec::fmadd(gz, d, v2);
+      }
+      t1 = horizontal_sum(v1);
+      t2 = horizontal_sum(v2);
+    }
+    for (; i < b1; ++i) {
+      const opmath_t d = static_cast<opmath_t>(x[i]) - m;
+      const opmath_t gz = static_cast<opmath_t>(dy[i]) * activate_grad<opmath_t>(d * a + b, ACT, static_cast<opmath_t>(slope));
+      if constexpr (kStoresGz<scalar_t>) if (store) dx[i] = gz;
+      t1 += gz;
+      t2 += gz * d;
+    }
+    s_gz += t1;
+    s_gzd += t2;
+  }
+}
+
+// Pass 1 over one channels_last row of len channels with per-channel m, a, b: s_gz[c] += gz,
+// s_gzd[c] += gz * (x - m); gz stored to dx as in grad_sums.
+template <typename scalar_t, int ACT, typename opmath_t = at::opmath_type<scalar_t>>
+void grad_sums_row(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t len, const opmath_t* m,
+                   const opmath_t* a, const opmath_t* b, double slope, opmath_t* s_gz, opmath_t* s_gzd) {
+  const bool store = kStoresGz<scalar_t> && dx != nullptr;
+  int64_t i = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    const Vec vs(static_cast<float>(slope));
+    for (; i + Vec::size() <= len; i += Vec::size()) {
+      const Vec d = Vec::loadu(x + i) - Vec::loadu(m + i);
+      const Vec gz = Vec::loadu(dy + i) * activate_grad_vec<ACT>(at::vec::fmadd(d, Vec::loadu(a + i), Vec::loadu(b + i)), vs);
+      if (store) gz.store(dx + i);
+      (Vec::loadu(s_gz + i) + gz).store(s_gz + i);
+      at::vec::fmadd(gz, d, Vec::loadu(s_gzd + i)).store(s_gzd + i);
+    }
+  }
+  for (; i < len; ++i) {
+    const opmath_t d = static_cast<opmath_t>(x[i]) - m[i];
+    const opmath_t gz = static_cast<opmath_t>(dy[i]) * activate_grad<opmath_t>(d * a[i] + b[i], ACT, static_cast<opmath_t>(slope));
+    if constexpr (kStoresGz<scalar_t>) if (store) dx[i] = gz;
+    s_gz[i] += gz;
+    s_gzd[i] += gz * d;
+  }
+}
+
+// Pass 2 over len values: dx = gz * a + (x - m) * p + q, gz as pass 1 stored it in dx (kStoresGz)
+// or recomputed from x and dy; m, a, b, p, q scalars (NCHW spans) or per-value arrays (kPerValue:
+// channels_last rows).
+template <typename scalar_t, int ACT, bool kPerValue, typename opmath_t = at::opmath_type<scalar_t>>
+void grad_input_span(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t len, const opmath_t* m,
+                     const opmath_t* a, const opmath_t* b, const opmath_t* p, const opmath_t* q, double slope) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (; i + Vec::size() <= len; i += Vec::size()) {
+      const Vec vm = kPerValue ? Vec::loadu(m + i) : Vec(*m);
+      const Vec va = kPerValue ? Vec::loadu(a + i) : Vec(*a);
+      const Vec vp = kPerValue ? Vec::loadu(p + i) : Vec(*p);
+      const Vec vq = kPerValue ? Vec::loadu(q + i) : Vec(*q);
+      const Vec d = Vec::loadu(x + i) - vm;
+      at::vec::fmadd(Vec::loadu(dx + i), va, at::vec::fmadd(d, vp, vq)).store(dx + i);
+    }
+  }
+  for (; i < len; ++i) {
+    const opmath_t d = static_cast<opmath_t>(x[i]) - (kPerValue ? m[i] : *m);
+    const opmath_t av = kPerValue ? a[i] : *a;
+    opmath_t gz;
+    if constexpr (kStoresGz<scalar_t>) {
+      gz = dx[i];
+    } else {
+      gz = static_cast<opmath_t>(dy[i]) *
+           activate_grad<opmath_t>(d * av + (kPerValue ? b[i] : *b), ACT, static_cast<opmath_t>(slope));
+    }
+    dx[i] = static_cast<scalar_t>(gz * av + (d * (kPerValue ? p[i] : *p) + (kPerValue ? q[i] : *q)));
+  }
+}
+
+// The backward over channels_last rows: S segments of R rows of C channels, statistics per
+// (segment, group of CG channels). GroupNorm: a segment per sample; BatchNorm: one segment of all
+// N * L rows, CG = 1. m, a, b: (S, C) coefficients of the forward; rstd: (S, C / CG); out: dgamma
+// (S, C) = sum(gz * xhat) and dbeta (S, C) = sum(gz); dx written unless null; normalize false: the
+// statistics were given, not taken of x (p = q = 0). Each task sums a run of rows of one segment
+// into its own accumulators (as the forward's statistics), then per group p and q, then dx row by row.
+template <typename scalar_t, int ACT, typename opmath_t = at::opmath_type<scalar_t>>
+void norm_act_backward_rows(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t S, int64_t R, int64_t C,
+                            int64_t CG, const opmath_t* m, const opmath_t* a, const opmath_t* b, const opmath_t* rstd,
+                            bool normalize, double slope, opmath_t* dgamma, opmath_t* dbeta) {
+  const int64_t rows_per_task = std::clamp<int64_t>(32768 / C, 1, kBlock);
+  const int64_t tasks_per_s = (R + rows_per_task - 1) / rows_per_task;
+  std::vector<opmath_t> p1(S * tasks_per_s * C, opmath_t(0)), p2(S * tasks_per_s * C, opmath_t(0));
+  at::parallel_for(0, S * tasks_per_s, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t s = t / tasks_per_s, r0 = s * R + (t % tasks_per_s) * rows_per_task;
+      const int64_t r1 = std::min((s + 1) * R, r0 + rows_per_task);
+      for (int64_t r = r0; r < r1; ++r)
+        grad_sums_row<scalar_t, ACT>(x + r * C, dy + r * C, dx ? dx + r * C : nullptr, C, m + s * C, a + s * C,
+                                     b + s * C, slope, p1.data() + t * C, p2.data() + t * C);
+    }
+  });
+  const int64_t G = C / CG;
+  std::vector<opmath_t> p(S * C, opmath_t(0)), q(S * C, opmath_t(0));
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t g = 0; g < G; ++g) {
+      const double r = static_cast<double>(rstd[s * G + g]);
+      double s1 = 0, s2 = 0;
+      for (int64_t c = g * CG; c < (g + 1) * CG; ++c) {
+        double t1 = 0, t2 = 0;
+        for (int64_t t = s * tasks_per_s; t < (s + 1) * tasks_per_s; ++t) {
+          t1 += p1[t * C + c];
+          t2 += p2[t * C + c];
+        }
+        dbeta[s * C + c] = static_cast<opmath_t>(t1);
+        dgamma[s * C + c] = static_cast<opmath_t>(t2 * r);
+        s1 += static_cast<double>(a[s * C + c]) * t1;
+        s2 += static_cast<double>(a[s * C + c]) * t2;
+      }
+      if (!normalize) continue;
+      const double count = static_cast<double>(CG * R);
+      for (int64_t c = g * CG; c < (g + 1) * CG; ++c) {
+        p[s * C + c] = static_cast<opmath_t>(-r * r * s2 / count);
+        q[s * C + c] = static_cast<opmath_t>(-s1 / count);
+      }
+    }
+  if (dx == nullptr) return;
+  at::parallel_for(0, S * R, std::max<int64_t>(1, 4096 / C), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t s = r / R;
+      grad_input_span<scalar_t, ACT, true>(x + r * C, dy + r * C, dx + r * C, C, m + s * C, a + s * C, b + s * C,
+                                           p.data() + s * C, q.data() + s * C, slope);
+    }
+  });
 }
 
 }  // namespace fastgen::cpu

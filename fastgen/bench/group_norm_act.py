@@ -20,6 +20,7 @@ class GroupNormAct(NormSuite):
         Shape("c256-64x64", 1, 256, 64, 64, quick=True),
         Shape("c128-128x128", 1, 128, 128, 128),
         Shape("batch-8x64x32", 8, 64, 32, 32),
+        Shape("batch-8x128x32", 8, 128, 32, 32),
         Shape("instance-norm-64x32", 8, 64, 32, 32, groups=64, activation="relu"),  # G = C
     ]
 

@@ -167,7 +167,9 @@ def row(suite, shape, device: str, dtype: torch.dtype, channels_last: bool, kind
         cotangent = torch.randn(out64.shape, generator=g, dtype=torch.float64).to(out64.device)
     want = [out64.detach()] + (list(torch.autograd.grad(out64, [oracle_inputs[i] for i in grad_of], cotangent))
                                if need_grad else [])
-    cot = cotangent.to(dtype) if need_grad else None
+    # the incoming gradient in x's layout, as the next layer of a channels_last model hands it back
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    cot = cotangent.to(dtype).contiguous(memory_format=fmt) if need_grad else None
     work = suite.work(shape, inputs[0].element_size())
     ceiling = {"matmul_tflops": peak_tflops, "copy_gbps": copy_gbps(inputs[0].detach())}
     results, steps, eager_vals = {}, {}, None

@@ -31,7 +31,7 @@ def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor] = None,
     if name == "reference":
         return group_norm_act_ref(x, num_groups, weight, bias, eps, activation, negative_slope)
     return torch.ops.fastgen.group_norm_act(x, num_groups, weight, bias, float(eps), activation_row(activation).name,
-                                            float(negative_slope), name)
+                                            float(negative_slope), name)[0]
 
 
 def group_norm_act_ref(x: Tensor, num_groups: int, weight: Optional[Tensor] = None,
@@ -74,7 +74,7 @@ def _check_group_norm_act(x, num_groups, weight, bias, eps, act, negative_slope)
     n, c = x.shape[:2]
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or c % num_groups:
         raise ValueError(f"num_groups must be a positive int dividing the {c} channels, got {num_groups!r}")
-    if x.numel() and n * x[0, : c // num_groups].numel() == 1:  # F.group_norm's own rule (it counts the batch)
+    if x.numel() and n * (x.numel() // (n * num_groups)) == 1:  # F.group_norm's own rule (it counts the batch)
         raise ValueError(f"Expected more than 1 value per channel when training, got x of shape {tuple(x.shape)} "
                          f"and num_groups={num_groups}")
     for name, t in (("weight", weight), ("bias", bias)):
@@ -145,7 +145,8 @@ def _group_norm_act_composite(x, num_groups, weight, bias, eps, act, slope):
     centred = x.to(a.dtype) - per_channel(mean).view(n, c, *spatial)
     b = torch.zeros((), dtype=a.dtype, device=a.device) if bias is None else bias.to(a.dtype).view(-1, c, *spatial)
     z = torch.addcmul(b, centred, a.view(n, c, *spatial))
-    return activation_row(act).value(z, slope).to(x.dtype).contiguous(memory_format=memory_format(x))
+    out = activation_row(act).value(z, slope).to(x.dtype).contiguous(memory_format=memory_format(x))
+    return out, mean.reshape(n, num_groups), rstd.reshape(n, num_groups)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,17 +171,18 @@ def _group_norm_act_triton(x, num_groups, weight, bias, eps, act, slope):
     split = triton.cdiv(length, chunk)
     means = torch.empty((n * num_groups, split), device=x.device, dtype=torch.float32)
     m2s = torch.empty_like(means)
+    mean, rstd = (torch.empty((n, num_groups), device=x.device, dtype=torch.float32) for _ in range(2))
     common = dict(BLOCK_C=block_c, BLOCK_L=block_l)
     _group_norm_stats_kernel[(n * num_groups, split)](
         xv, means, m2s, c, length, cg, chunk, *xv.stride(), **common)
     _group_norm_act_fwd_kernel[(n * num_groups, split)](
-        xv, ov, weight if weight is not None else xv, bias if bias is not None else xv, means, m2s,
+        xv, ov, weight if weight is not None else xv, bias if bias is not None else xv, means, m2s, mean, rstd,
         c, length, cg, chunk, split, *xv.stride(), *ov.stride(),
         _sample_stride(weight), _sample_stride(bias), eps, slope,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT=activation_row(act).code, EMULATE_BF16=x.dtype == torch.bfloat16 and _INTERPRET,
         # a tile of up to 4096 values: with 4 warps (32 a thread) a few activations spilled (tools/triton_aot.py)
         SPLIT_P2=triton.next_power_of_2(split), num_warps=8, **common)
-    return out
+    return out, mean, rstd
 
 
 def _sample_stride(t: Optional[Tensor]) -> int:
@@ -196,31 +198,40 @@ def _group_norm_act_fused(x, num_groups, weight, bias, eps, act, slope):
 # ---------------------------------------------------------------------------------------------
 # registration
 
+# The op returns y and each (sample, group)'s mean and rstd (N, G) in opmath: the first-order
+# backward kernels read them instead of recomputing the forward's statistics.
+
 def _fake_group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                         activation: str, negative_slope: float, backend: str) -> Tensor:
+                         activation: str, negative_slope: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     _check_group_norm_act(x, num_groups, weight, bias, eps, activation, negative_slope)
-    return torch.empty_like(x, memory_format=memory_format(x))
+    stat = x.new_empty((x.shape[0], num_groups), dtype=opmath_dtype(x.dtype))
+    return torch.empty_like(x, memory_format=memory_format(x)), stat, torch.empty_like(stat)
 
 
 def _setup_context_group_norm_act(ctx, inputs, output):
-    x, num_groups, weight, bias, eps, act, slope, _ = inputs
-    ctx.save_for_backward(x, weight, bias)
-    ctx.args = (num_groups, eps, act, slope)
+    x, num_groups, weight, bias, eps, act, slope, backend = inputs
+    ctx.save_for_backward(x, weight, bias, output[1], output[2])
+    ctx.args = (num_groups, eps, act, slope, backend)
 
 
-def _backward_group_norm_act(ctx, grad: Tensor):
-    """A plain first-order backward on CPU or CUDA (grad mode is off here without create_graph)
-    runs aten's fused kernels: see _backward_aten. A backward that must itself be differentiable
-    (create_graph), runs on XLA or is traced with symbolic sizes is aten math with the statistics recomputed from x: double
-    backward works and XLA lowers it."""
-    x, weight, bias = ctx.saved_tensors
-    num_groups, eps, act, slope = ctx.args
+def _backward_group_norm_act(ctx, grad: Tensor, _grad_mean, _grad_rstd):
+    """A plain first-order backward on CPU or CUDA (grad mode is off here without create_graph) of
+    the cpu, cuda and triton backends runs their fused backward kernels from the saved statistics
+    (two passes: see _backward_fused); of the composite, aten's fused kernels (_backward_aten). A
+    backward that must itself be differentiable (create_graph), runs on XLA or is traced with
+    symbolic sizes is aten math with the statistics recomputed from x: double backward works and
+    XLA lowers it."""
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    num_groups, eps, act, slope, backend = ctx.args
     need = ctx.needs_input_grad
     need_x, need_w, need_b = need[0], need[2] and weight is not None, need[3] and bias is not None
     # symbolic sizes (torch.compile with dynamic shapes): the math route, which inductor fuses anyway;
     # torch 2.9's decomposition of native_group_norm_backward fails there (divmod of a SymInt)
     concrete = not any(isinstance(s, torch.SymInt) for s in x.shape)
     if not torch.is_grad_enabled() and x.device.type in ("cpu", "cuda") and concrete:
+        if backend in ("cpu", "cuda", "triton"):
+            gx, gw, gb = _backward_fused(grad, x, weight, bias, mean, rstd, act, slope, need_x, backend)
+            return gx, None, gw if need_w else None, gb if need_b else None, None, None, None, None
         gx, gw, gb = _backward_aten(grad, x, weight, bias, num_groups, eps, act, slope, (need_x, need_w, need_b))
         return gx, None, gw, gb, None, None, None, None
     xhat5, rstd = _normalized(x, num_groups, eps)
@@ -236,6 +247,21 @@ def _backward_group_norm_act(ctx, grad: Tensor):
         gx = rstd * (gxhat - gxhat.mean(dims, keepdim=True) - xh * (gxhat * xh).mean(dims, keepdim=True))
         gx = gx.flatten(1, 2).to(x.dtype)
     return gx, None, gw, gb, None, None, None, None
+
+
+def _backward_fused(grad, x, weight, bias, mean, rstd, act, slope, need_x, backend):
+    """The fused kernels' first-order gradients: pass 1 reduces gz = dy * act'(z) and gz * xhat per
+    (sample, channel), pass 2 writes dx; dgamma and dbeta are pass 1's sums (summed over the batch
+    for a per-channel affine)."""
+    code = activation_row(act).code
+    if backend == "triton":
+        gx, dgamma, dbeta = _group_norm_act_backward_triton(grad, x, weight, bias, mean, rstd, code, slope, need_x)
+    else:
+        gx, dgamma, dbeta = torch.ops.fastgen._group_norm_act_backward(grad, x, mean, rstd, weight, bias, code, slope,
+                                                                       need_x)
+    gw = None if weight is None else (dgamma.sum(0) if weight.dim() == 1 else dgamma).to(weight.dtype)
+    gb = None if bias is None else (dbeta.sum(0) if bias.dim() == 1 else dbeta).to(bias.dtype)
+    return (gx if need_x else None), gw, gb
 
 
 def _sum_to(t: Tensor, like: Tensor) -> Tensor:
@@ -272,7 +298,7 @@ def _backward_aten(grad, x, weight, bias, num_groups, eps, act, slope, need):
 SPEC = define(OpSpec(
     name="group_norm_act", public=group_norm_act,
     impls={"composite": Impl(_group_norm_act_composite), "triton": Impl(_group_norm_act_triton, NO_FLOAT64),
-           **cpp_impls(_group_norm_act_fused, "_group_norm_act_fused")},
+           **cpp_impls(_group_norm_act_fused, "_group_norm_act_fused", "_group_norm_act_backward")},
     custom_op=True,
     auto={**KERNELS_FIRST, **EAGER_IN_LOW_PRECISION},
     examples=(Example("group_norm_act", lambda: (torch.randn(2, 8, 5, 6), 4, torch.randn(8), torch.randn(8)),
