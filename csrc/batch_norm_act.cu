@@ -10,6 +10,7 @@
 //                            the given mean and var, then writes act((x - mean_c) * a_c + b_c) over its chunk;
 //                            blocks of chunk 0 store the statistics for the running update.
 // Two reads of x and one write in training, one read and one write in eval.
+// Backward: norm_backward.cuh with one segment of all N * L rows and a group per channel.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -19,6 +20,7 @@
 
 #include "activation.h"
 #include "layout.h"
+#include "norm_backward.cuh"
 
 namespace {
 
@@ -197,8 +199,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_cuda(
   return {out, mean_out, var_out};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, bool training, double eps,
+    int64_t activation, double negative_slope, bool need_x) {
+  TORCH_CHECK(x.is_cuda() && x.dim() >= 2 && mean.numel() == x.size(1) && var.numel() == x.size(1),
+              "x must be a CUDA (N, C, *) tensor with mean and var (C,)");
+  TORCH_CHECK(grad.sizes() == x.sizes(), "grad must have x's shape");
+  const at::cuda::CUDAGuard guard(x.device());
+  const int64_t C = x.size(1);
+  const auto opmath = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor rstd = (var.to(opmath) + eps).rsqrt().reshape({1, C});
+  const at::Tensor a = weight.has_value() ? rstd * weight->to(opmath).reshape({1, C}) : rstd;
+  const at::Tensor b = bias.has_value() ? bias->to(opmath).reshape({1, C}) : at::zeros_like(rstd);
+  auto [dx, dgamma, dbeta] = fastgen::norm_backward::norm_act_backward(
+      grad, x, 1, 1, mean.to(opmath).reshape({1, C}), a, b, rstd, training, activation, negative_slope, need_x);
+  return {dx, dgamma.reshape({C}), dbeta.reshape({C})};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastgen, CUDA, m) {
   m.impl("_batch_norm_act_fused", &batch_norm_act_cuda);
+  m.impl("_batch_norm_act_backward", &batch_norm_act_backward_cuda);
 }

@@ -9,7 +9,8 @@
 //   group_norm_act_kernel    grid (N*G, split): merges the group's partials, then writes
 //                            act((x - mean) * a_c + b_c) over its chunk, a_c = rstd * w_c (the mean is
 //                            not folded into b: that cancels badly where a group is nearly constant).
-// Two reads of x and one write; statistics in fp32 (fp64 for double).
+// Two reads of x and one write; statistics in fp32 (fp64 for double), each group's mean and rstd
+// returned for the backward (norm_backward.cuh, with a segment per sample).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -20,6 +21,7 @@
 #include "layout.h"
 
 #include "activation.h"
+#include "norm_backward.cuh"
 
 namespace {
 
@@ -32,6 +34,8 @@ struct GroupNormParams {
   const void* b;  // (C,) or (N, C) contiguous, or nullptr
   void* mean;     // (N * G, split) partial means, opmath
   void* m2;       // (N * G, split) partial sums of squared deviations, opmath
+  void* mean_out;  // (N * G,) opmath: each group's mean and rstd, for the backward
+  void* rstd_out;
   int64_t C, L, CG, chunk, split;
   int64_t sxn, sxc, sxl, son, soc, sol;
   int64_t swn, sbn;  // 0 for a (C,) affine, C for a per-sample one
@@ -114,6 +118,10 @@ __global__ void __launch_bounds__(kThreads) group_norm_act_kernel(const GroupNor
     s_mean = w.mean;
     const T var = w.m2 / w.n;  // not max(): fmax would turn a NaN statistic into 0
     s_rstd = T(1) / sqrt((var < T(0) ? T(0) : var) + static_cast<T>(p.eps));
+    if (part == 0) {
+      static_cast<T*>(p.mean_out)[row] = s_mean;
+      static_cast<T*>(p.rstd_out)[row] = s_rstd;
+    }
   }
   __syncthreads();
   const T mean = s_mean, rstd = s_rstd, slope = static_cast<T>(p.slope);
@@ -133,9 +141,9 @@ __global__ void __launch_bounds__(kThreads) group_norm_act_kernel(const GroupNor
   }
 }
 
-at::Tensor group_norm_act_cuda(const at::Tensor& x_in, int64_t num_groups, const std::optional<at::Tensor>& weight,
-                               const std::optional<at::Tensor>& bias, double eps, int64_t activation,
-                               double negative_slope) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_act_cuda(
+    const at::Tensor& x_in, int64_t num_groups, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, int64_t activation, double negative_slope) {
   TORCH_CHECK(x_in.is_cuda() && x_in.dim() >= 2 && x_in.size(1) % num_groups == 0,
               "x must be a CUDA (N, C, *) tensor with C divisible by num_groups");
   TORCH_CHECK(activation >= 0 && activation < fastgen::kNumActivations, "unknown activation code ", activation);
@@ -143,7 +151,9 @@ at::Tensor group_norm_act_cuda(const at::Tensor& x_in, int64_t num_groups, const
   const bool channels_last = fastgen::is_channels_last(x_in);
   const at::Tensor x = fastgen::dense(x_in);
   at::Tensor out = at::empty_like(x, fastgen::output_format(x));
-  if (x.numel() == 0) return out;
+  const auto opmath = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor mean = at::empty({x.size(0), num_groups}, x.options().dtype(opmath)), rstd = at::empty_like(mean);
+  if (x.numel() == 0) return {out, mean, rstd};
   const at::Tensor w = fastgen::contiguous_or_undefined(weight), b = fastgen::contiguous_or_undefined(bias);
 
   const int64_t N = x.size(0), C = x.size(1), L = x.numel() / (N * C), CG = C / num_groups;
@@ -154,7 +164,6 @@ at::Tensor group_norm_act_cuda(const at::Tensor& x_in, int64_t num_groups, const
   const int64_t chunk = std::max(min_chunk, (L + want - 1) / want);
   const int64_t split = (L + chunk - 1) / chunk;
   TORCH_CHECK(split < 65536 && N * num_groups < (int64_t(1) << 31), "group_norm_act: too large");
-  const auto opmath = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor means = at::empty({N * num_groups, split}, x.options().dtype(opmath));
   at::Tensor m2s = at::empty_like(means);
 
@@ -162,6 +171,7 @@ at::Tensor group_norm_act_cuda(const at::Tensor& x_in, int64_t num_groups, const
   p.x = x.data_ptr(); p.out = out.data_ptr();
   p.w = w.defined() ? w.data_ptr() : nullptr; p.b = b.defined() ? b.data_ptr() : nullptr;
   p.mean = means.data_ptr(); p.m2 = m2s.data_ptr();
+  p.mean_out = mean.data_ptr(); p.rstd_out = rstd.data_ptr();
   p.C = C; p.L = L; p.CG = CG; p.chunk = chunk; p.split = split;
   p.sxn = x.stride(0); p.sxc = channels_last ? 1 : L; p.sxl = channels_last ? C : 1;
   p.son = out.stride(0); p.soc = p.sxc; p.sol = p.sxl;
@@ -178,11 +188,32 @@ at::Tensor group_norm_act_cuda(const at::Tensor& x_in, int64_t num_groups, const
     group_norm_act_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return out;
+  return {out, mean, rstd};
+}
+
+// The backward from the saved statistics: a segment per sample, the forward's per-channel
+// coefficients m = mean_g, a = rstd_g * w_c, b = bias_c (norm_backward.cuh).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_act_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, int64_t activation,
+    double negative_slope, bool need_x) {
+  TORCH_CHECK(x.is_cuda() && x.dim() >= 2 && mean.dim() == 2 && mean.size(0) == x.size(0) &&
+              x.size(1) % mean.size(1) == 0, "x must be a CUDA (N, C, *) tensor and mean (N, G) with G dividing C");
+  TORCH_CHECK(grad.sizes() == x.sizes(), "grad must have x's shape");
+  const at::cuda::CUDAGuard guard(x.device());
+  const int64_t N = x.size(0), C = x.size(1), G = mean.size(1), CG = C / G;
+  auto per_channel = [&](const at::Tensor& t) { return t.reshape({N, G, 1}).expand({N, G, CG}).reshape({N, C}); };
+  const at::Tensor m = per_channel(mean);
+  at::Tensor a = per_channel(rstd);
+  if (weight.has_value()) a = a * weight->to(a.scalar_type());
+  const at::Tensor b = bias.has_value() ? bias->to(a.scalar_type()).expand({N, C}) : at::zeros_like(a);
+  return fastgen::norm_backward::norm_act_backward(grad, x, N, CG, m, a.expand({N, C}), b, rstd, true, activation,
+                                                    negative_slope, need_x);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastgen, CUDA, m) {
   m.impl("_group_norm_act_fused", &group_norm_act_cuda);
+  m.impl("_group_norm_act_backward", &group_norm_act_backward_cuda);
 }

@@ -25,7 +25,8 @@ def main(argv=None) -> int:
     bench.add_argument("--full", action="store_true", help="every shape of every suite (default: one per op)")
     bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     bench.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on the CPU")
-    bench.add_argument("--passes", default="fwd,fwd+bwd")
+    bench.add_argument("--passes", default="fwd,fwd+bwd",
+                       help="comma-separated: fwd, bwd (the backward alone, of one forward), fwd+bwd")
     bench.add_argument("--layouts", default="nchw,nhwc")
     bench.add_argument("--shapes", default=None, help="comma-separated shape names (any of the suite's)")
     bench.add_argument("--ops", default=None, help="comma-separated ops (default: every op with a suite)")

@@ -8,13 +8,19 @@ kernels/group_norm_act.py).
 _batch_norm_act_fwd_kernel: grid (row chunks, channel blocks); merges the SPLIT partials of its
 channels (training) or reads the given mean and var, and writes act((x - mean_c) * a_c + bias_c); the programs
 of row chunk 0 also store the statistics for the running-statistics update.
+
+Backward, from the statistics the forward used, on the same grid: _batch_norm_bwd_sums_kernel writes
+each row chunk's per-channel sums of gz = dy * act'(z) and gz * (x - mean); the launcher adds the
+chunks up (dbeta, and dgamma / rstd); _batch_norm_bwd_dx_kernel writes dx = gz * a_c + (x - mean_c) * p_c
++ q_c with gz recomputed, p_c = -rstd_c^2 a_c sum(gz (x - mean)) / n and q_c = -a_c sum(gz) / n in
+training (zero when the statistics were given).
 """
 
 import triton
 import triton.language as tl
 
 from ._common import _round_to_bf16
-from .activation import _activate
+from .activation import _activate, _activate_grad
 
 
 @triton.jit(do_not_specialize=['N', 'C', 'L', 'CHUNK'])  # sizes: one compiled variant, not one per size class
@@ -128,3 +134,96 @@ def _batch_norm_act_fwd_kernel(
             y = _round_to_bf16(y)
         tl.store(out_ptr + (n * stride_on + l * stride_ol)[:, None] + ch * stride_oc,
                  y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _channel_coefficients(w_ptr, b_ptr, mean_ptr, var_ptr, offs_c, mask_c, EPS,
+                          HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The forward's mean_c, rstd_c, a_c = rstd_c * weight_c and bias_c."""
+    mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)
+    rstd = 1.0 / tl.sqrt(tl.load(var_ptr + offs_c, mask=mask_c, other=1.0) + EPS)
+    a = rstd
+    if HAS_WEIGHT:
+        a = a * tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    b = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    if HAS_BIAS:
+        b += tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    return mean, rstd, a, b
+
+
+@triton.jit(do_not_specialize=['N', 'C', 'L', 'CHUNK'])
+def _batch_norm_bwd_sums_kernel(
+    dy_ptr, x_ptr,  # (N, C, L) through strides (dy in x's layout)
+    w_ptr, b_ptr, mean_ptr, var_ptr,  # (C,); mean and var fp32, the forward's
+    sum_ptr, sumd_ptr,  # (SPLIT, C) fp32: per row chunk sum(gz) and sum(gz * (x - mean))
+    N, C, L, CHUNK,
+    stride_xn, stride_xc, stride_xl,
+    stride_dn, stride_dc, stride_dl,
+    EPS, SLOPE,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    part = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    mean, rstd, a, b = _channel_coefficients(w_ptr, b_ptr, mean_ptr, var_ptr, offs_c, mask_c, EPS, HAS_WEIGHT,
+                                             HAS_BIAS, BLOCK_C)
+    ch = offs_c.to(tl.int64)[None, :]
+    s1 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    s2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    start = part.to(tl.int64) * CHUNK
+    for r0 in range(0, CHUNK, BLOCK_R):
+        rows = start + r0 + tl.arange(0, BLOCK_R).to(tl.int64)
+        mask = ((rows < N * L) & (rows < start + CHUNK))[:, None] & mask_c[None, :]
+        n = rows // L
+        l = rows % L
+        d = tl.load(x_ptr + (n * stride_xn + l * stride_xl)[:, None] + ch * stride_xc, mask=mask,
+                    other=0.0).to(tl.float32) - mean[None, :]
+        dy = tl.load(dy_ptr + (n * stride_dn + l * stride_dl)[:, None] + ch * stride_dc, mask=mask,
+                     other=0.0).to(tl.float32)
+        gz = tl.where(mask, dy * _activate_grad(d * a[None, :] + b[None, :], ACT, SLOPE), 0.0)
+        s1 += tl.sum(gz, axis=0)
+        s2 += tl.sum(gz * d, axis=0)
+    tl.store(sum_ptr + part * C + offs_c, s1, mask=mask_c)
+    tl.store(sumd_ptr + part * C + offs_c, s2, mask=mask_c)
+
+
+@triton.jit(do_not_specialize=['N', 'C', 'L', 'CHUNK'])
+def _batch_norm_bwd_dx_kernel(
+    dy_ptr, x_ptr, dx_ptr,  # (N, C, L) through strides; dx in dy's strides
+    w_ptr, b_ptr, mean_ptr, var_ptr,
+    sum_ptr, sumd_ptr,  # (C,) fp32: sum(gz) and sum(gz * (x - mean)) over every row
+    N, C, L, CHUNK,
+    stride_xn, stride_xc, stride_xl,
+    stride_dn, stride_dc, stride_dl,
+    EPS, SLOPE,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, TRAINING: tl.constexpr,
+    EMULATE_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    part = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    mean, rstd, a, b = _channel_coefficients(w_ptr, b_ptr, mean_ptr, var_ptr, offs_c, mask_c, EPS, HAS_WEIGHT,
+                                             HAS_BIAS, BLOCK_C)
+    p = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    q = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    if TRAINING:
+        count = (N * L).to(tl.float32)
+        p -= rstd * rstd * a * tl.load(sumd_ptr + offs_c, mask=mask_c, other=0.0) / count
+        q -= a * tl.load(sum_ptr + offs_c, mask=mask_c, other=0.0) / count
+    ch = offs_c.to(tl.int64)[None, :]
+    start = part.to(tl.int64) * CHUNK
+    for r0 in range(0, CHUNK, BLOCK_R):
+        rows = start + r0 + tl.arange(0, BLOCK_R).to(tl.int64)
+        mask = ((rows < N * L) & (rows < start + CHUNK))[:, None] & mask_c[None, :]
+        n = rows // L
+        l = rows % L
+        d = tl.load(x_ptr + (n * stride_xn + l * stride_xl)[:, None] + ch * stride_xc, mask=mask,
+                    other=0.0).to(tl.float32) - mean[None, :]
+        d_off = (n * stride_dn + l * stride_dl)[:, None] + ch * stride_dc
+        dy = tl.load(dy_ptr + d_off, mask=mask, other=0.0).to(tl.float32)
+        gz = dy * _activate_grad(d * a[None, :] + b[None, :], ACT, SLOPE)
+        dx = gz * a[None, :] + (d * p[None, :] + q[None, :])
+        if EMULATE_BF16:
+            dx = _round_to_bf16(dx)
+        tl.store(dx_ptr + d_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)

@@ -10,13 +10,20 @@ group's partials the same way, var = M2 / n, and writes y = act((x - K - mean) *
 chunk with a_c = rstd * weight_c (the mean is not folded into the bias: where a group is nearly
 constant, a_c is huge and x * a_c + (bias_c - mean * a_c) cancels two large numbers).
 x is read through strides as (N, C, L): unit stride along L (NCHW) or along C (channels_last).
+
+Backward, from the forward's saved mean and rstd per (sample, group), on the same grid: with
+z = (x - mean) * a_c + bias_c and gz = dy * act'(z), _group_norm_bwd_sums_kernel writes each chunk's
+per-channel sums of gz and gz * (x - mean); the launcher adds the chunks up (dbeta, and dgamma / rstd);
+_group_norm_bwd_dx_kernel forms the group's s1 = sum_c a_c sum(gz), s2 = sum_c a_c sum(gz (x - mean))
+and writes dx = gz * a_c + (x - mean) * p + q, p = -rstd^2 s2 / n, q = -s1 / n, gz recomputed
+(on a GPU a recompute is cheaper than writing gz and reading it back).
 """
 
 import triton
 import triton.language as tl
 
 from ._common import _round_to_bf16
-from .activation import _activate
+from .activation import _activate, _activate_grad
 
 
 @triton.jit(do_not_specialize=['C', 'L', 'CG', 'CHUNK'])  # sizes: one compiled variant, not one per size class
@@ -66,6 +73,7 @@ def _group_norm_act_fwd_kernel(
     x_ptr, out_ptr,  # (N, C, L) through strides
     w_ptr, b_ptr,  # (C,) or (N, C) contiguous; dummies when absent
     mean_ptr, m2_ptr,  # (N * G, SPLIT) from _group_norm_stats_kernel
+    mean_out_ptr, rstd_out_ptr,  # (N * G,) fp32: the group's mean and rstd, for the backward
     C, L, CG, CHUNK, SPLIT,
     stride_xn, stride_xc, stride_xl,
     stride_on, stride_oc, stride_ol,
@@ -98,6 +106,9 @@ def _group_norm_act_fwd_kernel(
     mask_c = offs_c < CG
     ch = (g * CG + offs_c).to(tl.int64)
     k = tl.load(x_ptr + n * stride_xn + (g * CG).to(tl.int64) * stride_xc).to(tl.float32)
+    if part == 0:
+        tl.store(mean_out_ptr + row, k + mean)
+        tl.store(rstd_out_ptr + row, rstd)
     a = tl.zeros((BLOCK_C,), dtype=tl.float32) + rstd
     if HAS_WEIGHT:
         a = a * tl.load(w_ptr + n * stride_wn + ch, mask=mask_c, other=0.0).to(tl.float32)
@@ -116,3 +127,102 @@ def _group_norm_act_fwd_kernel(
         if EMULATE_BF16:
             y = _round_to_bf16(y)
         tl.store(o_base + offs_l[None, :] * stride_ol, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _group_coefficients(w_ptr, b_ptr, rstd, n, ch, mask_c, stride_wn, stride_bn,
+                        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The forward's a_c = rstd * weight_c and bias_c for the channels ch of sample n."""
+    a = tl.zeros((BLOCK_C,), dtype=tl.float32) + rstd
+    if HAS_WEIGHT:
+        a = a * tl.load(w_ptr + n * stride_wn + ch, mask=mask_c, other=0.0).to(tl.float32)
+    b = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    if HAS_BIAS:
+        b += tl.load(b_ptr + n * stride_bn + ch, mask=mask_c, other=0.0).to(tl.float32)
+    return a, b
+
+
+@triton.jit(do_not_specialize=['C', 'L', 'CG', 'CHUNK'])
+def _group_norm_bwd_sums_kernel(
+    dy_ptr, x_ptr,  # (N, C, L) through strides (dy in x's layout)
+    w_ptr, b_ptr,  # (C,) or (N, C) contiguous; dummies when absent
+    mean_ptr, rstd_ptr,  # (N * G,) fp32 from the forward
+    sum_ptr, sumd_ptr,  # (N, C, SPLIT) fp32: per chunk sum(gz) and sum(gz * (x - mean))
+    C, L, CG, CHUNK,
+    stride_xn, stride_xc, stride_xl,
+    stride_dn, stride_dc, stride_dl,
+    stride_wn, stride_bn, SLOPE,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    split = tl.num_programs(1)
+    groups = C // CG
+    n = row // groups
+    g = row % groups
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < CG
+    ch = (g * CG + offs_c).to(tl.int64)
+    mean = tl.load(mean_ptr + row)
+    a, b = _group_coefficients(w_ptr, b_ptr, tl.load(rstd_ptr + row), n, ch, mask_c, stride_wn, stride_bn,
+                               HAS_WEIGHT, HAS_BIAS, BLOCK_C)
+    x_base = x_ptr + n * stride_xn + ch[:, None] * stride_xc
+    d_base = dy_ptr + n * stride_dn + ch[:, None] * stride_dc
+    s1 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    s2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    start = part.to(tl.int64) * CHUNK
+    for l0 in range(0, CHUNK, BLOCK_L):
+        offs_l = start + l0 + tl.arange(0, BLOCK_L)
+        mask = mask_c[:, None] & (offs_l < L)[None, :] & (offs_l < start + CHUNK)[None, :]
+        d = tl.load(x_base + offs_l[None, :] * stride_xl, mask=mask, other=0.0).to(tl.float32) - mean
+        dy = tl.load(d_base + offs_l[None, :] * stride_dl, mask=mask, other=0.0).to(tl.float32)
+        gz = tl.where(mask, dy * _activate_grad(d * a[:, None] + b[:, None], ACT, SLOPE), 0.0)
+        s1 += tl.sum(gz, axis=1)
+        s2 += tl.sum(gz * d, axis=1)
+    out = (n * C + ch) * split + part
+    tl.store(sum_ptr + out, s1, mask=mask_c)
+    tl.store(sumd_ptr + out, s2, mask=mask_c)
+
+
+@triton.jit(do_not_specialize=['C', 'L', 'CG', 'CHUNK'])
+def _group_norm_bwd_dx_kernel(
+    dy_ptr, x_ptr, dx_ptr,  # (N, C, L) through strides; dx in dy's strides
+    w_ptr, b_ptr, mean_ptr, rstd_ptr,
+    sum_ptr, sumd_ptr,  # (N, C) fp32: sum(gz) and sum(gz * (x - mean)) over the whole group
+    C, L, CG, CHUNK,
+    stride_xn, stride_xc, stride_xl,
+    stride_dn, stride_dc, stride_dl,
+    stride_wn, stride_bn, SLOPE,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    EMULATE_BF16: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    groups = C // CG
+    n = row // groups
+    g = row % groups
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < CG
+    ch = (g * CG + offs_c).to(tl.int64)
+    mean = tl.load(mean_ptr + row)
+    rstd = tl.load(rstd_ptr + row)
+    a, b = _group_coefficients(w_ptr, b_ptr, rstd, n, ch, mask_c, stride_wn, stride_bn, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
+    count = (CG * L).to(tl.float32)
+    s1 = tl.sum(a * tl.load(sum_ptr + n * C + ch, mask=mask_c, other=0.0), axis=0)
+    s2 = tl.sum(a * tl.load(sumd_ptr + n * C + ch, mask=mask_c, other=0.0), axis=0)
+    p = -rstd * rstd * s2 / count
+    q = -s1 / count
+    x_base = x_ptr + n * stride_xn + ch[:, None] * stride_xc
+    d_off = n * stride_dn + ch[:, None] * stride_dc
+    start = part.to(tl.int64) * CHUNK
+    for l0 in range(0, CHUNK, BLOCK_L):
+        offs_l = start + l0 + tl.arange(0, BLOCK_L)
+        mask = mask_c[:, None] & (offs_l < L)[None, :] & (offs_l < start + CHUNK)[None, :]
+        d = tl.load(x_base + offs_l[None, :] * stride_xl, mask=mask, other=0.0).to(tl.float32) - mean
+        dy = tl.load(dy_ptr + d_off + offs_l[None, :] * stride_dl, mask=mask, other=0.0).to(tl.float32)
+        gz = dy * _activate_grad(d * a[:, None] + b[:, None], ACT, SLOPE)
+        dx = gz * a[:, None] + (d * p + q)
+        if EMULATE_BF16:
+            dx = _round_to_bf16(dx)
+        tl.store(dx_ptr + d_off + offs_l[None, :] * stride_dl, dx.to(dx_ptr.dtype.element_ty), mask=mask)

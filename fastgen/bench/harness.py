@@ -153,9 +153,17 @@ def _evaluate(f, inputs, shape, grad_of, cotangent):
     return [out.detach()] + [g.detach() for g in grads]
 
 
+def _backward_only(f, inputs, shape, grad_of, cotangent):
+    """A step that runs only the backward of one forward made here (the graph kept across calls)."""
+    out = f(*inputs, shape)
+    wrt = [inputs[i] for i in grad_of]
+    return lambda: [out.detach()] + [g.detach() for g in torch.autograd.grad(out, wrt, cotangent, retain_graph=True)]
+
+
 def row(suite, shape, device: str, dtype: torch.dtype, channels_last: bool, kind: str, table: dict,
         peak_tflops: float, reps: int = 10, budget_s: float | None = None, on_provider=None) -> dict:
-    """One row: every provider of `table` at this shape, layout and pass (kind "fwd" or "fwd+bwd")."""
+    """One row: every provider of `table` at this shape, layout and pass (kind "fwd", "bwd": the
+    backward alone, of a forward made once, or "fwd+bwd")."""
     need_grad = kind != "fwd"
     inputs = make_inputs(suite, shape, dtype, device, channels_last, need_grad)
     oracle_inputs = [t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
@@ -181,7 +189,8 @@ def row(suite, shape, device: str, dtype: torch.dtype, channels_last: bool, kind
                 got = _evaluate(f, inputs, shape, grad_of, cot)
             eager_vals = got if name == "eager" else eager_vals
             problems = judge(got, eager_vals, want, dtype)
-            steps[name] = (lambda f=f: _evaluate(f, inputs, shape, grad_of, cot))
+            steps[name] = (_backward_only(f, inputs, shape, grad_of, cot) if kind == "bwd"
+                           else (lambda f=f: _evaluate(f, inputs, shape, grad_of, cot)))
             r = {"passed": not problems, "problems": problems[:3],
                  "max_err": (got[0].double() - want[0]).abs().max().item(),
                  "grad_err": {suite.names[i]: (g.double() - w).abs().max().item()
@@ -199,11 +208,11 @@ def row(suite, shape, device: str, dtype: torch.dtype, channels_last: bool, kind
     for name, ms in time_together(steps, device, reps, budget_s).items():
         r = results[name]
         r["ms"] = ms
-        if "flops" in work:
-            r["tflops"] = work["flops"] * (3 if need_grad else 1) / ms / 1e9
+        if "flops" in work:  # a backward is twice the forward's multiply-adds
+            r["tflops"] = work["flops"] * {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[kind] / ms / 1e9
             r["of_peak"] = r["tflops"] / ceiling["matmul_tflops"]
         else:
-            r["gbps"] = (work["bytes"] + (work["bwd_bytes"] if need_grad else 0)) / ms / 1e6
+            r["gbps"] = ((work["bytes"] if kind != "bwd" else 0) + (work["bwd_bytes"] if need_grad else 0)) / ms / 1e6
             r["of_peak"] = r["gbps"] / ceiling["copy_gbps"]
     credit(results)
     best = min((n for n in FASTGEN_BACKENDS if results.get(n, {}).get("passed")), key=lambda n: results[n]["ms"],

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from fastgen.activations import activation as activation_row, activation_backward, check_activation, torch_layer
 from fastgen.dispatch import _INTERPRET, select
-from fastgen.ops._registry import NO_FLOAT64, Example, Impl, OpSpec, cpp_impls, define
+from fastgen.ops._registry import NO_FLOAT64, Example, Impl, OpSpec, cpp_impls, define, on_device
 from fastgen.ops._util import check_floating, check_tensor, as_ncl, memory_format, opmath_dtype
 
 
@@ -133,6 +133,48 @@ def _batch_norm_act_fused(x, weight, bias, mean, var, training, eps, act, slope)
     return torch.ops.fastgen._batch_norm_act_fused(x, weight, bias, mean, var, training, eps, activation_row(act).code, slope)
 
 
+def _tiling(n: int, c: int, length: int) -> tuple[int, int, int, int]:
+    """The Triton kernels' tile (rows x channels) and how the n * length rows are split into chunks,
+    one program per chunk and channel block, so that a GPU has enough programs:
+    (BLOCK_C, BLOCK_R, chunk, split)."""
+    import triton
+
+    block_c = max(2, min(64, triton.next_power_of_2(c)))
+    block_r = max(16, min(256, 4096 // block_c))
+    col_blocks = triton.cdiv(c, block_c)
+    per_chunk = max(1, triton.cdiv(triton.cdiv(n * length, block_r), max(1, triton.cdiv(512, col_blocks))))
+    chunk = per_chunk * block_r
+    return block_c, block_r, chunk, triton.cdiv(n * length, chunk)
+
+
+def _batch_norm_act_backward_triton(grad, x, mean, var, weight, bias, training, eps, act_code, slope, need_x):
+    import triton
+
+    from fastgen.kernels.batch_norm_act import _batch_norm_bwd_dx_kernel, _batch_norm_bwd_sums_kernel
+
+    x = x.contiguous(memory_format=memory_format(x))
+    dy = grad.contiguous(memory_format=memory_format(x))
+    xv, dv = as_ncl(x), as_ncl(dy)
+    weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
+    n, c, length = xv.shape
+    block_c, block_r, chunk, split = _tiling(n, c, length)
+    grid = (split, triton.cdiv(c, block_c))
+    sums, sumds = (torch.empty((split, c), device=x.device, dtype=torch.float32) for _ in range(2))
+    mean, var = mean.float().contiguous(), var.float().contiguous()
+    common = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT=act_code, BLOCK_R=block_r,
+                  BLOCK_C=block_c, num_warps=8)
+    args = (weight if weight is not None else xv, bias if bias is not None else xv, mean, var)
+    sizes = (n, c, length, chunk, *xv.stride(), *dv.stride(), eps, slope)
+    _batch_norm_bwd_sums_kernel[grid](dv, xv, *args, sums, sumds, *sizes, **common)
+    dbeta, sumd = sums.sum(0), sumds.sum(0)
+    dx = x.new_empty((0,))
+    if need_x:
+        dx = torch.empty_like(dy)
+        _batch_norm_bwd_dx_kernel[grid](dv, xv, as_ncl(dx), *args, dbeta, sumd, *sizes, TRAINING=training,
+                                        EMULATE_BF16=x.dtype == torch.bfloat16 and _INTERPRET, **common)
+    return dx, sumd * torch.rsqrt(var + eps), dbeta
+
+
 def _batch_norm_act_triton(x, weight, bias, mean, var, training, eps, act, slope):
     import triton
 
@@ -142,15 +184,8 @@ def _batch_norm_act_triton(x, weight, bias, mean, var, training, eps, act, slope
     xv, ov = as_ncl(x), as_ncl(out)
     weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))  # read as contiguous
     n, c, length = xv.shape
-    rows = n * length
-    block_c = max(2, min(64, triton.next_power_of_2(c)))
-    block_r = max(16, min(256, 4096 // block_c))
-    col_blocks = triton.cdiv(c, block_c)
-    # split the rows so that there are enough programs for a GPU
-    per_chunk = max(1, triton.cdiv(triton.cdiv(rows, block_r), max(1, triton.cdiv(512, col_blocks))))
-    chunk = per_chunk * block_r
-    split = triton.cdiv(rows, chunk)
-    grid = (split, col_blocks)
+    block_c, block_r, chunk, split = _tiling(n, c, length)
+    grid = (split, triton.cdiv(c, block_c))
     mean_out = torch.empty(c, device=x.device, dtype=torch.float32)
     var_out = torch.empty_like(mean_out)
     if training:
@@ -182,25 +217,31 @@ def _fake_batch_norm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
 
 
 def _setup_context_batch_norm_act(ctx, inputs, output):
-    x, weight, bias, mean, var, training, eps, act, slope, _ = inputs
+    x, weight, bias, mean, var, training, eps, act, slope, backend = inputs
     if training:  # the batch statistics the op returned, for the first-order fast path
         mean, var = output[1], output[2]
     ctx.save_for_backward(x, weight, bias, mean, var)
-    ctx.args = (training, eps, act, slope)
+    ctx.args = (training, eps, act, slope, backend)
 
 
 def _backward_batch_norm_act(ctx, grad: Tensor, _grad_mean, _grad_var):
     """Aten math (differentiable, XLA-lowerable). Training: the statistics are recomputed from x and
     differentiated through; otherwise gradients also flow to the given mean and var (the
-    synchronized path passes all-reduced statistics that depend on x). A plain first-order
-    training backward on CPU or CUDA (grad mode off here: no create_graph) takes aten's fused
-    BatchNorm kernels instead, whose backward has no derivative."""
+    synchronized path passes all-reduced statistics that depend on x). A plain first-order backward
+    on CPU or CUDA (grad mode off here: no create_graph) that needs no gradient of a given mean or
+    var takes the fused kernels of the cpu, cuda and triton backends (two passes from the forward's
+    statistics: _backward_fused), or for the composite in training aten's fused BatchNorm kernels;
+    neither has a derivative."""
     x, weight, bias, mean, var = ctx.saved_tensors
-    training, eps, act, slope = ctx.args
+    training, eps, act, slope, backend = ctx.args
     need = ctx.needs_input_grad
-    if training and not torch.is_grad_enabled() and x.device.type in ("cpu", "cuda"):
-        gx, gw, gb = _backward_aten(grad, x, weight, bias, mean, var, eps, act, slope,
-                                    [need[0], need[1] and weight is not None, need[2] and bias is not None])
+    need_w, need_b = need[1] and weight is not None, need[2] and bias is not None
+    first_order = not torch.is_grad_enabled() and x.device.type in ("cpu", "cuda") and not (need[3] or need[4])
+    if first_order and backend in ("cpu", "cuda", "triton"):
+        gx, gw, gb = _backward_fused(grad, x, weight, bias, mean, var, training, eps, act, slope, need[0], backend)
+        return gx, gw if need_w else None, gb if need_b else None, None, None, None, None, None, None, None
+    if first_order and training:
+        gx, gw, gb = _backward_aten(grad, x, weight, bias, mean, var, eps, act, slope, [need[0], need_w, need_b])
         return gx, gw, gb, None, None, None, None, None, None, None
     op = opmath_dtype(x.dtype)
     dims = (0, *range(2, x.dim()))
@@ -231,6 +272,38 @@ def _backward_batch_norm_act(ctx, grad: Tensor, _grad_mean, _grad_var):
     return (None if gx is None else gx.to(x.dtype)), gw, gb, gmean, gvar, None, None, None, None, None
 
 
+def _backward_fused(grad, x, weight, bias, mean, var, training, eps, act, slope, need_x, backend):
+    """The fused kernels' first-order gradients: pass 1 reduces gz = dy * act'(z) and gz * xhat per
+    channel (dbeta, dgamma), pass 2 writes dx (with the statistics' terms in training)."""
+    gx, dgamma, dbeta = batch_norm_act_backward(grad, x, mean, var, weight, bias, training, eps,
+                                                activation_row(act).code, slope, need_x, backend)
+    gw = None if weight is None else dgamma.to(weight.dtype)
+    gb = None if bias is None else dbeta.to(bias.dtype)
+    return (gx if need_x else None), gw, gb
+
+
+@torch.library.custom_op("fastgen::batch_norm_act_backward", mutates_args=())
+def batch_norm_act_backward(grad: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
+                            bias: Optional[Tensor], training: bool, eps: float, activation: int, negative_slope: float,
+                            need_x: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """The first-order backward kernels of the cpu, cuda and triton backends, one op that torch.compile's
+    backward graph can hold: dx (empty unless need_x), and per channel sum(gz * xhat) and sum(gz) in
+    opmath, gz = grad * act'(z); mean and var are the statistics the forward used."""
+    with on_device(x):
+        if backend == "triton":
+            return _batch_norm_act_backward_triton(grad, x, mean, var, weight, bias, training, eps, activation,
+                                                   negative_slope, need_x)
+        return torch.ops.fastgen._batch_norm_act_backward(grad, x, mean, var, weight, bias, training, eps, activation,
+                                                          negative_slope, need_x)
+
+
+@batch_norm_act_backward.register_fake
+def _(grad, x, mean, var, weight, bias, training, eps, activation, negative_slope, need_x, backend):
+    dx = torch.empty_like(x, memory_format=memory_format(x)) if need_x else x.new_empty((0,))
+    stat = x.new_empty((x.shape[1],), dtype=opmath_dtype(x.dtype))
+    return dx, stat, torch.empty_like(stat)
+
+
 def _backward_aten(grad, x, weight, bias, mean, var, eps, act, slope, need):
     """First-order training gradients in eager's own kernels, from the forward's batch statistics:
     the pre-activation recomputed in one elementwise pass, the activation's fused backward,
@@ -251,7 +324,7 @@ def _backward_aten(grad, x, weight, bias, mean, var, eps, act, slope, need):
 SPEC = define(OpSpec(
     name="batch_norm_act", public=batch_norm_act,
     impls={"composite": Impl(_batch_norm_act_composite), "triton": Impl(_batch_norm_act_triton, NO_FLOAT64),
-           **cpp_impls(_batch_norm_act_fused, "_batch_norm_act_fused")},
+           **cpp_impls(_batch_norm_act_fused, "_batch_norm_act_fused", "_batch_norm_act_backward")},
     custom_op=True,
     launch_empty=True,  # the kernels return NaN statistics for an empty batch
     examples=(Example("batch_norm_act_train", lambda: (torch.randn(4, 6, 5, 4), None, None, torch.randn(6),

@@ -17,7 +17,7 @@ from torch import Tensor
 from fastgen.activations import activation as activation_row, activation_backward, check_activation, torch_layer
 from fastgen.dispatch import _INTERPRET, select
 from fastgen.ops._registry import (EAGER_IN_LOW_PRECISION, KERNELS_FIRST, NO_FLOAT64, Example, Impl, OpSpec,
-                                   cpp_impls, define)
+                                   cpp_impls, define, on_device)
 from fastgen.ops._util import check_floating, check_tensor, as_ncl, memory_format, opmath_dtype
 
 
@@ -161,28 +161,62 @@ def _group_norm_act_triton(x, num_groups, weight, bias, eps, act, slope):
     xv, ov = as_ncl(x), as_ncl(out)
     weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
     n, c, length = xv.shape
-    cg = c // num_groups
-    block_c = triton.next_power_of_2(cg)
-    block_l = max(16, min(1024, 4096 // block_c))
-    # split each group's positions into chunks so that there are enough programs for a GPU
-    blocks = triton.cdiv(length, block_l)
-    per_chunk = max(1, triton.cdiv(blocks, max(1, triton.cdiv(1024, n * num_groups))))
-    chunk = per_chunk * block_l
-    split = triton.cdiv(length, chunk)
+    block_c, block_l, chunk, split = _tiling(n, c, length, num_groups)
     means = torch.empty((n * num_groups, split), device=x.device, dtype=torch.float32)
     m2s = torch.empty_like(means)
     mean, rstd = (torch.empty((n, num_groups), device=x.device, dtype=torch.float32) for _ in range(2))
     common = dict(BLOCK_C=block_c, BLOCK_L=block_l)
     _group_norm_stats_kernel[(n * num_groups, split)](
-        xv, means, m2s, c, length, cg, chunk, *xv.stride(), **common)
+        xv, means, m2s, c, length, c // num_groups, chunk, *xv.stride(), **common)
     _group_norm_act_fwd_kernel[(n * num_groups, split)](
         xv, ov, weight if weight is not None else xv, bias if bias is not None else xv, means, m2s, mean, rstd,
-        c, length, cg, chunk, split, *xv.stride(), *ov.stride(),
+        c, length, c // num_groups, chunk, split, *xv.stride(), *ov.stride(),
         _sample_stride(weight), _sample_stride(bias), eps, slope,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT=activation_row(act).code, EMULATE_BF16=x.dtype == torch.bfloat16 and _INTERPRET,
         # a tile of up to 4096 values: with 4 warps (32 a thread) a few activations spilled (tools/triton_aot.py)
         SPLIT_P2=triton.next_power_of_2(split), num_warps=8, **common)
     return out, mean, rstd
+
+
+def _tiling(n: int, c: int, length: int, num_groups: int) -> tuple[int, int, int, int]:
+    """The Triton kernels' tile (channels x positions) and how each group's positions are split into
+    chunks, one program each, so that a GPU has enough programs: (BLOCK_C, BLOCK_L, chunk, split)."""
+    import triton
+
+    block_c = triton.next_power_of_2(c // num_groups)
+    block_l = max(16, min(1024, 4096 // block_c))
+    blocks = triton.cdiv(length, block_l)
+    per_chunk = max(1, triton.cdiv(blocks, max(1, triton.cdiv(1024, n * num_groups))))
+    chunk = per_chunk * block_l
+    return block_c, block_l, chunk, triton.cdiv(length, chunk)
+
+
+def _group_norm_act_backward_triton(grad, x, mean, rstd, weight, bias, act_code, slope, need_x):
+    from fastgen.kernels.group_norm_act import _group_norm_bwd_dx_kernel, _group_norm_bwd_sums_kernel
+
+    x = x.contiguous(memory_format=memory_format(x))
+    dy = grad.contiguous(memory_format=memory_format(x))
+    xv, dv = as_ncl(x), as_ncl(dy)
+    weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
+    n, c, length = xv.shape
+    num_groups = mean.shape[1]
+    block_c, block_l, chunk, split = _tiling(n, c, length, num_groups)
+    sums, sumds = (torch.empty((n, c, split), device=x.device, dtype=torch.float32) for _ in range(2))
+    mean, rstd = mean.float().contiguous(), rstd.float().contiguous()
+    common = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT=act_code, BLOCK_C=block_c,
+                  BLOCK_L=block_l, num_warps=8)
+    args = (weight if weight is not None else xv, bias if bias is not None else xv, mean, rstd)
+    sizes = (c, length, c // num_groups, chunk, *xv.stride(), *dv.stride(), _sample_stride(weight),
+             _sample_stride(bias), slope)
+    _group_norm_bwd_sums_kernel[(n * num_groups, split)](dv, xv, *args, sums, sumds, *sizes, **common)
+    dbeta, sumd = sums.sum(2), sumds.sum(2)
+    dx = x.new_empty((0,))
+    if need_x:
+        dx = torch.empty_like(dy)
+        _group_norm_bwd_dx_kernel[(n * num_groups, split)](
+            dv, xv, as_ncl(dx), *args, dbeta, sumd, *sizes,
+            EMULATE_BF16=x.dtype == torch.bfloat16 and _INTERPRET, **common)
+    return dx, sumd * rstd.repeat_interleave(c // num_groups, dim=1), dbeta
 
 
 def _sample_stride(t: Optional[Tensor]) -> int:
@@ -253,15 +287,33 @@ def _backward_fused(grad, x, weight, bias, mean, rstd, act, slope, need_x, backe
     """The fused kernels' first-order gradients: pass 1 reduces gz = dy * act'(z) and gz * xhat per
     (sample, channel), pass 2 writes dx; dgamma and dbeta are pass 1's sums (summed over the batch
     for a per-channel affine)."""
-    code = activation_row(act).code
-    if backend == "triton":
-        gx, dgamma, dbeta = _group_norm_act_backward_triton(grad, x, weight, bias, mean, rstd, code, slope, need_x)
-    else:
-        gx, dgamma, dbeta = torch.ops.fastgen._group_norm_act_backward(grad, x, mean, rstd, weight, bias, code, slope,
-                                                                       need_x)
+    gx, dgamma, dbeta = group_norm_act_backward(grad, x, mean, rstd, weight, bias, activation_row(act).code, slope,
+                                                need_x, backend)
     gw = None if weight is None else (dgamma.sum(0) if weight.dim() == 1 else dgamma).to(weight.dtype)
     gb = None if bias is None else (dbeta.sum(0) if bias.dim() == 1 else dbeta).to(bias.dtype)
     return (gx if need_x else None), gw, gb
+
+
+@torch.library.custom_op("fastgen::group_norm_act_backward", mutates_args=())
+def group_norm_act_backward(grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
+                            bias: Optional[Tensor], activation: int, negative_slope: float, need_x: bool,
+                            backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """The first-order backward kernels of the cpu, cuda and triton backends, one op that torch.compile's
+    backward graph can hold: dx (empty unless need_x), and per (sample, channel) sum(gz * xhat) and
+    sum(gz) in opmath, gz = grad * act'(z)."""
+    with on_device(x):
+        if backend == "triton":
+            return _group_norm_act_backward_triton(grad, x, mean, rstd, weight, bias, activation, negative_slope,
+                                                   need_x)
+        return torch.ops.fastgen._group_norm_act_backward(grad, x, mean, rstd, weight, bias, activation,
+                                                          negative_slope, need_x)
+
+
+@group_norm_act_backward.register_fake
+def _(grad, x, mean, rstd, weight, bias, activation, negative_slope, need_x, backend):
+    dx = torch.empty_like(x, memory_format=memory_format(x)) if need_x else x.new_empty((0,))
+    stat = x.new_empty(tuple(x.shape[:2]), dtype=opmath_dtype(x.dtype))
+    return dx, stat, torch.empty_like(stat)
 
 
 def _sum_to(t: Tensor, like: Tensor) -> Tensor:
