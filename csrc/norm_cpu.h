@@ -161,30 +161,55 @@ void grad_sums(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t len,
   }
 }
 
-// Pass 1 over one channels_last row of len channels with per-channel m, a, b: s_gz[c] += gz,
-// s_gzd[c] += gz * (x - m); gz stored to dx as in grad_sums.
+// Pass 1 over `rows` channels_last rows of C channels with per-channel m, a, b: s_gz[c] += sum(gz),
+// s_gzd[c] += sum(gz * (x - m)); gz stored to dx as in grad_sums. Float: strips of channels whose
+// coefficients and sums stay in registers across all the rows (as shifted_sums_rows).
 template <typename scalar_t, int ACT, typename opmath_t = at::opmath_type<scalar_t>>
-void grad_sums_row(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t len, const opmath_t* m,
-                   const opmath_t* a, const opmath_t* b, double slope, opmath_t* s_gz, opmath_t* s_gzd) {
+void grad_sums_rows(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t rows, int64_t C, const opmath_t* m,
+                    const opmath_t* a, const opmath_t* b, double slope, opmath_t* s_gz, opmath_t* s_gzd) {
   const bool store = kStoresGz<scalar_t> && dx != nullptr;
-  int64_t i = 0;
+  int64_t c = 0;
   if constexpr (std::is_same_v<scalar_t, float>) {
     const Vec vs(static_cast<float>(slope));
-    for (; i + Vec::size() <= len; i += Vec::size()) {
-      const Vec d = Vec::loadu(x + i) - Vec::loadu(m + i);
-      const Vec gz = Vec::loadu(dy + i) * activate_grad_vec<ACT>(at::vec::fmadd(d, Vec::loadu(a + i), Vec::loadu(b + i)), vs);
-      if (store) gz.store(dx + i);
-      (Vec::loadu(s_gz + i) + gz).store(s_gz + i);
-      at::vec::fmadd(gz, d, Vec::loadu(s_gzd + i)).store(s_gzd + i);
+    auto strips = [&](auto width) {
+      constexpr int64_t K = decltype(width)::value, V = Vec::size();
+      for (; c + K * V <= C; c += K * V) {
+        Vec vm[K], va[K], vb[K], s1[K], s2[K];
+        for (int64_t j = 0; j < K; ++j) {
+          vm[j] = Vec::loadu(m + c + j * V);
+          va[j] = Vec::loadu(a + c + j * V);
+          vb[j] = Vec::loadu(b + c + j * V);
+          s1[j] = Vec(0.f);
+          s2[j] = Vec(0.f);
+        }
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t j = 0; j < K; ++j) {
+            const int64_t o = r * C + c + j * V;
+            const Vec d = Vec::loadu(x + o) - vm[j];
+            const Vec gz = Vec::loadu(dy + o) * activate_grad_vec<ACT>(at::vec::fmadd(d, va[j], vb[j]), vs);
+            if (store) gz.store(dx + o);
+            s1[j] += gz;
+            s2[j] = at::vec::fmadd(gz, d, s2[j]);
+          }
+        for (int64_t j = 0; j < K; ++j) {
+          (Vec::loadu(s_gz + c + j * V) + s1[j]).store(s_gz + c + j * V);
+          (Vec::loadu(s_gzd + c + j * V) + s2[j]).store(s_gzd + c + j * V);
+        }
+      }
+    };
+    strips(std::integral_constant<int64_t, 4>{});
+    strips(std::integral_constant<int64_t, 1>{});
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t cc = c; cc < C; ++cc) {
+      const int64_t o = r * C + cc;
+      const opmath_t d = static_cast<opmath_t>(x[o]) - m[cc];
+      const opmath_t gz = static_cast<opmath_t>(dy[o]) *
+                          activate_grad<opmath_t>(d * a[cc] + b[cc], ACT, static_cast<opmath_t>(slope));
+      if constexpr (kStoresGz<scalar_t>) if (store) dx[o] = gz;
+      s_gz[cc] += gz;
+      s_gzd[cc] += gz * d;
     }
-  }
-  for (; i < len; ++i) {
-    const opmath_t d = static_cast<opmath_t>(x[i]) - m[i];
-    const opmath_t gz = static_cast<opmath_t>(dy[i]) * activate_grad<opmath_t>(d * a[i] + b[i], ACT, static_cast<opmath_t>(slope));
-    if constexpr (kStoresGz<scalar_t>) if (store) dx[i] = gz;
-    s_gz[i] += gz;
-    s_gzd[i] += gz * d;
-  }
 }
 
 // Pass 2 over len values: dx = gz * a + (x - m) * p + q, gz as pass 1 stored it in dx (kStoresGz)
@@ -218,12 +243,47 @@ void grad_input_span(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_
   }
 }
 
+// Pass 2 over `rows` channels_last rows of C channels with per-channel coefficients (grad_input_span's
+// formula); float in strips of channels, as grad_sums_rows.
+template <typename scalar_t, int ACT, typename opmath_t = at::opmath_type<scalar_t>>
+void grad_input_rows(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t rows, int64_t C, const opmath_t* m,
+                     const opmath_t* a, const opmath_t* b, const opmath_t* p, const opmath_t* q, double slope) {
+  int64_t c = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    auto strips = [&](auto width) {
+      constexpr int64_t K = decltype(width)::value, V = Vec::size();
+      for (; c + K * V <= C; c += K * V) {
+        Vec vm[K], va[K], vp[K], vq[K];
+        for (int64_t j = 0; j < K; ++j) {
+          vm[j] = Vec::loadu(m + c + j * V);
+          va[j] = Vec::loadu(a + c + j * V);
+          vp[j] = Vec::loadu(p + c + j * V);
+          vq[j] = Vec::loadu(q + c + j * V);
+        }
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t j = 0; j < K; ++j) {
+            const int64_t o = r * C + c + j * V;
+            const Vec d = Vec::loadu(x + o) - vm[j];
+            at::vec::fmadd(Vec::loadu(dx + o), va[j], at::vec::fmadd(d, vp[j], vq[j])).store(dx + o);
+          }
+      }
+    };
+    strips(std::integral_constant<int64_t, 4>{});
+    strips(std::integral_constant<int64_t, 1>{});
+  }
+  if (c < C)
+    for (int64_t r = 0; r < rows; ++r)
+      grad_input_span<scalar_t, ACT, true>(x + r * C + c, dy + r * C + c, dx + r * C + c, C - c, m + c, a + c, b + c,
+                                           p + c, q + c, slope);
+}
+
 // The backward over channels_last rows: S segments of R rows of C channels, statistics per
 // (segment, group of CG channels). GroupNorm: a segment per sample; BatchNorm: one segment of all
 // N * L rows, CG = 1. m, a, b: (S, C) coefficients of the forward; rstd: (S, C / CG); out: dgamma
 // (S, C) = sum(gz * xhat) and dbeta (S, C) = sum(gz); dx written unless null; normalize false: the
 // statistics were given, not taken of x (p = q = 0). Each task sums a run of rows of one segment
-// into its own accumulators (as the forward's statistics), then per group p and q, then dx row by row.
+// into its own accumulators (as the forward's statistics), then per group p and q, then each task
+// writes dx over its rows.
 template <typename scalar_t, int ACT, typename opmath_t = at::opmath_type<scalar_t>>
 void norm_act_backward_rows(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t S, int64_t R, int64_t C,
                             int64_t CG, const opmath_t* m, const opmath_t* a, const opmath_t* b, const opmath_t* rstd,
@@ -235,9 +295,8 @@ void norm_act_backward_rows(const scalar_t* x, const scalar_t* dy, scalar_t* dx,
     for (int64_t t = begin; t < end; ++t) {
       const int64_t s = t / tasks_per_s, r0 = s * R + (t % tasks_per_s) * rows_per_task;
       const int64_t r1 = std::min((s + 1) * R, r0 + rows_per_task);
-      for (int64_t r = r0; r < r1; ++r)
-        grad_sums_row<scalar_t, ACT>(x + r * C, dy + r * C, dx ? dx + r * C : nullptr, C, m + s * C, a + s * C,
-                                     b + s * C, slope, p1.data() + t * C, p2.data() + t * C);
+      grad_sums_rows<scalar_t, ACT>(x + r0 * C, dy + r0 * C, dx ? dx + r0 * C : nullptr, r1 - r0, C, m + s * C,
+                                    a + s * C, b + s * C, slope, p1.data() + t * C, p2.data() + t * C);
     }
   });
   const int64_t G = C / CG;
@@ -265,11 +324,12 @@ void norm_act_backward_rows(const scalar_t* x, const scalar_t* dy, scalar_t* dx,
       }
     }
   if (dx == nullptr) return;
-  at::parallel_for(0, S * R, std::max<int64_t>(1, 4096 / C), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t s = r / R;
-      grad_input_span<scalar_t, ACT, true>(x + r * C, dy + r * C, dx + r * C, C, m + s * C, a + s * C, b + s * C,
-                                           p.data() + s * C, q.data() + s * C, slope);
+  at::parallel_for(0, S * tasks_per_s, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t s = t / tasks_per_s, r0 = s * R + (t % tasks_per_s) * rows_per_task;
+      const int64_t r1 = std::min((s + 1) * R, r0 + rows_per_task);
+      grad_input_rows<scalar_t, ACT>(x + r0 * C, dy + r0 * C, dx + r0 * C, r1 - r0, C, m + s * C, a + s * C,
+                                     b + s * C, p.data() + s * C, q.data() + s * C, slope);
     }
   });
 }

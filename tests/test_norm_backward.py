@@ -146,7 +146,7 @@ def test_first_order_backward_takes_the_fused_kernels(backend, monkeypatch):
     """A plain backward runs the fused kernels and never recomputes the statistics; a backward
     with create_graph takes the differentiable math (double backward works)."""
     skip_unavailable(backend, "cpu")
-    fused = _spy(monkeypatch, gn_module, "group_norm_act_backward")
+    fused = _spy(monkeypatch, gn_module, "_backward_fused")
     recomputed = _spy(monkeypatch, gn_module, "_statistics")
     x = torch.randn(2, 6, 4, 5, requires_grad=True)
     w = torch.randn(6, requires_grad=True)
@@ -157,7 +157,7 @@ def test_first_order_backward_takes_the_fused_kernels(backend, monkeypatch):
     gx.square().sum().backward()
     assert len(fused) == 1 and recomputed
 
-    bn_fused = _spy(monkeypatch, bn_module, "batch_norm_act_backward")
+    bn_fused = _spy(monkeypatch, bn_module, "_backward_fused")
     batch_norm_act(x, None, None, w, None, True, backend=backend).sum().backward()
     assert len(bn_fused) == 1
 

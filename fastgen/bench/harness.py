@@ -164,6 +164,14 @@ def row(suite, shape, device: str, dtype: torch.dtype, channels_last: bool, kind
         peak_tflops: float, reps: int = 10, budget_s: float | None = None, on_provider=None) -> dict:
     """One row: every provider of `table` at this shape, layout and pass (kind "fwd", "bwd": the
     backward alone, of a forward made once, or "fwd+bwd")."""
+    # a "bwd" row runs one graph's backward again and again (retain_graph), which torch.compile's
+    # donated buffers forbid
+    keep = torch._functorch.config.patch(donated_buffer=False) if kind == "bwd" else contextlib.nullcontext()
+    with keep:
+        return _row(suite, shape, device, dtype, channels_last, kind, table, peak_tflops, reps, budget_s, on_provider)
+
+
+def _row(suite, shape, device, dtype, channels_last, kind, table, peak_tflops, reps, budget_s, on_provider):
     need_grad = kind != "fwd"
     inputs = make_inputs(suite, shape, dtype, device, channels_last, need_grad)
     oracle_inputs = [t.detach().double().requires_grad_(t.requires_grad) for t in inputs]

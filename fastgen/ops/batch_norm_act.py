@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastgen.activations import activation as activation_row, activation_backward, check_activation, torch_layer
-from fastgen.dispatch import _INTERPRET, select
+from fastgen.dispatch import _EXT_WHY, _INTERPRET, select
 from fastgen.ops._registry import NO_FLOAT64, Example, Impl, OpSpec, cpp_impls, define, on_device
 from fastgen.ops._util import check_floating, check_tensor, as_ncl, memory_format, opmath_dtype
 
@@ -275,33 +275,39 @@ def _backward_batch_norm_act(ctx, grad: Tensor, _grad_mean, _grad_var):
 def _backward_fused(grad, x, weight, bias, mean, var, training, eps, act, slope, need_x, backend):
     """The fused kernels' first-order gradients: pass 1 reduces gz = dy * act'(z) and gz * xhat per
     channel (dbeta, dgamma), pass 2 writes dx (with the statistics' terms in training)."""
-    gx, dgamma, dbeta = batch_norm_act_backward(grad, x, mean, var, weight, bias, training, eps,
-                                                activation_row(act).code, slope, need_x, backend)
+    code = activation_row(act).code
+    if backend == "triton":
+        gx, dgamma, dbeta = batch_norm_act_backward_triton(grad, x, mean, var, weight, bias, training, eps, code, slope,
+                                                           need_x)
+    else:  # the C++ kernel op itself (no Python custom op around it)
+        gx, dgamma, dbeta = torch.ops.fastgen._batch_norm_act_backward(grad, x, mean, var, weight, bias, training, eps,
+                                                                       code, slope, need_x)
     gw = None if weight is None else dgamma.to(weight.dtype)
     gb = None if bias is None else dbeta.to(bias.dtype)
     return (gx if need_x else None), gw, gb
 
 
-@torch.library.custom_op("fastgen::batch_norm_act_backward", mutates_args=())
-def batch_norm_act_backward(grad: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
-                            bias: Optional[Tensor], training: bool, eps: float, activation: int, negative_slope: float,
-                            need_x: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """The first-order backward kernels of the cpu, cuda and triton backends, one op that torch.compile's
-    backward graph can hold: dx (empty unless need_x), and per channel sum(gz * xhat) and sum(gz) in
-    opmath, gz = grad * act'(z); mean and var are the statistics the forward used."""
+@torch.library.custom_op("fastgen::batch_norm_act_backward_triton", mutates_args=())
+def batch_norm_act_backward_triton(grad: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
+                                   bias: Optional[Tensor], training: bool, eps: float, activation: int,
+                                   negative_slope: float, need_x: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The triton backend's first-order backward kernels as one op that torch.compile's backward graph
+    can hold (as fastgen::_batch_norm_act_backward holds the C++ ones): dx (empty unless need_x), and per
+    channel sum(gz * xhat) and sum(gz) in opmath, gz = grad * act'(z); mean and var the forward's."""
     with on_device(x):
-        if backend == "triton":
-            return _batch_norm_act_backward_triton(grad, x, mean, var, weight, bias, training, eps, activation,
-                                                   negative_slope, need_x)
-        return torch.ops.fastgen._batch_norm_act_backward(grad, x, mean, var, weight, bias, training, eps, activation,
-                                                          negative_slope, need_x)
+        return _batch_norm_act_backward_triton(grad, x, mean, var, weight, bias, training, eps, activation,
+                                               negative_slope, need_x)
 
 
-@batch_norm_act_backward.register_fake
-def _(grad, x, mean, var, weight, bias, training, eps, activation, negative_slope, need_x, backend):
+def _fake_backward(grad, x, mean, var, weight, bias, training, eps, activation, negative_slope, need_x):
     dx = torch.empty_like(x, memory_format=memory_format(x)) if need_x else x.new_empty((0,))
     stat = x.new_empty((x.shape[1],), dtype=opmath_dtype(x.dtype))
     return dx, stat, torch.empty_like(stat)
+
+
+batch_norm_act_backward_triton.register_fake(_fake_backward)
+if not _EXT_WHY:  # the C++ backward kernel op, traced by torch.compile's backward graph: its shape rule
+    torch.library.register_fake("fastgen::_batch_norm_act_backward")(_fake_backward)
 
 
 def _backward_aten(grad, x, weight, bias, mean, var, eps, act, slope, need):
