@@ -29,7 +29,7 @@ def _batch_norm_stats_kernel(
     mean_ptr, m2_ptr,  # (SPLIT, C) fp32 partial statistics of x - K
     N, C, L, CHUNK,  # rows (n, l) per program
     stride_xn, stride_xc, stride_xl,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROWS_FIT_INT32: tl.constexpr,
 ):
     part = tl.program_id(0)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -43,7 +43,8 @@ def _batch_norm_stats_kernel(
         rows = start + r0 + tl.arange(0, BLOCK_R).to(tl.int64)
         mask_r = (rows < N * L) & (rows < start + CHUNK)
         mask = mask_r[:, None] & mask_c[None, :]
-        ptrs = x_ptr + ((rows // L) * stride_xn + (rows % L) * stride_xl)[:, None] \
+        n, l = _sample_and_position(rows, L, ROWS_FIT_INT32)
+        ptrs = x_ptr + (n * stride_xn + l * stride_xl)[:, None] \
             + offs_c.to(tl.int64)[None, :] * stride_xc
         v = tl.where(mask, tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) - k[None, :], 0.0)
         n_b = tl.sum(mask_r.to(tl.float32), axis=0)
@@ -58,6 +59,19 @@ def _batch_norm_stats_kernel(
             count = total
     tl.store(mean_ptr + part * C + offs_c, mean, mask=mask_c)
     tl.store(m2_ptr + part * C + offs_c, m2, mask=mask_c)
+
+
+@triton.jit
+def _sample_and_position(rows, L, ROWS_FIT_INT32: tl.constexpr):
+    """(n, l) = divmod(rows, L), int64; divided in int32 when every row index fits: an int64 division
+    is a called routine whose stack frame tools/triton_aot.py reports as a spill."""
+    if ROWS_FIT_INT32:
+        r = rows.to(tl.int32)
+        n = (r // L).to(tl.int64)
+        l = (r % L).to(tl.int64)
+    else:
+        n, l = _sample_and_position(rows, L, ROWS_FIT_INT32)
+    return n, l
 
 
 @triton.jit
@@ -79,7 +93,7 @@ def _batch_norm_act_fwd_kernel(
     EPS, SLOPE,
     TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     EMULATE_BF16: tl.constexpr,  # bf16 under the interpreter, whose fp32 -> bf16 cast truncates
-    SPLIT_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROWS_FIT_INT32: tl.constexpr,
 ):
     part = tl.program_id(0)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -125,8 +139,7 @@ def _batch_norm_act_fwd_kernel(
     for r0 in range(0, CHUNK, BLOCK_R):
         rows = start + r0 + tl.arange(0, BLOCK_R).to(tl.int64)
         mask = ((rows < N * L) & (rows < start + CHUNK))[:, None] & mask_c[None, :]
-        n = rows // L
-        l = rows % L
+        n, l = _sample_and_position(rows, L, ROWS_FIT_INT32)
         ch = offs_c.to(tl.int64)[None, :]
         v = tl.load(x_ptr + (n * stride_xn + l * stride_xl)[:, None] + ch * stride_xc, mask=mask, other=0.0)
         y = _activate(((v.to(tl.float32) - k[None, :]) - mean[None, :]) * a[None, :] + b[None, :], ACT, SLOPE)
@@ -141,7 +154,8 @@ def _channel_coefficients(w_ptr, b_ptr, mean_ptr, var_ptr, offs_c, mask_c, EPS,
                           HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr):
     """The forward's mean_c, rstd_c, a_c = rstd_c * weight_c and bias_c."""
     mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)
-    rstd = 1.0 / tl.sqrt(tl.load(var_ptr + offs_c, mask=mask_c, other=1.0) + EPS)
+    # rsqrt, not 1 / sqrt: an IEEE division is a called routine (a stack frame: tools/triton_aot.py)
+    rstd = tl.math.rsqrt(tl.load(var_ptr + offs_c, mask=mask_c, other=1.0) + EPS)
     a = rstd
     if HAS_WEIGHT:
         a = a * tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
@@ -161,7 +175,7 @@ def _batch_norm_bwd_sums_kernel(
     stride_dn, stride_dc, stride_dl,
     EPS, SLOPE,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROWS_FIT_INT32: tl.constexpr,
 ):
     part = tl.program_id(0)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -169,21 +183,23 @@ def _batch_norm_bwd_sums_kernel(
     mean, rstd, a, b = _channel_coefficients(w_ptr, b_ptr, mean_ptr, var_ptr, offs_c, mask_c, EPS, HAS_WEIGHT,
                                              HAS_BIAS, BLOCK_C)
     ch = offs_c.to(tl.int64)[None, :]
-    s1 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    s2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    # tiles of sums, reduced once after the loop
+    acc1 = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     start = part.to(tl.int64) * CHUNK
     for r0 in range(0, CHUNK, BLOCK_R):
         rows = start + r0 + tl.arange(0, BLOCK_R).to(tl.int64)
         mask = ((rows < N * L) & (rows < start + CHUNK))[:, None] & mask_c[None, :]
-        n = rows // L
-        l = rows % L
+        n, l = _sample_and_position(rows, L, ROWS_FIT_INT32)
         d = tl.load(x_ptr + (n * stride_xn + l * stride_xl)[:, None] + ch * stride_xc, mask=mask,
                     other=0.0).to(tl.float32) - mean[None, :]
         dy = tl.load(dy_ptr + (n * stride_dn + l * stride_dl)[:, None] + ch * stride_dc, mask=mask,
                      other=0.0).to(tl.float32)
         gz = tl.where(mask, dy * _activate_grad(d * a[None, :] + b[None, :], ACT, SLOPE), 0.0)
-        s1 += tl.sum(gz, axis=0)
-        s2 += tl.sum(gz * d, axis=0)
+        acc1 += gz
+        acc2 += gz * d
+    s1 = tl.sum(acc1, axis=0)
+    s2 = tl.sum(acc2, axis=0)
     tl.store(sum_ptr + part * C + offs_c, s1, mask=mask_c)
     tl.store(sumd_ptr + part * C + offs_c, s2, mask=mask_c)
 
@@ -197,8 +213,9 @@ def _batch_norm_bwd_dx_kernel(
     stride_xn, stride_xc, stride_xl,
     stride_dn, stride_dc, stride_dl,
     EPS, SLOPE,
+    INV_COUNT,  # 1 / (N * L), from the host: an IEEE division here is a called routine (a stack frame)
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, TRAINING: tl.constexpr,
-    EMULATE_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    EMULATE_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROWS_FIT_INT32: tl.constexpr,
 ):
     part = tl.program_id(0)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -208,16 +225,14 @@ def _batch_norm_bwd_dx_kernel(
     p = tl.zeros((BLOCK_C,), dtype=tl.float32)
     q = tl.zeros((BLOCK_C,), dtype=tl.float32)
     if TRAINING:
-        count = (N * L).to(tl.float32)
-        p -= rstd * rstd * a * tl.load(sumd_ptr + offs_c, mask=mask_c, other=0.0) / count
-        q -= a * tl.load(sum_ptr + offs_c, mask=mask_c, other=0.0) / count
+        p -= rstd * rstd * a * tl.load(sumd_ptr + offs_c, mask=mask_c, other=0.0) * INV_COUNT
+        q -= a * tl.load(sum_ptr + offs_c, mask=mask_c, other=0.0) * INV_COUNT
     ch = offs_c.to(tl.int64)[None, :]
     start = part.to(tl.int64) * CHUNK
     for r0 in range(0, CHUNK, BLOCK_R):
         rows = start + r0 + tl.arange(0, BLOCK_R).to(tl.int64)
         mask = ((rows < N * L) & (rows < start + CHUNK))[:, None] & mask_c[None, :]
-        n = rows // L
-        l = rows % L
+        n, l = _sample_and_position(rows, L, ROWS_FIT_INT32)
         d = tl.load(x_ptr + (n * stride_xn + l * stride_xl)[:, None] + ch * stride_xc, mask=mask,
                     other=0.0).to(tl.float32) - mean[None, :]
         d_off = (n * stride_dn + l * stride_dl)[:, None] + ch * stride_dc

@@ -155,12 +155,13 @@ def _group_norm_bwd_sums_kernel(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0)  # n * G + g, divided in int32 (an int64 division is a call that spills)
+    row = pid.to(tl.int64)
     part = tl.program_id(1)
     split = tl.num_programs(1)
     groups = C // CG
-    n = row // groups
-    g = row % groups
+    n = (pid // groups).to(tl.int64)
+    g = pid % groups
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < CG
     ch = (g * CG + offs_c).to(tl.int64)
@@ -169,8 +170,9 @@ def _group_norm_bwd_sums_kernel(
                                HAS_WEIGHT, HAS_BIAS, BLOCK_C)
     x_base = x_ptr + n * stride_xn + ch[:, None] * stride_xc
     d_base = dy_ptr + n * stride_dn + ch[:, None] * stride_dc
-    s1 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    s2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    # tiles of sums, reduced once after the loop
+    acc1 = tl.zeros((BLOCK_C, BLOCK_L), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_C, BLOCK_L), dtype=tl.float32)
     start = part.to(tl.int64) * CHUNK
     for l0 in range(0, CHUNK, BLOCK_L):
         offs_l = start + l0 + tl.arange(0, BLOCK_L)
@@ -178,8 +180,10 @@ def _group_norm_bwd_sums_kernel(
         d = tl.load(x_base + offs_l[None, :] * stride_xl, mask=mask, other=0.0).to(tl.float32) - mean
         dy = tl.load(d_base + offs_l[None, :] * stride_dl, mask=mask, other=0.0).to(tl.float32)
         gz = tl.where(mask, dy * _activate_grad(d * a[:, None] + b[:, None], ACT, SLOPE), 0.0)
-        s1 += tl.sum(gz, axis=1)
-        s2 += tl.sum(gz * d, axis=1)
+        acc1 += gz
+        acc2 += gz * d
+    s1 = tl.sum(acc1, axis=1)
+    s2 = tl.sum(acc2, axis=1)
     out = (n * C + ch) * split + part
     tl.store(sum_ptr + out, s1, mask=mask_c)
     tl.store(sumd_ptr + out, s2, mask=mask_c)
@@ -194,25 +198,26 @@ def _group_norm_bwd_dx_kernel(
     stride_xn, stride_xc, stride_xl,
     stride_dn, stride_dc, stride_dl,
     stride_wn, stride_bn, SLOPE,
+    INV_COUNT,  # 1 / (CG * L), from the host: an IEEE division here is a called routine (a stack frame)
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     EMULATE_BF16: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0)  # n * G + g, divided in int32 (an int64 division is a call that spills)
+    row = pid.to(tl.int64)
     part = tl.program_id(1)
     groups = C // CG
-    n = row // groups
-    g = row % groups
+    n = (pid // groups).to(tl.int64)
+    g = pid % groups
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < CG
     ch = (g * CG + offs_c).to(tl.int64)
     mean = tl.load(mean_ptr + row)
     rstd = tl.load(rstd_ptr + row)
     a, b = _group_coefficients(w_ptr, b_ptr, rstd, n, ch, mask_c, stride_wn, stride_bn, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
-    count = (CG * L).to(tl.float32)
     s1 = tl.sum(a * tl.load(sum_ptr + n * C + ch, mask=mask_c, other=0.0), axis=0)
     s2 = tl.sum(a * tl.load(sumd_ptr + n * C + ch, mask=mask_c, other=0.0), axis=0)
-    p = -rstd * rstd * s2 / count
-    q = -s1 / count
+    p = -rstd * rstd * s2 * INV_COUNT
+    q = -s1 * INV_COUNT
     x_base = x_ptr + n * stride_xn + ch[:, None] * stride_xc
     d_off = n * stride_dn + ch[:, None] * stride_dc
     start = part.to(tl.int64) * CHUNK

@@ -91,7 +91,7 @@ if [ $device = cuda ]; then
   stage tests_cuda $(($(left) / 2)) python -m pytest -m cuda -q -p no:cacheprovider -n 8 \
     tests/test_upsample_conv2d.py tests/test_group_norm_act.py tests/test_batch_norm_act.py tests/test_upfirdn2d.py \
     tests/test_bias_act.py tests/test_pixel_norm.py tests/test_modulated_conv2d.py tests/test_instance_norm_act.py \
-    tests/test_hardening.py --junitxml="$OUT/tests_cuda.xml"
+    tests/test_norm_backward.py tests/test_hardening.py --junitxml="$OUT/tests_cuda.xml"
   # above 2^31 elements: one at a time (up to ~30 GB each)
   stage tests_huge $(($(left) / 3)) python -m pytest -m cuda -q -p no:cacheprovider tests/test_huge.py \
     --junitxml="$OUT/tests_huge.xml"

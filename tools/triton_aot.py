@@ -409,20 +409,24 @@ def cuda_report(arch: int, lib: Path | None) -> tuple[list, list[str]]:
                           text=True)
     if done.returncode or "Fatbin" not in done.stdout:
         return [], []  # a CPU-only build: no CUDA kernels in it
-    threads = {}
-    for cu in (ROOT / "csrc").glob("*.cu"):
+    threads, suffix = {}, {}
+    for cu in [*(ROOT / "csrc").glob("*.cu"), *(ROOT / "csrc").glob("*.cuh")]:
         m = re.search(r"constexpr int (?:kThreads|THREADS) = (\d+);", cu.read_text())
         threads[cu.stem] = int(m.group(1)) if m else 1024
+        suffix[cu.stem] = cu.suffix
     kernels, problems, current = [], [], None
     for block in done.stdout.split("Fatbin elf code:")[1:]:
         if f"arch = sm_{arch}" not in block:
             continue
         for name, usage in re.findall(r"Function (\S+):\n\s+(REG:.*)", block):
             fields = dict(re.findall(r"(\w+(?:\[\d+\])?):(\d+)", usage))
-            source = next((s for s in threads if f"_{s}_cu_" in name), None)
+            # a .cu file's kernels live in its anonymous namespace (its name in the mangled one); a
+            # .cuh header's in the namespace named after it (fastgen::norm_backward)
+            source = next((s for s in threads if f"_{s}_cu_" in name or f"{len(s)}{s}" in name), None)
             t = threads.get(source, 1024)
             regs, local, shared = int(fields["REG"]), int(fields["LOCAL"]), int(fields["SHARED"])
-            current = {"kernel": _demangle(name), "source": f"csrc/{source}.cu", "threads": t, "registers": regs,
+            current = {"kernel": _demangle(name), "source": f"csrc/{source}{suffix.get(source, '.cu')}", "threads": t,
+                       "registers": regs,
                        "local": local, "shared": shared, **occupancy(regs, t, shared, arch)}
             kernels.append(current)
             if local:

@@ -133,18 +133,23 @@ def _batch_norm_act_fused(x, weight, bias, mean, var, training, eps, act, slope)
     return torch.ops.fastgen._batch_norm_act_fused(x, weight, bias, mean, var, training, eps, activation_row(act).code, slope)
 
 
-def _tiling(n: int, c: int, length: int) -> tuple[int, int, int, int]:
-    """The Triton kernels' tile (rows x channels) and how the n * length rows are split into chunks,
-    one program per chunk and channel block, so that a GPU has enough programs:
+def _tiling(n: int, c: int, length: int, tile: int = 4096) -> tuple[int, int, int, int]:
+    """The Triton kernels' tile (rows x channels, about `tile` values) and how the n * length rows are
+    split into chunks, one program per chunk and channel block, so that a GPU has enough programs:
     (BLOCK_C, BLOCK_R, chunk, split)."""
     import triton
 
     block_c = max(2, min(64, triton.next_power_of_2(c)))
-    block_r = max(16, min(256, 4096 // block_c))
+    block_r = max(16, min(256, tile // block_c))
     col_blocks = triton.cdiv(c, block_c)
     per_chunk = max(1, triton.cdiv(triton.cdiv(n * length, block_r), max(1, triton.cdiv(512, col_blocks))))
     chunk = per_chunk * block_r
     return block_c, block_r, chunk, triton.cdiv(n * length, chunk)
+
+
+def _rows_fit_int32(split: int, chunk: int, block_r: int) -> bool:
+    """Every row index a program forms (masked ones too) is below 2^31."""
+    return split * chunk + block_r < 2 ** 31
 
 
 def _batch_norm_act_backward_triton(grad, x, mean, var, weight, bias, training, eps, act_code, slope, need_x):
@@ -157,12 +162,14 @@ def _batch_norm_act_backward_triton(grad, x, mean, var, weight, bias, training, 
     xv, dv = as_ncl(x), as_ncl(dy)
     weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
     n, c, length = xv.shape
-    block_c, block_r, chunk, split = _tiling(n, c, length)
+    # half the forward's tile and 4 warps: x, dy and the derivative live at once; with 8 warps ptxas
+    # capped a few gelu/softplus variants at 64-80 registers and spilled 4 B (tools/triton_aot.py)
+    block_c, block_r, chunk, split = _tiling(n, c, length, tile=2048)
     grid = (split, triton.cdiv(c, block_c))
     sums, sumds = (torch.empty((split, c), device=x.device, dtype=torch.float32) for _ in range(2))
     mean, var = mean.float().contiguous(), var.float().contiguous()
     common = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT=act_code, BLOCK_R=block_r,
-                  BLOCK_C=block_c, num_warps=8)
+                  BLOCK_C=block_c, ROWS_FIT_INT32=_rows_fit_int32(split, chunk, block_r), num_warps=4)
     args = (weight if weight is not None else xv, bias if bias is not None else xv, mean, var)
     sizes = (n, c, length, chunk, *xv.stride(), *dv.stride(), eps, slope)
     _batch_norm_bwd_sums_kernel[grid](dv, xv, *args, sums, sumds, *sizes, **common)
@@ -170,7 +177,8 @@ def _batch_norm_act_backward_triton(grad, x, mean, var, weight, bias, training, 
     dx = x.new_empty((0,))
     if need_x:
         dx = torch.empty_like(dy)
-        _batch_norm_bwd_dx_kernel[grid](dv, xv, as_ncl(dx), *args, dbeta, sumd, *sizes, TRAINING=training,
+        _batch_norm_bwd_dx_kernel[grid](dv, xv, as_ncl(dx), *args, dbeta, sumd, *sizes, 1.0 / (n * length),
+                                        TRAINING=training,
                                         EMULATE_BF16=x.dtype == torch.bfloat16 and _INTERPRET, **common)
     return dx, sumd * torch.rsqrt(var + eps), dbeta
 
@@ -192,7 +200,7 @@ def _batch_norm_act_triton(x, weight, bias, mean, var, training, eps, act, slope
         mean = torch.empty((split, c), device=x.device, dtype=torch.float32)  # partial means, then M2s
         var = torch.empty_like(mean)
         _batch_norm_stats_kernel[grid](xv, mean, var, n, c, length, chunk, *xv.stride(), BLOCK_R=block_r,
-                                       BLOCK_C=block_c)
+                                       BLOCK_C=block_c, ROWS_FIT_INT32=_rows_fit_int32(split, chunk, block_r))
     else:
         mean, var = mean.float().contiguous(), var.float().contiguous()
     _batch_norm_act_fwd_kernel[grid](
@@ -202,7 +210,7 @@ def _batch_norm_act_triton(x, weight, bias, mean, var, training, eps, act, slope
         EMULATE_BF16=x.dtype == torch.bfloat16 and _INTERPRET, SPLIT_BLOCK=min(32, triton.next_power_of_2(split)),
         # 8 warps: with 4, the training merge plus a heavy activation (selu, softplus) spilled in bf16
         # (tools/triton_aot.py); with 8 no variant does (128 registers at most)
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8)
+        BLOCK_R=block_r, BLOCK_C=block_c, ROWS_FIT_INT32=_rows_fit_int32(split, chunk, block_r), num_warps=8)
     return out, mean_out, var_out
 
 

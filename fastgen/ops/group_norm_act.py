@@ -178,13 +178,14 @@ def _group_norm_act_triton(x, num_groups, weight, bias, eps, act, slope):
     return out, mean, rstd
 
 
-def _tiling(n: int, c: int, length: int, num_groups: int) -> tuple[int, int, int, int]:
-    """The Triton kernels' tile (channels x positions) and how each group's positions are split into
-    chunks, one program each, so that a GPU has enough programs: (BLOCK_C, BLOCK_L, chunk, split)."""
+def _tiling(n: int, c: int, length: int, num_groups: int, tile: int = 4096) -> tuple[int, int, int, int]:
+    """The Triton kernels' tile (channels x positions, about `tile` values) and how each group's
+    positions are split into chunks, one program each, so that a GPU has enough programs:
+    (BLOCK_C, BLOCK_L, chunk, split)."""
     import triton
 
     block_c = triton.next_power_of_2(c // num_groups)
-    block_l = max(16, min(1024, 4096 // block_c))
+    block_l = max(16, min(1024, tile // block_c))
     blocks = triton.cdiv(length, block_l)
     per_chunk = max(1, triton.cdiv(blocks, max(1, triton.cdiv(1024, n * num_groups))))
     chunk = per_chunk * block_l
@@ -200,7 +201,8 @@ def _group_norm_act_backward_triton(grad, x, mean, rstd, weight, bias, act_code,
     weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
     n, c, length = xv.shape
     num_groups = mean.shape[1]
-    block_c, block_l, chunk, split = _tiling(n, c, length, num_groups)
+    # half the forward's tile: x, dy and the derivative live at once (tools/triton_aot.py saw spills)
+    block_c, block_l, chunk, split = _tiling(n, c, length, num_groups, tile=2048)
     sums, sumds = (torch.empty((n, c, split), device=x.device, dtype=torch.float32) for _ in range(2))
     mean, rstd = mean.float().contiguous(), rstd.float().contiguous()
     common = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT=act_code, BLOCK_C=block_c,
@@ -214,7 +216,7 @@ def _group_norm_act_backward_triton(grad, x, mean, rstd, weight, bias, act_code,
     if need_x:
         dx = torch.empty_like(dy)
         _group_norm_bwd_dx_kernel[(n * num_groups, split)](
-            dv, xv, as_ncl(dx), *args, dbeta, sumd, *sizes,
+            dv, xv, as_ncl(dx), *args, dbeta, sumd, *sizes, 1.0 / (c // num_groups * length),
             EMULATE_BF16=x.dtype == torch.bfloat16 and _INTERPRET, **common)
     return dx, sumd * rstd.repeat_interleave(c // num_groups, dim=1), dbeta
 
