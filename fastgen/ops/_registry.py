@@ -86,6 +86,19 @@ class OpSpec:
 
 
 REGISTRY: dict[str, OpSpec] = {}
+_EAGER: dict[str, type] = {}  # name -> the custom op's implementation and autograd as an autograd.Function
+
+
+def call(spec: OpSpec, *args):
+    """fastgen::<name>(*args): the custom op's arguments, backend last. Eager calls on CPU or CUDA
+    tensors run the same implementation and autograd formula through a plain autograd.Function:
+    torch.library's Python layers around a custom op (its autograd wrapper, the redispatch, the
+    backend wrapper) cost about 70 us a forward+backward, as much as a 1M-element norm's compute
+    on 2 cores (benchmarks/NOTES.md). Traced code (torch.compile, torch.export), XLA and other
+    devices call the custom op itself."""
+    if torch.compiler.is_compiling() or args[0].device.type not in ("cpu", "cuda"):
+        return getattr(torch.ops.fastgen, spec.name)(*args)
+    return _EAGER[spec.name].apply(*args)
 
 
 def on_device(x):
@@ -126,4 +139,11 @@ def define(spec: OpSpec) -> OpSpec:
     op.register_fake(fake)
     if spec.backward is not None:
         op.register_autograd(spec.backward, setup_context=spec.setup_context)
+        def forward(ctx, *args):  # the ctx-first form: the setup_context form binds a signature per call
+            out = run(*args)
+            spec.setup_context(ctx, args, out)
+            return out
+
+        _EAGER[spec.name] = type(f"{spec.name}_eager", (torch.autograd.Function,), {
+            "forward": staticmethod(forward), "backward": staticmethod(spec.backward)})
     return spec

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from fastgen.activations import activation as activation_row, activation_backward, check_activation, torch_layer
 from fastgen.dispatch import _EXT_WHY, _INTERPRET, select
-from fastgen.ops._registry import NO_FLOAT64, Example, Impl, OpSpec, cpp_impls, define, on_device
+from fastgen.ops._registry import NO_FLOAT64, Example, Impl, OpSpec, call, cpp_impls, define, on_device
 from fastgen.ops._util import check_floating, check_tensor, as_ncl, memory_format, opmath_dtype
 
 
@@ -34,8 +34,8 @@ def batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
         return batch_norm_act_ref(x, running_mean, running_var, weight, bias, training, momentum, eps,
                                   activation, negative_slope)
     stats = (None, None) if training else (running_mean, running_var)
-    out, mean, var = torch.ops.fastgen.batch_norm_act(x, weight, bias, *stats, training, float(eps),
-                                                      activation_row(activation).name, float(negative_slope), name)
+    out, mean, var = call(SPEC, x, weight, bias, *stats, training, float(eps), activation_row(activation).name,
+                          float(negative_slope), name)
     if training and running_mean is not None:
         update_running_stats(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
     return out

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from fastgen.activations import activation, torch_layer
 from fastgen.dispatch import _EXT_WHY, _INTERPRET, select
-from fastgen.ops._registry import (EAGER_IN_LOW_PRECISION, KERNELS_FIRST, NO_FLOAT64, Example, Impl, OpSpec,
+from fastgen.ops._registry import (EAGER_IN_LOW_PRECISION, KERNELS_FIRST, NO_FLOAT64, Example, Impl, OpSpec, call,
                                    cpp_impls, define)
 from fastgen.ops._util import check_floating, check_tensor, memory_format, opmath_dtype
 
@@ -29,8 +29,8 @@ def bias_act(x: Tensor, b: Tensor | None = None, dim: int = 1, act: str = "linea
     name = select(SPEC, x, backend)
     if name == "reference":
         return bias_act_ref(x, b, dim, act, alpha, gain, clamp)
-    return torch.ops.fastgen.bias_act(x, b, dim % max(x.dim(), 1), activation(act, "act").name, alpha, gain,
-                                      -1.0 if clamp is None else clamp, name)
+    return call(SPEC, x, b, dim % max(x.dim(), 1), activation(act, "act").name, alpha, gain,
+                -1.0 if clamp is None else clamp, name)
 
 
 def bias_act_ref(x: Tensor, b: Tensor | None = None, dim: int = 1, act: str = "linear", alpha: float | None = None,

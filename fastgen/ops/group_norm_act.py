@@ -16,7 +16,7 @@ from torch import Tensor
 
 from fastgen.activations import activation as activation_row, activation_backward, check_activation, torch_layer
 from fastgen.dispatch import _EXT_WHY, _INTERPRET, select
-from fastgen.ops._registry import (EAGER_IN_LOW_PRECISION, KERNELS_FIRST, NO_FLOAT64, Example, Impl, OpSpec,
+from fastgen.ops._registry import (EAGER_IN_LOW_PRECISION, KERNELS_FIRST, NO_FLOAT64, Example, Impl, OpSpec, call,
                                    cpp_impls, define, on_device)
 from fastgen.ops._util import check_floating, check_tensor, as_ncl, memory_format, opmath_dtype
 
@@ -30,8 +30,8 @@ def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor] = None,
     name = select(SPEC, x, backend)
     if name == "reference":
         return group_norm_act_ref(x, num_groups, weight, bias, eps, activation, negative_slope)
-    return torch.ops.fastgen.group_norm_act(x, num_groups, weight, bias, float(eps), activation_row(activation).name,
-                                            float(negative_slope), name)[0]
+    return call(SPEC, x, num_groups, weight, bias, float(eps), activation_row(activation).name,
+                float(negative_slope), name)[0]
 
 
 def group_norm_act_ref(x: Tensor, num_groups: int, weight: Optional[Tensor] = None,

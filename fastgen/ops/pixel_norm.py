@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from fastgen.dispatch import _INTERPRET, select
-from fastgen.ops._registry import NO_FLOAT64, Example, Impl, OpSpec, define
+from fastgen.ops._registry import NO_FLOAT64, Example, Impl, OpSpec, call, define
 from fastgen.ops._util import check_floating, check_tensor, memory_format, opmath_dtype
 
 
@@ -19,7 +19,7 @@ def pixel_norm(x: Tensor, eps: float = 1e-8, *, backend: Optional[str] = None) -
     name = select(SPEC, x, backend)
     if name == "reference":
         return pixel_norm_ref(x, eps)
-    return torch.ops.fastgen.pixel_norm(x, float(eps), name)
+    return call(SPEC, x, float(eps), name)
 
 
 def pixel_norm_ref(x: Tensor, eps: float = 1e-8) -> Tensor:

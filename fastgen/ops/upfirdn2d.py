@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastgen.dispatch import _INTERPRET, select
-from fastgen.ops._registry import KERNELS_FIRST, NO_FLOAT64, Example, Impl, OpSpec, cpp_impls, define
+from fastgen.ops._registry import KERNELS_FIRST, NO_FLOAT64, Example, Impl, OpSpec, call, cpp_impls, define
 from fastgen.ops._util import check_floating, check_tensor, memory_format, opmath_dtype
 
 
@@ -29,7 +29,7 @@ def upfirdn2d(x: Tensor, f: Tensor | None, up=1, down=1, padding=0, flip_filter:
     name = select(SPEC, x, backend, variant="up-inference" if max(upx, upy) > 1 and inference else None)
     if name == "reference":
         return upfirdn2d_ref(x, f, up, down, padding, flip_filter, gain)
-    return torch.ops.fastgen.upfirdn2d(x, f, [upx, upy], [downx, downy], list(pad), flip_filter, float(gain), name)
+    return call(SPEC, x, f, [upx, upy], [downx, downy], list(pad), flip_filter, float(gain), name)
 
 
 def upfirdn2d_ref(x: Tensor, f: Tensor | None, up=1, down=1, padding=0, flip_filter: bool = False,

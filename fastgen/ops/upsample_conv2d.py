@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastgen.dispatch import _INTERPRET, select
-from fastgen.ops._registry import KERNELS_FIRST, NO_FLOAT64, Example, Impl, OpSpec, define
+from fastgen.ops._registry import KERNELS_FIRST, NO_FLOAT64, Example, Impl, OpSpec, call, define
 from fastgen.ops._util import check_floating, check_tensor, memory_format, opmath_dtype
 
 SCALES = {"nearest": (2, 3, 4), "bilinear": (2,)}
@@ -30,7 +30,7 @@ def upsample_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     name = select(SPEC, x, backend, variant=mode)
     if name == "reference":
         return upsample_conv2d_ref(x, weight, bias, scale_factor=scale, mode=mode, padding=pad)
-    return torch.ops.fastgen.upsample_conv2d(x, weight, bias, scale, mode, pad, name)
+    return call(SPEC, x, weight, bias, scale, mode, pad, name)
 
 
 def upsample_conv2d_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
