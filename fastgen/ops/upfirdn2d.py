@@ -24,9 +24,8 @@ def upfirdn2d(x: Tensor, f: Tensor | None, up=1, down=1, padding=0, flip_filter:
     """Upsample, pad, FIR-filter and downsample x without materializing the upsampled image.
     See upfirdn2d_ref."""
     f, (upx, upy), (downx, downy), pad = _check_upfirdn2d(x, f, up, down, padding, flip_filter, gain)
-    # auto's size class: upsampling with no backward to follow (measured apart: bench-cpu.json)
-    inference = not (torch.is_grad_enabled() and (x.requires_grad or f.requires_grad))
-    name = select(SPEC, x, backend, variant="up-inference" if max(upx, upy) > 1 and inference else None)
+    # auto's size class: upsampling (measured apart: bench-cpu.json)
+    name = select(SPEC, x, backend, variant="up" if max(upx, upy) > 1 else None)
     if name == "reference":
         return upfirdn2d_ref(x, f, up, down, padding, flip_filter, gain)
     return call(SPEC, x, f, [upx, upy], [downx, downy], list(pad), flip_filter, float(gain), name)
@@ -278,10 +277,11 @@ SPEC = define(OpSpec(
     # bfloat16 (bench-cpu-bfloat16-quick.json); in float16 aten's own convolution is slow (150 ms where
     # the composite takes 2.6), so the composite (benchmarks/results/cpu-float16-untuned.json)
     auto={**KERNELS_FIRST, "cpu/nhwc/bfloat16": ("reference", "composite"), "cpu/nhwc/float16": ("composite",),
-          # channels_last upsampling for inference (StyleGAN2's 3-channel ToRGB skip): the composite's
-          # one transposed convolution beats the C++ kernel, which spreads its vector lanes over the
-          # 3 channels (0.79 vs 0.94 ms); with a backward to follow the C++ backward wins (1.9 vs 3.2)
-          "cpu/up-inference/nhwc": ("composite", "cpu")},
+          # channels_last upsampling (StyleGAN2's 3-channel ToRGB skip): the composite's one transposed
+          # convolution beats the C++ kernel, which spreads its vector lanes over the 3 channels: 0.75
+          # vs 1.07 ms forward, 1.6 vs 1.9 ms with the backward (its gradient arriving channels_last,
+          # as a channels_last model hands it back; with an NCHW gradient the C++ backward had won)
+          "cpu/up/nhwc": ("composite", "cpu")},
     examples=(Example("upfirdn2d_up2", lambda: (torch.randn(2, 3, 8, 7), setup_filter((1, 3, 3, 1))),
                       {"up": 2, "padding": [2, 1, 2, 1], "gain": 4.0}),
               Example("upfirdn2d_down2_separable", lambda: (torch.randn(2, 3, 8, 7), torch.tensor([1.0, 3, 3, 1]) / 8),
