@@ -180,13 +180,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_cpu(
     int64_t activation, double negative_slope, bool need_x) {
   TORCH_CHECK(x_in.dim() >= 2 && mean.numel() == x_in.size(1) && var.numel() == x_in.size(1),
               "x must be (N, C, *) with mean and var (C,)");
-  TORCH_CHECK(grad.sizes() == x_in.sizes(), "grad must have x's shape");
-  TORCH_CHECK(activation >= 0 && activation < fastgen::kNumActivations, "unknown activation code ", activation);
-  const bool channels_last = fastgen::is_channels_last(x_in);
-  const at::Tensor x = fastgen::dense(x_in);
-  const at::Tensor dy = grad.contiguous(fastgen::output_format(x));
-  const auto opmath = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor dx = need_x ? at::empty_like(x, fastgen::output_format(x)) : at::Tensor();
+  auto [x, dy, dx, channels_last, opmath] = backward_inputs(grad, x_in, activation, need_x);
   at::Tensor dgamma = at::zeros({x.size(1)}, x.options().dtype(opmath)), dbeta = at::zeros_like(dgamma);
   if (x.numel() > 0) {
     const at::Tensor w = fastgen::contiguous_or_undefined(weight), b = fastgen::contiguous_or_undefined(bias);

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "activation.h"
+#include "layout.h"
 
 namespace fastgen::cpu {
 
@@ -112,6 +113,27 @@ void apply_span(const scalar_t* x, scalar_t* y, int64_t len, const opmath_t* m, 
                        (kPerValue ? b[i] : *b);
     y[i] = static_cast<scalar_t>(fastgen::activate<opmath_t>(z, ACT, static_cast<opmath_t>(slope)));
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// What a backward op starts from: x dense in the layout it keeps, the incoming gradient in that
+// layout, dx (undefined unless need_x) and the statistics' dtype.
+struct BackwardInputs {
+  at::Tensor x, dy, dx;
+  bool channels_last;
+  at::ScalarType opmath;
+};
+
+inline BackwardInputs backward_inputs(const at::Tensor& grad, const at::Tensor& x_in, int64_t activation, bool need_x) {
+  TORCH_CHECK(grad.sizes() == x_in.sizes(), "grad must have x's shape");
+  TORCH_CHECK(activation >= 0 && activation < fastgen::kNumActivations, "unknown activation code ", activation);
+  BackwardInputs in;
+  in.channels_last = fastgen::is_channels_last(x_in);
+  in.x = fastgen::dense(x_in);
+  in.dy = grad.contiguous(fastgen::output_format(in.x));
+  in.dx = need_x ? at::empty_like(in.x, fastgen::output_format(in.x)) : at::Tensor();
+  in.opmath = in.x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return in;
 }
 
 // ---------------------------------------------------------------------------------------------

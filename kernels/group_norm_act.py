@@ -68,6 +68,19 @@ def _group_norm_stats_kernel(
     tl.store(m2_ptr + row * split + part, m2)
 
 
+@triton.jit
+def _group_coefficients(w_ptr, b_ptr, rstd, n, ch, mask_c, stride_wn, stride_bn,
+                        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The forward's a_c = rstd * weight_c and bias_c for the channels ch of sample n."""
+    a = tl.zeros((BLOCK_C,), dtype=tl.float32) + rstd
+    if HAS_WEIGHT:
+        a = a * tl.load(w_ptr + n * stride_wn + ch, mask=mask_c, other=0.0).to(tl.float32)
+    b = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    if HAS_BIAS:
+        b += tl.load(b_ptr + n * stride_bn + ch, mask=mask_c, other=0.0).to(tl.float32)
+    return a, b
+
+
 @triton.jit(do_not_specialize=['C', 'L', 'CG', 'CHUNK', 'SPLIT'])  # sizes: one compiled variant, not one per size class
 def _group_norm_act_fwd_kernel(
     x_ptr, out_ptr,  # (N, C, L) through strides
@@ -109,12 +122,7 @@ def _group_norm_act_fwd_kernel(
     if part == 0:
         tl.store(mean_out_ptr + row, k + mean)
         tl.store(rstd_out_ptr + row, rstd)
-    a = tl.zeros((BLOCK_C,), dtype=tl.float32) + rstd
-    if HAS_WEIGHT:
-        a = a * tl.load(w_ptr + n * stride_wn + ch, mask=mask_c, other=0.0).to(tl.float32)
-    b = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    if HAS_BIAS:
-        b += tl.load(b_ptr + n * stride_bn + ch, mask=mask_c, other=0.0).to(tl.float32)
+    a, b = _group_coefficients(w_ptr, b_ptr, rstd, n, ch, mask_c, stride_wn, stride_bn, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
 
     x_base = x_ptr + n * stride_xn + ch[:, None] * stride_xc
     o_base = out_ptr + n * stride_on + ch[:, None] * stride_oc
@@ -130,16 +138,25 @@ def _group_norm_act_fwd_kernel(
 
 
 @triton.jit
-def _group_coefficients(w_ptr, b_ptr, rstd, n, ch, mask_c, stride_wn, stride_bn,
-                        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The forward's a_c = rstd * weight_c and bias_c for the channels ch of sample n."""
-    a = tl.zeros((BLOCK_C,), dtype=tl.float32) + rstd
-    if HAS_WEIGHT:
-        a = a * tl.load(w_ptr + n * stride_wn + ch, mask=mask_c, other=0.0).to(tl.float32)
-    b = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    if HAS_BIAS:
-        b += tl.load(b_ptr + n * stride_bn + ch, mask=mask_c, other=0.0).to(tl.float32)
-    return a, b
+def _program_group(C, CG, BLOCK_C: tl.constexpr):
+    """This program's (sample, group): row = n * G + g and n (int64), its channels (int64) and their
+    mask. Divided in int32: an int64 division is a called routine that spills (tools/triton_aot.py)."""
+    pid = tl.program_id(0)
+    groups = C // CG
+    offs_c = tl.arange(0, BLOCK_C)
+    return pid.to(tl.int64), (pid // groups).to(tl.int64), ((pid % groups) * CG + offs_c).to(tl.int64), offs_c < CG
+
+
+@triton.jit
+def _tile_gradient(dy_ptr, x_base, d_off, offs_l, start, mask_c, mean, a, b, L, CHUNK, stride_xl, stride_dl, SLOPE,
+                   ACT: tl.constexpr):
+    """One tile of channels x positions of the backward: its mask, x - mean, dy's offsets and
+    gz = dy * act'(z) with z = (x - mean) * a + b (0 where masked)."""
+    mask = mask_c[:, None] & (offs_l < L)[None, :] & (offs_l < start + CHUNK)[None, :]
+    d = tl.load(x_base + offs_l[None, :] * stride_xl, mask=mask, other=0.0).to(tl.float32) - mean
+    offs = d_off + offs_l[None, :] * stride_dl
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return mask, d, offs, tl.where(mask, dy * _activate_grad(d * a[:, None] + b[:, None], ACT, SLOPE), 0.0)
 
 
 @triton.jit(do_not_specialize=['C', 'L', 'CG', 'CHUNK'])
@@ -155,31 +172,22 @@ def _group_norm_bwd_sums_kernel(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # n * G + g, divided in int32 (an int64 division is a call that spills)
-    row = pid.to(tl.int64)
+    row, n, ch, mask_c = _program_group(C, CG, BLOCK_C)
     part = tl.program_id(1)
     split = tl.num_programs(1)
-    groups = C // CG
-    n = (pid // groups).to(tl.int64)
-    g = pid % groups
-    offs_c = tl.arange(0, BLOCK_C)
-    mask_c = offs_c < CG
-    ch = (g * CG + offs_c).to(tl.int64)
     mean = tl.load(mean_ptr + row)
     a, b = _group_coefficients(w_ptr, b_ptr, tl.load(rstd_ptr + row), n, ch, mask_c, stride_wn, stride_bn,
                                HAS_WEIGHT, HAS_BIAS, BLOCK_C)
     x_base = x_ptr + n * stride_xn + ch[:, None] * stride_xc
-    d_base = dy_ptr + n * stride_dn + ch[:, None] * stride_dc
+    d_off = n * stride_dn + ch[:, None] * stride_dc
     # tiles of sums, reduced once after the loop
     acc1 = tl.zeros((BLOCK_C, BLOCK_L), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_C, BLOCK_L), dtype=tl.float32)
     start = part.to(tl.int64) * CHUNK
     for l0 in range(0, CHUNK, BLOCK_L):
         offs_l = start + l0 + tl.arange(0, BLOCK_L)
-        mask = mask_c[:, None] & (offs_l < L)[None, :] & (offs_l < start + CHUNK)[None, :]
-        d = tl.load(x_base + offs_l[None, :] * stride_xl, mask=mask, other=0.0).to(tl.float32) - mean
-        dy = tl.load(d_base + offs_l[None, :] * stride_dl, mask=mask, other=0.0).to(tl.float32)
-        gz = tl.where(mask, dy * _activate_grad(d * a[:, None] + b[:, None], ACT, SLOPE), 0.0)
+        _, d, _, gz = _tile_gradient(dy_ptr, x_base, d_off, offs_l, start, mask_c, mean, a, b, L, CHUNK, stride_xl,
+                                     stride_dl, SLOPE, ACT)
         acc1 += gz
         acc2 += gz * d
     s1 = tl.sum(acc1, axis=1)
@@ -202,15 +210,8 @@ def _group_norm_bwd_dx_kernel(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     EMULATE_BF16: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # n * G + g, divided in int32 (an int64 division is a call that spills)
-    row = pid.to(tl.int64)
+    row, n, ch, mask_c = _program_group(C, CG, BLOCK_C)
     part = tl.program_id(1)
-    groups = C // CG
-    n = (pid // groups).to(tl.int64)
-    g = pid % groups
-    offs_c = tl.arange(0, BLOCK_C)
-    mask_c = offs_c < CG
-    ch = (g * CG + offs_c).to(tl.int64)
     mean = tl.load(mean_ptr + row)
     rstd = tl.load(rstd_ptr + row)
     a, b = _group_coefficients(w_ptr, b_ptr, rstd, n, ch, mask_c, stride_wn, stride_bn, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
@@ -223,11 +224,9 @@ def _group_norm_bwd_dx_kernel(
     start = part.to(tl.int64) * CHUNK
     for l0 in range(0, CHUNK, BLOCK_L):
         offs_l = start + l0 + tl.arange(0, BLOCK_L)
-        mask = mask_c[:, None] & (offs_l < L)[None, :] & (offs_l < start + CHUNK)[None, :]
-        d = tl.load(x_base + offs_l[None, :] * stride_xl, mask=mask, other=0.0).to(tl.float32) - mean
-        dy = tl.load(dy_ptr + d_off + offs_l[None, :] * stride_dl, mask=mask, other=0.0).to(tl.float32)
-        gz = dy * _activate_grad(d * a[:, None] + b[:, None], ACT, SLOPE)
+        mask, d, offs, gz = _tile_gradient(dy_ptr, x_base, d_off, offs_l, start, mask_c, mean, a, b, L, CHUNK,
+                                           stride_xl, stride_dl, SLOPE, ACT)
         dx = gz * a[:, None] + (d * p + q)
         if EMULATE_BF16:
             dx = _round_to_bf16(dx)
-        tl.store(dx_ptr + d_off + offs_l[None, :] * stride_dl, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
