@@ -80,7 +80,12 @@ def test_group_norm_shapes_and_affines(backend, device, affine, fmt, shape, grou
     skip_unavailable(backend, device)
     inputs, cot = _gn_inputs(shape, torch.float32, device, fmt, affine)
     f = lambda x, w, b: group_norm_act(x, groups, w, b, activation="silu", backend=backend)  # noqa: E731
-    ref = lambda x, w, b: group_norm_act_ref(x, groups, w, b, activation="silu")  # noqa: E731
+
+    def ref(x, w, b):
+        if w is None and b is not None:  # torch 2.9's GroupNorm backward fails on a bias without a weight
+            w = torch.ones(shape[1], dtype=x.dtype, device=x.device)  # ("tensor does not have a device"): the same function
+        return group_norm_act_ref(x, groups, w, b, activation="silu")
+
     _check(_grads(f, inputs, cot), _oracle_grads(ref, inputs, cot), torch.float32)
 
 
