@@ -1,23 +1,41 @@
-"""fastgen.convert and fastgen.unconvert: fused layers swapped into an existing model wherever they
-compute exactly what the layers they replace compute, and back.
+"""fastgen.convert and fastgen.unconvert.
 
-What is fused (every swap keeps the state_dict keys, so one state dict loads into the model before
-and after, and the fused layers share the original parameters and buffers):
-  - runs inside an nn.Sequential: Upsample then Conv2d -> UpsampleConv2d; GroupNorm then an
-    activation -> GroupNormAct; BatchNorm2d then an activation -> BatchNormAct2d;
-  - known classes (diffusers, matched by name, so diffusers is never imported here): Upsample2D ->
-    its upsampling and convolution fused; ResnetBlock2D's norm1/norm2 + nonlinearity and the VAE
-    Encoder/Decoder's conv_norm_out + conv_act -> GroupNormAct;
-  - any other module whose own forward calls F.interpolate or an activation function: traced with
-    torch.fx (its children kept as calls) and rewritten where an interpolate feeds a Conv2d child
-    used nowhere else, or a GroupNorm/BatchNorm2d child's only user is an activation.
-The layer whose work moved into its neighbour is kept in place as a FusedAway (an identity) that
-remembers it. The returned module carries `fastgen_report`: what was fused, and what was left and why.
+The promise is "same weights, same images": a converted model computes what the original computes
+(within the fused kernels' rounding) for every input, mode, dtype and hook a user can set. So convert
+never replaces a layer. It reads each module's own forward with torch.fx (the children kept as
+calls) and, where a norm layer's output goes to an activation and nowhere else, or an upsampling's
+output goes to a Conv2d and nowhere else, gives that module a forward in which the pair is one fused
+call reading the same layers' parameters and buffers. The module tree, every layer, parameter,
+buffer, state_dict key, hook and mode stay where the user put them; the module's class becomes a
+subclass of its own (one per original class, importable, so the model pickles), and unconvert gives
+the original class back: nothing else was touched.
+
+Why that is exact where a layer swap is not:
+  - Python control flow and attributes that fx freezes (`self.training`, an argument that is None or
+    not, a flag read in forward, a child's parameter dtype) are part of the key under which each
+    traced forward is kept; a call with another key traces again (or, inside torch.compile and
+    past a few keys, runs the original forward).
+  - each fused call checks, when it runs, what could make it differ: hooks on either layer (or
+    global module hooks), autocast, torch.func transforms, a dtype or rank the kernel does not take.
+    Then it calls the two layers as the original did.
+  - a forward that writes attributes, mutates the module's containers or draws from Python's random
+    module while traced is left alone: fx would drop or freeze it.
+
+What is fused: GroupNorm, BatchNorm2d or InstanceNorm2d (batch statistics) followed by an activation
+of fastgen's table (a module, a torch function or a tensor method) -> group_norm_act / batch_norm_act
+/ instance_norm_act; nn.Upsample or F.interpolate (nearest 2/3/4x, nearest-exact 2/4x, bilinear 2x
+without align_corners, by an integer scale factor) followed by an nn.Conv2d -> upsample_conv2d.
+diffusers' Upsample2D (whose forward fx cannot trace) has a forward of its own here, used only for
+the version of diffusers it mirrors. Every module that could hold such a pattern and does not is
+listed in `fastgen_report` with the reason.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import hashlib
+import importlib
 import inspect
 import logging
 from dataclasses import dataclass, field
@@ -25,17 +43,21 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.modules import module as _module_globals
 
-from fastgen.activations import activation_of, torch_layer
-from fastgen.nn import BatchNormAct2d, GroupNormAct, UpsampleConv2d
+from fastgen.activations import activation_of
+from fastgen.nn.norm_act import batch_norm_act_module
+from fastgen.ops.group_norm_act import group_norm_act
+from fastgen.ops.instance_norm_act import instance_norm_act
+from fastgen.ops.upsample_conv2d import SCALES, upsample_conv2d
 
 log = logging.getLogger("fastgen")
 
 
 @dataclass
 class ConversionReport:
-    fused: list[tuple[str, str]] = field(default_factory=list)  # (module path, what was fused)
-    left: list[tuple[str, str]] = field(default_factory=list)   # (module path, why it was not)
+    fused: list[tuple[str, str]] = field(default_factory=list)  # (layer path, what was fused)
+    left: list[tuple[str, str]] = field(default_factory=list)   # (module or layer path, why not)
 
     def __str__(self) -> str:
         lines = [f"fastgen.convert: {len(self.fused)} fused, {len(self.left)} left"]
@@ -43,324 +65,623 @@ class ConversionReport:
         lines += [f"  left   {path or '(root)'}: {why}" for path, why in self.left]
         return "\n".join(lines)
 
-
-class FusedAway(nn.Identity):
-    """The place of a layer whose work a neighbouring fused layer does now: passes its input on."""
-
-    def __init__(self, original: nn.Module, into: str):
-        super().__init__()
-        self._fastgen_original = (original,)  # not a child: no state of its own, nothing to load
-        self.into = into
-
-    def extra_repr(self) -> str:
-        return f"{type(self._fastgen_original[0]).__name__} -> {self.into}"
+    def add(self, kind: str, path: str, text: str) -> None:
+        items = getattr(self, kind)
+        if (path, text) not in items:
+            items.append((path, text))
 
 
 def convert(module: nn.Module, inplace: bool = False) -> nn.Module:
-    """`module` with fastgen's fused layers swapped in wherever they are exactly equivalent (see the
-    module docstring); a copy unless inplace. The result's `fastgen_report` says what changed."""
+    """`module` with fused forwards wherever a norm + activation or an upsampling + convolution can
+    run as one fastgen op (see the module docstring); a copy unless inplace. The result's
+    `fastgen_report` says what was fused and what was left and why."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
-    module = module if inplace else copy.deepcopy(module)
+    if not inplace:
+        try:
+            module = copy.deepcopy(module)
+        except Exception as e:  # e.g. legacy torch.nn.utils.weight_norm: its tensors refuse deepcopy
+            raise RuntimeError(f"fastgen.convert copies the model first, and this model cannot be deep-copied "
+                               f"({type(e).__name__}: {e}); fastgen.convert(model, inplace=True) converts it "
+                               f"in place") from e
     report = ConversionReport()
-    module = _convert(module, "", report)
+    for path, m in list(module.named_modules()):
+        _convert_one(m, path, report)
     module.fastgen_report = report
     log.info("%s", report)
     return module
 
 
 def unconvert(module: nn.Module, inplace: bool = False) -> nn.Module:
-    """Undoes fastgen.convert: every swapped layer back to the original, holding the current
-    parameters and buffers (trained, loaded or moved since); a copy unless inplace."""
+    """Undoes fastgen.convert: every module back to its original class (all else was never changed:
+    parameters, buffers, modes and hooks are the current ones); a copy unless inplace."""
     module = module if inplace else copy.deepcopy(module)
-    module = _restore(module)
-    if "fastgen_report" in vars(module):
-        del module.fastgen_report
+    for m in module.modules():
+        base = type(m).__dict__.get("_fastgen_base")
+        if base is not None:
+            m.__class__ = base
+            m.__dict__.pop("_fastgen_plans", None)
+    module.__dict__.pop("fastgen_report", None)
     return module
 
 
-# ---------------------------------------------------------------------------------------------
-# the walk
-
-def _convert(m: nn.Module, path: str, report: ConversionReport) -> nn.Module:
-    if _is_fastgen(m):
-        return m
-    known = _KNOWN.get(_diffusers_name(m))
-    if known is not None:
-        m = known(m, path, report)
-    if isinstance(m, nn.Sequential):
-        _fuse_sequential(m, path, report)
-    for name, child in list(m.named_children()):
-        new = _convert(child, _join(path, name), report)
-        if new is not child:
-            setattr(m, name, new)
-    if known is None and not isinstance(m, nn.Sequential) and _calls_fusable_functions(m):
-        m = _fuse_traced(m, path, report)
-    return m
-
-
-def _restore(m: nn.Module) -> nn.Module:
-    if "_fastgen_original" in vars(m):
-        (original,) = m._fastgen_original
-        _relink(original, m)
-        m = original
-    for name, child in list(m.named_children()):
-        new = _restore(child)
-        if new is not child:
-            setattr(m, name, new)
-    return m
-
-
-def _relink(original: nn.Module, fused: nn.Module) -> None:
-    """Points the original's parameters and buffers at the fused module's (same names by
-    construction): what was trained, loaded or moved to another device since stays."""
-    for kind, items in (("_parameters", fused.named_parameters(remove_duplicate=False)),
-                        ("_buffers", fused.named_buffers(remove_duplicate=False))):
-        for name, t in items:
-            owner, _, leaf = name.rpartition(".")
-            target = original.get_submodule(owner) if owner else original
-            if leaf in getattr(target, kind):
-                getattr(target, kind)[leaf] = t
-
-
-def _is_fastgen(m: nn.Module) -> bool:
-    return "_fastgen_original" in vars(m) or type(m).__module__.startswith("fastgen.")
-
-
-def _join(path: str, name: str) -> str:
-    return f"{path}.{name}" if path else name
-
-
-def _diffusers_name(m: nn.Module) -> str | None:
+def _convert_one(m: nn.Module, path: str, report: ConversionReport) -> None:
     cls = type(m)
-    return cls.__name__ if cls.__module__.startswith("diffusers.") else None
+    if "_fastgen_base" in cls.__dict__ or cls.__module__.startswith("fastgen."):
+        return  # converted already, or one of fastgen's own layers
+    known = _KNOWN.get(_qualified(cls))
+    if known is not None:
+        plans = known()
+        if plans.prepare(m, path, report):
+            _recast(m, plans)
+        return
+    if not _may_hold_a_pattern(m):
+        return
+    plans = _TracedForwards()
+    if plans.prepare(m, path, report):
+        _recast(m, plans)
 
 
-def _recast(m: nn.Module, cls: type, children: dict | None = None) -> nn.Module:
-    """A shallow copy of m (the same attributes, parameters and buffers, so the same state_dict) of
-    class cls (a subclass with one method replaced), some children swapped; m itself is untouched."""
-    new = copy.copy(m)
-    new._modules = dict(m._modules) | (children or {})
-    new.__class__ = cls
-    return new
+def _recast(m: nn.Module, plans) -> None:
+    m.__class__ = _fused_class(type(m))
+    m.__dict__["_fastgen_plans"] = plans
 
 
-def _remember(fused: nn.Module, original: nn.Module) -> nn.Module:
-    fused._fastgen_original = (original,)
-    return fused
-
-
-# ---------------------------------------------------------------------------------------------
-# the fused layers, from the torch layers they replace (sharing their parameters and buffers)
-
-def _norm_act(norm: nn.Module, act: nn.Module | None) -> tuple[nn.Module | None, str]:
-    """The fused norm + activation layer, or None and why not."""
-    try:
-        name, slope = activation_of(act)
-    except TypeError as e:
-        return None, str(e)
-    if type(norm) is nn.GroupNorm:
-        fused = GroupNormAct.from_modules(norm, torch_layer(name, slope))
-    elif type(norm) is nn.BatchNorm2d:
-        fused = BatchNormAct2d.from_modules(norm, torch_layer(name, slope))
-    else:
-        return None, f"{type(norm).__name__} has no fused counterpart"
-    return _remember(fused, norm), f"{type(fused).__name__}({name})"
-
-
-def _upsample_conv(upsample: nn.Upsample, conv: nn.Module) -> tuple[nn.Module | None, str]:
-    if type(conv) is not nn.Conv2d:
-        return None, f"{type(conv).__name__} after the upsampling is not an nn.Conv2d"
-    try:
-        fused = UpsampleConv2d.from_modules(upsample, conv)
-    except (TypeError, ValueError) as e:
-        return None, str(e)
-    return _remember(fused, conv), f"UpsampleConv2d({fused.mode}, x{fused.scale_factor})"
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 # ---------------------------------------------------------------------------------------------
-# nn.Sequential runs
+# the converted classes: one per original class, importable from this module by name
 
-def _fuse_sequential(seq: nn.Sequential, path: str, report: ConversionReport) -> None:
-    names = list(seq._modules)
-    for first, second in zip(names, names[1:]):
-        a, b = seq._modules[first], seq._modules[second]
-        if _is_fastgen(a) or _is_fastgen(b):
-            continue
-        if type(a) in (nn.GroupNorm, nn.BatchNorm2d) and type(b).__module__ == "torch.nn.modules.activation":
-            fused, what = _norm_act(a, b)
-            where = _join(path, first)
-            if fused is None:
-                report.left.append((where, what))
-                continue
-            seq._modules[first], seq._modules[second] = fused, FusedAway(b, into=first)
-            report.fused.append((where, f"{type(a).__name__} + {type(b).__name__} -> {what}"))
-        elif type(a) is nn.Upsample and isinstance(b, nn.Conv2d):
-            fused, what = _upsample_conv(a, b)
-            where = _join(path, second)
-            if fused is None:
-                report.left.append((where, what))
-                continue
-            seq._modules[first], seq._modules[second] = FusedAway(a, into=second), fused
-            report.fused.append((where, f"Upsample + Conv2d -> {what}"))
+_CLASSES: dict[type, type] = {}
 
 
-# ---------------------------------------------------------------------------------------------
-# known classes (diffusers)
+def _fused_class(base: type) -> type:
+    if base not in _CLASSES:
+        name = f"Fused[{base.__module__.replace('.', '/')}:{base.__qualname__.replace('.', '/')}]"
 
-def _fuse_pairs(pairs):
-    """A handler for a class whose forward applies `act` right after `norm` and nowhere else."""
-    def handle(m: nn.Module, path: str, report: ConversionReport) -> nn.Module:
-        why = _why_not_pairs(m)
-        for norm_name, act_name in pairs:
-            where = _join(path, norm_name)
-            norm, act = getattr(m, norm_name, None), getattr(m, act_name, None)
-            if why or norm is None:
-                report.left.append((where, why or f"{type(m).__name__} has no {norm_name}"))
-                continue
-            fused, what = _norm_act(norm, act)
-            if fused is None:
-                report.left.append((where, what))
-                continue
-            setattr(m, norm_name, fused)
-            report.fused.append((where, f"{norm_name} + {act_name} -> {what}"))
-        for _, act_name in pairs:  # the activation's work is done by the norms now
-            act = getattr(m, act_name, None)
-            if all(_is_fastgen(getattr(m, n)) for n, a in pairs if a == act_name) and not _is_fastgen(act):
-                setattr(m, act_name, FusedAway(act, into=", ".join(n for n, a in pairs if a == act_name)))
-        return m
-    return handle
+        @functools.wraps(base.forward)
+        def forward(self, *args, **kwargs):
+            plans = self.__dict__.get("_fastgen_plans")
+            if plans is not None and not torch.compiler.is_compiling():
+                out = plans.run(self, args, kwargs)
+                if out is not _MISS:
+                    return out
+            return base.forward(self, *args, **kwargs)
 
+        def __getstate__(self):
+            state = dict(base.__getstate__(self) if hasattr(base, "__getstate__") else self.__dict__)
+            state.pop("_fastgen_plans", None)  # traced code does not pickle; it is traced again on use
+            return state
 
-def _why_not_pairs(m: nn.Module) -> str:
-    """ResnetBlock2D also applies its nonlinearity to the time embedding, and with a scale-shift
-    time embedding normalizes before its shift: then norm + activation are not one step."""
-    if getattr(m, "time_emb_proj", None) is not None:
-        return "ResnetBlock2D with a time embedding: its nonlinearity is applied to the embedding too"
-    if getattr(m, "time_embedding_norm", "default") == "scale_shift":
-        return "ResnetBlock2D with time_embedding_norm='scale_shift'"
-    return ""
+        def __setstate__(self, state):
+            base.__setstate__(self, state) if hasattr(base, "__setstate__") else self.__dict__.update(state)
+            self.__dict__["_fastgen_plans"] = _KNOWN.get(_qualified(base), _TracedForwards)()
 
-
-def _fuse_upsample2d(m: nn.Module, path: str, report: ConversionReport) -> nn.Module:
-    conv_name = "conv" if m.name == "conv" else "Conv2d_0"
-    conv = getattr(m, conv_name, None)
-    where = _join(path, conv_name)
-    if not m.use_conv or m.use_conv_transpose or not m.interpolate or m.norm is not None:
-        report.left.append((path, "Upsample2D without an interpolation followed by a Conv2d (transposed, "
-                                  "normalized or conv-less)"))
-        return m
-    fused, what = _upsample_conv(nn.Upsample(scale_factor=2, mode="nearest"), conv)
-    if fused is None:
-        report.left.append((where, what))
-        return m
-    new = _recast(m, _subclass(type(m), "forward", _upsample2d_forward), {conv_name: fused})
-    report.fused.append((where, f"Upsample2D's interpolate + {conv_name} -> {what}"))
-    return _remember(new, m)
-
-
-def _upsample2d_forward(self, hidden_states, output_size=None, *args, **kwargs):
-    """diffusers' Upsample2D with the fused layer; any output_size other than 2x takes the original
-    path (interpolate to that size, then the same weights)."""
-    conv = self.conv if self.name == "conv" else self.Conv2d_0
-    if output_size is None or tuple(output_size) == tuple(2 * s for s in hidden_states.shape[-2:]):
-        return conv(hidden_states)
-    hidden_states = F.interpolate(hidden_states, size=output_size, mode="nearest")
-    return F.conv2d(hidden_states, conv.weight, conv.bias, padding=conv.padding)
+        _CLASSES[base] = type(name, (base,), {
+            "forward": forward, "__getstate__": __getstate__, "__setstate__": __setstate__,
+            "_fastgen_base": base, "__module__": __name__, "__qualname__": name})
+    return _CLASSES[base]
 
 
 def __getattr__(name: str):
-    """The Fused* classes, made on first use; unpickling a converted model in a fresh process asks
-    for them by name before any conversion ran."""
-    if name == "FusedUpsample2D":
-        from diffusers.models.upsampling import Upsample2D
-        return _subclass(Upsample2D, "forward", _upsample2d_forward)
-    if name == "FusedResnetBlock2D":
-        from diffusers.models.resnet import ResnetBlock2D
-        return _subclass(ResnetBlock2D, "forward", _resnet_block_forward)
-    raise AttributeError(name)
+    """The Fused[...] classes by name, made on first use: unpickling a converted model in a fresh
+    process asks for them before any conversion ran."""
+    if name.startswith("Fused[") and name.endswith("]") and ":" in name:
+        module_name, qualname = name[len("Fused["):-1].split(":", 1)
+        base = importlib.import_module(module_name.replace("/", "."))
+        for part in qualname.split("/"):
+            base = getattr(base, part)
+        return _fused_class(base)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _fuse_resnet_block(m: nn.Module, path: str, report: ConversionReport) -> nn.Module:
-    """ResnetBlock2D: both norms with the nonlinearity, then (when nothing else needs the original
-    forward) a forward that adds the residual in place and skips the division by an
-    output_scale_factor of 1 (x / 1.0 is x): two passes over the block's output fewer."""
-    m = _fuse_pairs([("norm1", "nonlinearity"), ("norm2", "nonlinearity")])(m, path, report)
-    if not (_is_fastgen(m.norm1) and _is_fastgen(m.norm2)) or m.upsample is not None or m.downsample is not None:
-        return m
-    return _remember(_recast(m, _subclass(type(m), "forward", _resnet_block_forward)), m)
-
-
-def _resnet_block_forward(self, input_tensor, temb=None, *args, **kwargs):
-    if temb is not None or args or kwargs:
-        return super(type(self), self).forward(input_tensor, temb, *args, **kwargs)
-    hidden = self.conv1(self.norm1(input_tensor))  # the norms apply the nonlinearity
-    hidden = self.conv2(self.dropout(self.norm2(hidden)))
-    if self.conv_shortcut is not None:
-        input_tensor = self.conv_shortcut(input_tensor.contiguous() if self.training else input_tensor)
-    hidden = hidden.add_(input_tensor)  # conv2's output is ours: its backward does not need it
-    return hidden if self.output_scale_factor == 1 else hidden / self.output_scale_factor
-
-
-_SUBCLASSES: dict[tuple[type, str], type] = {}
-
-
-def _subclass(base: type, name: str, method) -> type:
-    """base with one method replaced, made once per base and importable from this module by name
-    (so a converted model pickles)."""
-    key = (base, name)
-    if key not in _SUBCLASSES:
-        cls = type(f"Fused{base.__name__}", (base,), {name: method, "__module__": __name__})
-        _SUBCLASSES[key] = cls
-        globals()[cls.__name__] = cls
-    return _SUBCLASSES[key]
-
-
-_KNOWN = {
-    "ResnetBlock2D": _fuse_resnet_block,
-    "Encoder": _fuse_pairs([("conv_norm_out", "conv_act")]),
-    "Decoder": _fuse_pairs([("conv_norm_out", "conv_act")]),
-    "Upsample2D": _fuse_upsample2d,
-}
+_MISS = object()  # a plan's answer for "run the original forward"
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.fx: a module's own forward
+# the fused calls: what a converted forward runs in place of a pair of layers
 
-# torch function -> (activation name, its alpha from the call's arguments) or None when the call's
-# arguments make it another function than the table's
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
+
+def _hooked(m: nn.Module | None) -> bool:
+    return m is not None and any(getattr(m, d, None) for d in _HOOK_DICTS)
+
+
+def _plain_call(x: torch.Tensor, *weights) -> bool:
+    """Whether the fused kernel computes exactly what the layers would for x: no global module hooks,
+    no autocast (it would run the layers in another dtype), no torch.func transform (the fused ops
+    have no batching rule), a floating dtype the kernels take and the weights share."""
+    if any(getattr(_module_globals, d) for d in _GLOBAL_HOOKS):
+        return False
+    if not isinstance(x, torch.Tensor) or x.dtype not in _DTYPES or x.device.type not in ("cpu", "cuda", "xla"):
+        return False
+    if torch._C._are_functorch_transforms_active() or torch.is_autocast_enabled(x.device.type):
+        return False
+    return all(w is None or (isinstance(w, torch.Tensor) and w.dtype == x.dtype) for w in weights)
+
+
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _norm_act_call(norm: nn.Module, act: nn.Module | None, call: tuple, name: str, alpha: float, x):
+    """act(norm(x)) for a GroupNorm, BatchNorm2d or InstanceNorm2d (batch statistics) `norm`; `act`
+    the activation module, or None where the forward called a function or a tensor method:
+    call = (the function or the method's name, its other arguments, its keyword arguments' items)."""
+    if not _hooked(norm) and not _hooked(act) and _plain_call(x, norm.weight, norm.bias):
+        kind = type(norm)
+        if kind is nn.GroupNorm and x.dim() >= 2 and x.shape[1] == norm.num_channels:
+            return group_norm_act(x, norm.num_groups, norm.weight, norm.bias, norm.eps, name, alpha)
+        if kind is nn.BatchNorm2d and x.dim() == 4 and x.shape[1] == norm.num_features \
+                and x.dtype == _buffer_dtype(norm, x):
+            return batch_norm_act_module(norm, x, name, alpha)
+        if kind is nn.InstanceNorm2d and x.dim() == 4 and not norm.track_running_stats \
+                and x.shape[-1] * x.shape[-2] > 1 and (not norm.affine or norm.weight.shape[0] == x.shape[1]):
+            return instance_norm_act(x, norm.weight, norm.bias, norm.eps, name, alpha)
+    y = norm(x)
+    if act is not None:
+        return act(y)
+    target, args, kwargs = call  # a method's name, or the function's place in _FUNCTIONS
+    function = getattr(y, target) if isinstance(target, str) else _FUNCTION_LIST[target]
+    return function(*args, **dict(kwargs)) if isinstance(target, str) else function(y, *args, **dict(kwargs))
+
+
+def _buffer_dtype(norm: nn.Module, x: torch.Tensor):
+    mean = norm.running_mean
+    return x.dtype if mean is None else mean.dtype
+
+
+def _upsample_conv_call(conv: nn.Conv2d, upsample: nn.Module | None, interpolate: tuple, scale: int, mode: str, x):
+    """conv(upsample(x)), or conv(F.interpolate(x, *args, **kwargs)) with interpolate = (args, kwargs
+    items) where the forward called the function."""
+    if not _hooked(conv) and not _hooked(upsample) and _plain_call(x, conv.weight, conv.bias) and x.dim() == 4:
+        return upsample_conv2d(x, conv.weight, conv.bias, scale_factor=scale, mode=mode, padding=conv.padding[0])
+    if upsample is not None:
+        return conv(upsample(x))
+    args, kwargs = interpolate
+    return conv(F.interpolate(x, *args, **dict(kwargs)))
+
+
+# ---------------------------------------------------------------------------------------------
+# which layer pairs fuse (read off a traced graph)
+
+_NORMS = (nn.GroupNorm, nn.BatchNorm2d, nn.InstanceNorm2d)
+_NORM_LIKE = (nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.LayerNorm)
+
+
+def _norm_refusal(norm: nn.Module) -> str:
+    """Why a norm layer followed by an activation does not fuse ('' when it does)."""
+    if type(norm) not in _NORMS:
+        base = next((b.__name__ for b in _NORMS if isinstance(norm, b)), None)
+        return (f"{type(norm).__name__} is a subclass of nn.{base}: its forward may differ" if base
+                else f"{type(norm).__name__} has no fused counterpart")
+    if type(norm) is nn.InstanceNorm2d and norm.track_running_stats:
+        return "InstanceNorm2d with track_running_stats=True (running statistics): not fused"
+    return ""
+
+
+# torch function -> (activation name, alpha) from the call, or None when its arguments make it another function
 def _leaky(node):
     slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
-    return ("leaky_relu", slope) if isinstance(slope, (int, float)) else None
+    return ("leaky_relu", float(slope)) if isinstance(slope, (int, float)) and not isinstance(slope, bool) else None
 
 
 def _gelu(node):
     approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
-    return {"none": ("gelu", 0.01), "tanh": ("gelu_tanh", 0.01)}.get(approximate)
+    return {"none": ("gelu", 0.01), "tanh": ("gelu_tanh", 0.01)}.get(approximate) if len(node.args) <= 2 else None
 
 
 def _defaults_only(name):
-    return lambda node: (name, 0.01) if len(node.args) == 1 and set(node.kwargs) <= {"inplace"} else None
+    def parse(node):
+        extra = dict(node.kwargs)
+        inplace = extra.pop("inplace", False)
+        plain = len(node.args) == 1 and not extra and isinstance(inplace, bool)
+        return (name, 0.01) if plain else None
+    return parse
 
 
 _FUNCTIONS = {F.silu: _defaults_only("silu"), F.relu: _defaults_only("relu"), torch.relu: _defaults_only("relu"),
               F.leaky_relu: _leaky, F.gelu: _gelu, torch.sigmoid: _defaults_only("sigmoid"),
               F.sigmoid: _defaults_only("sigmoid"), torch.tanh: _defaults_only("tanh"), F.tanh: _defaults_only("tanh"),
               F.elu: _defaults_only("elu"), F.selu: _defaults_only("selu"), F.softplus: _defaults_only("softplus")}
+_FUNCTION_LIST = tuple(_FUNCTIONS)  # generated code names a function by its place here
 _METHODS = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
-_CANDIDATE_WORDS = ("interpolate", "silu", "relu", "gelu", "sigmoid", "tanh", "elu", "softplus")
 
 
-def _calls_fusable_functions(m: nn.Module) -> bool:
-    """A cheap look at the forward's source before tracing: only modules that call a function fx
-    could fuse are traced."""
-    if type(m).__module__.startswith("torch."):
+def _activation_call(node: fx.Node, modules: dict):
+    """(module or None, name, alpha) when node applies an activation of the table to its first
+    argument alone; (None, None, why) for an activation layer that is not in the table; None when
+    node is no activation."""
+    if node.op == "call_function" and node.target in _FUNCTIONS:
+        parsed = _FUNCTIONS[node.target](node)
+        return None if parsed is None else (None, *parsed)
+    if node.op == "call_method" and node.target in _METHODS and len(node.args) == 1 and not node.kwargs:
+        return None, _METHODS[node.target], 0.01
+    if node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
+        act = modules.get(node.target)
+        if type(act).__module__ != "torch.nn.modules.activation":
+            return None
+        try:
+            return (act, *activation_of(act))
+        except TypeError:
+            return None, None, f"{type(act).__name__} is not in fastgen's activation table"
+    return None
+
+
+_INTERPOLATE_ARGS = ("input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
+
+
+def _resampling(settings: dict) -> tuple[int, str] | str:
+    """(integer scale, fused mode) of an upsampling, or why it does not fuse."""
+    scale, mode = settings.get("scale_factor"), settings.get("mode", "nearest")
+    if settings.get("size") is not None:
+        return "upsampling to a given size (the scale is not known before the call)"
+    if isinstance(scale, (tuple, list)):
+        if len(set(scale)) != 1:
+            return f"unequal scale factors {tuple(scale)}"
+        scale = scale[0]
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale != int(scale):
+        return f"scale_factor {scale!r} is not an integer"
+    if settings.get("antialias"):
+        return "antialias=True"
+    if settings.get("align_corners"):
+        return "align_corners=True"
+    scale = int(scale)
+    if mode == "nearest-exact" and scale in (2, 4):  # floor((i + 0.5) / s) == floor(i / s), bit for bit
+        mode = "nearest"
+    if mode not in SCALES or scale not in SCALES[mode]:
+        return f"{mode} x{scale} is not fused (fused: {SCALES})"
+    return scale, mode
+
+
+def _conv_refusal(conv: nn.Module) -> str:
+    if type(conv) is not nn.Conv2d:
+        return f"{type(conv).__name__} after the upsampling is not an nn.Conv2d"
+    k = conv.kernel_size
+    if (conv.stride, conv.dilation, conv.groups) != ((1, 1), (1, 1), 1) or k[0] != k[1] or k[0] % 2 == 0 \
+            or conv.padding_mode != "zeros" or not isinstance(conv.padding, tuple) \
+            or conv.padding[0] != conv.padding[1]:
+        return "the Conv2d after the upsampling is not stride-1, groups-1, odd square kernel, symmetric zero padding"
+    return ""
+
+
+def _rewrite(graph: fx.Graph, modules: dict, path: str, report: ConversionReport) -> int:
+    """Fuses the graph's pairs in place; returns how many. What could have fused and did not goes
+    into the report."""
+    fused = 0
+    for node in list(graph.nodes):
+        if node._erased:  # erased with its pair
+            continue
+        if node.op == "call_module" and isinstance(modules.get(node.target), _NORM_LIKE) \
+                and len(node.args) == 1 and not node.kwargs and len(node.users) == 1:
+            fused += _fuse_norm(graph, node, modules, path, report)
+        elif _upsampling_settings(node, modules) is not None and len(node.users) == 1:
+            fused += _fuse_upsampling(graph, node, modules, path, report)
+    return fused
+
+
+def _fuse_norm(graph, node, modules, path, report) -> int:
+    (user,) = node.users
+    act = _activation_call(user, modules)
+    if act is None or user.args[0] is not node or node in user.args[1:] or node in user.kwargs.values():
+        return 0
+    norm, where = modules[node.target], _join(path, node.target)
+    module, name, alpha = act
+    why = alpha if name is None else _norm_refusal(norm)
+    if why:
+        report.add("left", where, why)
+        return 0
+    with graph.inserting_before(user):
+        norm_ref = graph.get_attr(node.target)
+        act_ref = graph.get_attr(user.target) if module is not None else None
+        call = ()
+        if module is None:
+            target = user.target if user.op == "call_method" else _FUNCTION_LIST.index(user.target)
+            call = (target, tuple(user.args[1:]), tuple(user.kwargs.items()))
+        new = graph.call_function(_norm_act_call, (norm_ref, act_ref, call, name, alpha, node.args[0]))
+    user.replace_all_uses_with(new)
+    graph.erase_node(user)
+    graph.erase_node(node)
+    slope = f"({alpha})" if name == "leaky_relu" else ""
+    report.add("fused", where, f"{type(norm).__name__} + {name}{slope} -> {_FUSED_OP[type(norm)]}")
+    return 1
+
+
+_FUSED_OP = {nn.GroupNorm: "group_norm_act", nn.BatchNorm2d: "batch_norm_act", nn.InstanceNorm2d: "instance_norm_act"}
+
+
+def _upsampling_settings(node: fx.Node, modules: dict):
+    """The settings of an nn.Upsample call or an F.interpolate call, else None."""
+    if node.op == "call_function" and node.target is F.interpolate:
+        return dict(zip(_INTERPOLATE_ARGS, node.args)) | dict(node.kwargs)
+    if node.op == "call_module" and type(modules.get(node.target)) is nn.Upsample and len(node.args) == 1 \
+            and not node.kwargs:
+        up = modules[node.target]
+        return dict(input=node.args[0], size=up.size, scale_factor=up.scale_factor, mode=up.mode,
+                    align_corners=up.align_corners, recompute_scale_factor=up.recompute_scale_factor)
+    return None
+
+
+def _fuse_upsampling(graph, node, modules, path, report) -> int:
+    (user,) = node.users
+    if user.op != "call_module" or user.args != (node,) or user.kwargs \
+            or not isinstance(modules.get(user.target), nn.Conv2d):
+        return 0
+    settings, where = _upsampling_settings(node, modules), _join(path, user.target)
+    if any(isinstance(v, fx.Node) for k, v in settings.items() if k != "input"):
+        report.add("left", where, "upsampling settings computed in forward")
+        return 0
+    resampling, why = _resampling(settings), _conv_refusal(modules[user.target])
+    if isinstance(resampling, str) or why:
+        report.add("left", where, resampling if isinstance(resampling, str) else why)
+        return 0
+    scale, mode = resampling
+    x = settings["input"]
+    with graph.inserting_before(user):
+        conv_ref = graph.get_attr(user.target)
+        if node.op == "call_module":
+            up_ref, interpolate = graph.get_attr(node.target), ((), ())
+        else:
+            up_ref = None
+            interpolate = (tuple(node.args[1:]), tuple(node.kwargs.items()))
+        new = graph.call_function(_upsample_conv_call, (conv_ref, up_ref, interpolate, scale, mode, x))
+    user.replace_all_uses_with(new)
+    graph.erase_node(user)
+    graph.erase_node(node)
+    origin = "nn.Upsample" if node.op == "call_module" else "F.interpolate"
+    report.add("fused", where, f"{origin} + Conv2d -> upsample_conv2d({mode}, x{scale})")
+    return 1
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+# ---------------------------------------------------------------------------------------------
+# which modules are traced
+
+_ACTIVATION_WORDS = ("silu", "relu", "gelu", "sigmoid", "tanh", "elu", "softplus", "act", "nonlinearity")
+
+
+def _may_hold_a_pattern(m: nn.Module) -> bool:
+    """A module whose own forward could call a norm then an activation, or an upsampling then a
+    conv: torch's own layers are not (nn.Sequential is), nor modules without such layers among
+    their children (or in their ModuleLists and ModuleDicts)."""
+    cls = type(m)
+    if cls.__module__.startswith("torch.") and cls is not nn.Sequential:
         return False
+    layers = []
+    for child in m.children():
+        layers += list(child.children()) if isinstance(child, (nn.ModuleList, nn.ModuleDict)) else [child]
+    has_norm = any(isinstance(c, _NORM_LIKE) for c in layers)
+    has_conv = any(isinstance(c, nn.Conv2d) for c in layers)
+    if cls is nn.Sequential:
+        return has_norm or has_conv
     try:
-        source = inspect.getsource(type(m).forward)
+        source = inspect.getsource(cls.forward)
     except (OSError, TypeError):
-        return False
-    return any(word in source for word in _CANDIDATE_WORDS)
+        return has_norm or has_conv  # no source to look at: fx reads the code itself
+    upsampling = "interpolate" in source or any(isinstance(c, nn.Upsample) for c in layers)
+    activation = any(word in source for word in _ACTIVATION_WORDS)
+    return (has_norm and activation) or (has_conv and upsampling)
+
+
+# ---------------------------------------------------------------------------------------------
+# traced forwards, one per call key
+
+_PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device)
+_TENSOR = "tensor"
+_DEFAULT = "default"
+_KEYS_PER_MODULE = 16  # distinct call keys traced per module; past them, the original forward runs
+_INTERNAL = frozenset({"training", "_fastgen_plans", "_parameters", "_buffers", "_modules"})
+
+
+def _value_key(v):
+    if type(v) in _PLAIN:
+        return (type(v), v)
+    if type(v) is tuple and all(type(e) in _PLAIN for e in v):
+        return (tuple, v)
+    return None
+
+
+def _first_tensor(m: nn.Module):
+    """m's first parameter (else buffer) in its subtree: what a forward reads when it asks a child
+    for its dtype or device."""
+    for t in m._parameters.values():
+        if t is not None:
+            return t
+    for child in m._modules.values():
+        if child is not None:
+            t = _first_tensor(child)
+            if t is not None:
+                return t
+    return next((t for t in m._buffers.values() if t is not None), None)
+
+
+def _tensor_state(t):
+    return None if t is None else (t.dtype, t.device, t.shape)
+
+
+def _state(m: nn.Module):
+    """Everything about m that a traced forward may have frozen, as a hashable key (objects by
+    identity; the plan keeps them alive, so an identity is never reused while it is a key)."""
+    attrs = tuple((k, _value_key(v) or id(v)) for k, v in m.__dict__.items() if k not in _INTERNAL)
+    params = tuple(_tensor_state(p) for p in m._parameters.values())
+    buffers = tuple(_tensor_state(b) for b in m._buffers.values())
+    children = tuple((id(c), c.training, _tensor_state(_first_tensor(c)))
+                     if c is not None else None for c in m._modules.values())
+    return attrs, params, buffers, children
+
+
+class _Plan:
+    """One traced forward: fn(self, *tensors) or None (the original forward runs), and the objects
+    whose identities its key holds."""
+
+    def __init__(self, fn, keep):
+        self.fn, self.keep = fn, keep
+
+
+class _TracedForwards:
+    """A module's forwards, traced per call key: (each argument a tensor, or its value or default,
+    the module's training flag, grad mode, and the module's state that tracing freezes)."""
+
+    def __init__(self):
+        self.plans: dict = {}
+        self.signature = None
+        self.stateful = False  # the forward writes the module's state: never traced again
+
+    def prepare(self, m: nn.Module, path: str, report: ConversionReport) -> bool:
+        """Traces the usual calls (tensor arguments, defaults; both modes, with and without grad) for
+        the report; True when a call fuses, or when there was nothing to tell at this point."""
+        self.signature = _signature(type(m).forward)  # m's own class, not yet converted
+        if self.signature is None:
+            report.add("left", path, f"{type(m).__name__}.forward's signature cannot be read")
+            return False
+        why = _forward_refusal(type(m))
+        if why:
+            report.add("left", path, why)
+            return False
+        fused, reasons = 0, []
+        for arg_key in self._usual_keys():
+            for training in (m.training, not m.training):
+                for grad in (True, False):
+                    n, reason = _trace(m, self.signature, arg_key, training, grad, path, report)
+                    fused += n
+                    reasons.append(reason)
+        if fused == 0:
+            refusals = sorted({r for r in reasons if r})
+            if refusals:
+                report.add("left", path, refusals[0])
+            return False
+        return True
+
+    def _usual_keys(self):
+        params = self.signature
+        base = tuple(_TENSOR if p.default is inspect.Parameter.empty else _DEFAULT for p in params)
+        keys = [base]
+        for i, p in enumerate(params):
+            if i and p.default is inspect.Parameter.empty:
+                keys.append(base[:i] + ((type(None), None),) + base[i + 1:])
+            elif p.default is None:
+                keys.append(base[:i] + (_TENSOR,) + base[i + 1:])
+        return keys
+
+    def run(self, m: nn.Module, args: tuple, kwargs: dict):
+        if self.stateful:
+            return _MISS
+        if self.signature is None:  # unpickled or copied: traced again on use
+            self.signature = _signature(type(m)._fastgen_base.forward)
+        arg_key, tensors = _arguments(self.signature, args, kwargs)
+        if arg_key is None:
+            return _MISS
+        key = (arg_key, m.training, torch.is_grad_enabled(), _state(m))
+        plan = self.plans.get(key)
+        if plan is None:
+            if len(self.plans) >= _KEYS_PER_MODULE or _tracing_now():
+                return _MISS
+            fn, outcome = _compile(m, self.signature, arg_key, m.training, torch.is_grad_enabled())
+            if fn is None and isinstance(outcome, str) and outcome.endswith(_DROPPED):
+                self.stateful = True
+                return _MISS
+            plan = self.plans[key] = _Plan(fn, (tuple(m.__dict__.values()), tuple(m._modules.values())))
+        return _MISS if plan.fn is None else plan.fn(m, *tensors)
+
+
+_is_fx_tracing = getattr(fx._symbolic_trace, "is_fx_tracing_symbolic_tracing", fx._symbolic_trace.is_fx_tracing)
+
+
+def _tracing_now() -> bool:
+    return torch.compiler.is_compiling() or _is_fx_tracing()
+
+
+def _signature(forward):
+    """The forward's parameters after self, or None where they cannot be read."""
+    try:
+        params = list(inspect.signature(forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    return tuple(p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+
+
+def _arguments(signature, args: tuple, kwargs: dict):
+    """(the call's key, its tensor arguments in order), or (None, None) for a call no trace can
+    stand for (more arguments than named parameters, a value that is not a tensor nor a plain
+    constant, a missing argument: the original forward raises what it raises)."""
+    if len(args) > len(signature):
+        return None, None
+    key, tensors = [], []
+    for i, p in enumerate(signature):
+        if i < len(args):
+            v = args[i]
+            if p.name in kwargs:
+                return None, None
+        elif p.name in kwargs and p.kind is not p.POSITIONAL_ONLY:
+            v = kwargs[p.name]
+        elif p.default is not inspect.Parameter.empty:
+            key.append(_DEFAULT)
+            continue
+        else:
+            return None, None
+        if isinstance(v, torch.Tensor) and type(v) in (torch.Tensor, nn.Parameter):
+            key.append(_TENSOR)
+            tensors.append(v)
+        elif v is p.default:
+            key.append(_DEFAULT)
+        else:
+            k = _value_key(v)
+            if k is None:
+                return None, None
+            key.append(k)
+    if len(kwargs) > sum(1 for p in signature if p.name in kwargs):
+        return None, None
+    return tuple(key), tensors
+
+
+def _forward_refusal(cls: type) -> str:
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return ""
+    if "random." in source.replace("torch.random.", "").replace("np.random.", "random."):
+        return f"{cls.__name__}.forward draws from Python's or NumPy's random numbers: fx would freeze the draw"
+    return ""
+
+
+def _shim(m: nn.Module, signature, arg_key, training: bool) -> nn.Module:
+    """A stand-in for m to trace: m's attributes (containers copied, so that what tracing writes
+    does not reach m) and a forward whose parameters are the call key's tensors alone, calling m's
+    forward with the key's constants and defaults."""
+    base = type(m).__dict__.get("_fastgen_base", type(m))
+    names = [p.name for p, k in zip(signature, arg_key) if k == _TENSOR]
+
+    def call(self, *tensors):
+        it = iter(tensors)
+        args, kwargs = [], {}
+        for p, k in zip(signature, arg_key):
+            if k == _DEFAULT and p.kind is not p.POSITIONAL_ONLY:
+                continue
+            v = next(it) if k == _TENSOR else p.default if k == _DEFAULT else k[1]
+            if p.kind is p.POSITIONAL_ONLY:
+                args.append(v)
+            elif p.kind is p.KEYWORD_ONLY:
+                kwargs[p.name] = v
+            else:
+                kwargs[p.name] = v
+        return base.forward(self, *args, **kwargs)
+
+    namespace = {"_call": call}
+    exec(f"def forward(self, {', '.join(names)}):\n    return _call(self, {', '.join(names)})", namespace)
+    shim = object.__new__(type(base.__name__, (base,), {"forward": namespace["forward"]}))
+    shim.__dict__.update(m.__dict__)
+    for d in ("_parameters", "_buffers", "_modules"):
+        shim.__dict__[d] = dict(m.__dict__[d])
+    shim.__dict__.pop("_fastgen_plans", None)
+    shim.__dict__["training"] = training
+    return shim
 
 
 class _OwnCodeTracer(fx.Tracer):
@@ -368,88 +689,98 @@ class _OwnCodeTracer(fx.Tracer):
         return True
 
 
-def _activation_call(node: fx.Node, m: nn.Module):
-    """(name, alpha) when node applies an activation of the table to its first argument alone."""
-    if node.op == "call_function" and node.target in _FUNCTIONS:
-        return _FUNCTIONS[node.target](node)
-    if node.op == "call_method" and node.target in _METHODS and len(node.args) == 1 and not node.kwargs:
-        return _METHODS[node.target], 0.01
-    if node.op == "call_module":
-        try:
-            return activation_of(m.get_submodule(node.target))
-        except TypeError:
-            return None
-    return None
+def _containers(m: nn.Module) -> dict:
+    return {k: (len(v), tuple(map(id, v)), tuple(map(id, v.values())) if isinstance(v, dict) else ())
+            for k, v in m.__dict__.items() if isinstance(v, (list, dict, set)) and k not in _INTERNAL}
 
 
-def _interpolation(node: fx.Node):
-    """(scale, mode) of an F.interpolate call by an integer scale factor, else None."""
-    if node.op != "call_function" or node.target is not F.interpolate:
-        return None
-    names = ("input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
-    kw = dict(zip(names, node.args)) | dict(node.kwargs)
-    scale, mode = kw.get("scale_factor"), kw.get("mode", "nearest")
-    if kw.get("size") is not None or kw.get("antialias") or kw.get("align_corners") \
-            or not isinstance(scale, (int, float)) or scale != int(scale) or isinstance(scale, bool):
-        return None
-    return int(scale), mode
+_DROPPED = ": fx would drop that"
 
 
-def _is_child(target: str) -> bool:
-    return "." not in target  # a grandchild called directly stays: swapping it would touch its parent
+def _trace(m, signature, arg_key, training, grad, path, report) -> tuple[int, str]:
+    fn, outcome = _compile(m, signature, arg_key, training, grad, path, report)
+    return (outcome, "") if fn is not None else (0, outcome)
 
 
-def _fuse_traced(m: nn.Module, path: str, report: ConversionReport) -> nn.Module:
+def _compile(m, signature, arg_key, training, grad, path="", report=None):
+    """(fn(self, *tensors), number fused) for one call key; (None, why not) where it does not fuse."""
+    report = report or ConversionReport()
+    shim = _shim(m, signature, arg_key, training)
+    before = _containers(m)
+    saved = {k: copy.copy(v) for k, v in m.__dict__.items() if k in before}
     try:
-        graph = _OwnCodeTracer().trace(m)
-    except Exception as e:  # anything fx cannot follow: the module stays as it is, and we say why
-        report.left.append((path, f"{type(m).__name__}.forward is not traceable by torch.fx "
-                                  f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"))
-        return m
-    calls = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    swaps = {}
-    for node in list(graph.nodes):
-        if node.op == "call_module" and _is_child(node.target) and calls[node.target] == 1 and len(node.users) == 1:
-            norm = m.get_submodule(node.target)
-            (user,) = node.users
-            act = _activation_call(user, m) if type(norm) in (nn.GroupNorm, nn.BatchNorm2d) else None
-            if act is not None and user.args[:1] == (node,):
-                fused, what = _norm_act(norm, torch_layer(*act))
-                if fused is not None:
-                    swaps[node.target] = fused
-                    user.replace_all_uses_with(node)
-                    graph.erase_node(user)
-                    report.fused.append((_join(path, node.target), f"{type(norm).__name__} + {act[0]} -> {what}"))
-        resampling = _interpolation(node)
-        if resampling is not None and len(node.users) == 1:
-            (user,) = node.users
-            if user.op == "call_module" and _is_child(user.target) and calls[user.target] == 1 \
-                    and user.args[:1] == (node,):
-                conv = m.get_submodule(user.target)
-                fused, what = _upsample_conv(nn.Upsample(scale_factor=resampling[0], mode=resampling[1]), conv)
-                where = _join(path, user.target)
-                if fused is None:
-                    report.left.append((where, what))
-                    continue
-                swaps[user.target] = fused
-                user.args = (node.args[0] if node.args else node.kwargs["input"],) + tuple(user.args[1:])
-                graph.erase_node(node)
-                report.fused.append((where, f"F.interpolate + Conv2d -> {what}"))
-    if not swaps:
-        return m
-    graph.lint()
-    return _remember(_with_forward(m, graph, swaps), m)
-
-
-def _with_forward(m: nn.Module, graph: fx.Graph, swaps: dict) -> nn.Module:
-    """m recast with the swapped children, its class m's with forward compiled from the rewritten graph."""
+        with torch.set_grad_enabled(grad):
+            graph = _OwnCodeTracer().trace(shim)
+    except Exception as e:  # anything fx cannot follow: the original forward runs, and we say why
+        first = str(e).splitlines()[0][:120] if str(e) else ""
+        return None, f"{type(m).__name__}.forward is not traceable by torch.fx ({type(e).__name__}: {first})"
+    finally:
+        changed = _containers(m) != before
+        for k, v in saved.items():  # what the trace put into m's lists and dicts is taken out again
+            if isinstance(v, list):
+                m.__dict__[k][:] = v
+            else:
+                m.__dict__[k].clear()
+                m.__dict__[k].update(v)
+    if changed:
+        return None, f"{type(m).__name__}.forward changes the module's lists or dicts{_DROPPED}"
+    written = [k for k, v in shim.__dict__.items() if k not in _INTERNAL and m.__dict__.get(k, _MISS) is not v]
+    written += [d for d in ("_parameters", "_buffers", "_modules") if shim.__dict__[d] != m.__dict__[d]]
+    if written:
+        return None, f"{type(m).__name__}.forward sets {', '.join(sorted(written))}{_DROPPED}"
+    modules = dict(shim.named_modules())
+    fused = _rewrite(graph, modules, path, report)
+    if not fused:
+        return None, ""
     code = graph.python_code(root_module="self")
     namespace = dict(code.globals)
     exec(compile(code.src, f"<fastgen.convert: {type(m).__qualname__}.forward>", "exec"), namespace)
-    cls = type(type(m).__name__, (type(m),), {"forward": namespace["forward"], "__module__": type(m).__module__,
-                                               "fastgen_forward_source": code.src})
-    return _recast(m, cls, swaps)  # swaps: children only (the tracer keeps them whole)
+    return namespace["forward"], fused
 
+
+# ---------------------------------------------------------------------------------------------
+# diffusers' Upsample2D: its forward reads shapes and dtypes in Python, which fx cannot trace; this
+# is that forward (diffusers 0.42) with the interpolation and the convolution as one op. It is used
+# only where the installed Upsample2D.forward is the one it mirrors (its source's hash).
+
+_UPSAMPLE2D_SOURCE = "3c0e13df5e4ac796"
+
+
+class _Upsample2D:
+    def prepare(self, m, path, report) -> bool:
+        try:
+            digest = hashlib.sha256(inspect.getsource(type(m).forward).encode()).hexdigest()[:16]
+        except (OSError, TypeError):
+            digest = None
+        conv_name = "conv" if m.name == "conv" else "Conv2d_0"
+        where = _join(path, conv_name)
+        if digest != _UPSAMPLE2D_SOURCE:
+            report.add("left", path, "this diffusers version's Upsample2D.forward is not the one fastgen mirrors")
+        elif not m.use_conv or m.use_conv_transpose or not m.interpolate or m.norm is not None:
+            report.add("left", path, "Upsample2D without an interpolation followed by a Conv2d (transposed, "
+                                     "normalized or conv-less)")
+        elif _conv_refusal(getattr(m, conv_name)):
+            report.add("left", where, _conv_refusal(getattr(m, conv_name)))
+        else:
+            report.add("fused", where, "Upsample2D's interpolate + Conv2d -> upsample_conv2d(nearest, x2)")
+            return True
+        return False
+
+    def run(self, m, args, kwargs):
+        if len(args) + len(kwargs) > 2 or (kwargs and set(kwargs) - {"hidden_states", "output_size"}):
+            return _MISS
+        x = args[0] if args else kwargs.get("hidden_states")
+        output_size = args[1] if len(args) > 1 else kwargs.get("output_size")
+        conv = m.conv if m.name == "conv" else m.Conv2d_0
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != m.channels or m.norm is not None \
+                or m.use_conv_transpose or not m.interpolate or not m.use_conv or _conv_refusal(conv) \
+                or _hooked(conv) or not _plain_call(x, conv.weight, conv.bias):
+            return _MISS
+        if output_size is not None and tuple(output_size) != (2 * x.shape[2], 2 * x.shape[3]):
+            return _MISS
+        if x.shape[0] >= 64 or x.numel() * 2 > 2 ** 31:  # diffusers makes such inputs contiguous
+            x = x.contiguous()
+        return upsample_conv2d(x, conv.weight, conv.bias, scale_factor=2, mode="nearest", padding=conv.padding[0])
+
+
+_KNOWN = {"diffusers.models.upsampling.Upsample2D": _Upsample2D}

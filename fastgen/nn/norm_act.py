@@ -132,18 +132,10 @@ class BatchNormAct2d(nn.BatchNorm2d):
         return layer.train(norm.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # nn.BatchNorm2d's bookkeeping, unchanged
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        keep = not self.training or self.track_running_stats
-        running_mean, running_var = (self.running_mean, self.running_var) if keep else (None, None)
         if self.sync and self.training and _world_size(self.process_group) > 1:
+            running_mean, running_var, factor = _bookkeeping(self)
             return self._synchronized(x, running_mean, running_var, factor)
-        return batch_norm_act(x, running_mean, running_var, self.weight, self.bias, batch_stats, factor, self.eps,
-                              self.activation, self.negative_slope)
+        return batch_norm_act_module(self, x, self.activation, self.negative_slope)
 
     def _synchronized(self, x, running_mean, running_var, factor):
         """Statistics over the whole group's batch: all-reduced sums, two passes (exact), through
@@ -182,6 +174,27 @@ class _AllReduceSum(torch.autograd.Function):
         grad = grad.clone()
         torch.distributed.all_reduce(grad, group=ctx.group)
         return grad, None
+
+
+def _bookkeeping(bn: nn.BatchNorm2d) -> tuple:
+    """nn.BatchNorm2d's own bookkeeping, unchanged: counts the batch in training and returns the
+    running statistics to read or update (None, None for batch statistics alone) and the factor."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    keep = not bn.training or bn.track_running_stats
+    return (bn.running_mean, bn.running_var, factor) if keep else (None, None, factor)
+
+
+def batch_norm_act_module(bn: nn.BatchNorm2d, x: torch.Tensor, activation: str, negative_slope: float = 0.01):
+    """What `activation(bn(x))` computes for an nn.BatchNorm2d `bn` (its modes, running statistics
+    and momentum), fused: BatchNormAct2d's forward, and fastgen.convert's for a BatchNorm2d followed
+    by an activation."""
+    running_mean, running_var, factor = _bookkeeping(bn)
+    batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    return batch_norm_act(x, running_mean, running_var, bn.weight, bn.bias, batch_stats, factor, bn.eps,
+                          activation, negative_slope)
 
 
 def _world_size(group) -> int:
