@@ -39,3 +39,23 @@ def test_cuda_kernels_are_registered_when_built_with_cuda(op):
     assert backends()["cuda"].available == has_kernel("_upsample_conv2d_fused", "CUDA")
     if os.environ.get("FASTGEN_CUDA") == "1":  # the build was told to compile the CUDA sources
         assert has_kernel(op, "CUDA"), f"FASTGEN_CUDA=1 build, but fastgen::{op} has no CUDA kernel"
+
+
+def test_the_checkout_root_shadows_no_kernels_package(tmp_path):
+    """kernels/ is fastgen.kernels; from the checkout root (on sys.path) a top-level `import kernels`
+    reaches the real package of that name (Hugging Face's, which diffusers imports), or none."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import fastgen
+
+    root = str(Path(fastgen.__file__).resolve().parents[1])
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("CUDAProperties = 'the real one'\n")
+    code = ("from kernels import CUDAProperties; import fastgen.kernels.bias_act; print(CUDAProperties)")
+    for path, want in (([root, str(tmp_path)], "the real one"), ([root], "No module named 'kernels'")):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+        done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert want in done.stdout + done.stderr, done.stderr[-2000:]
