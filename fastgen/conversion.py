@@ -33,6 +33,7 @@ listed in `fastgen_report` with the reason.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import hashlib
 import importlib
@@ -671,7 +672,9 @@ def _shim(m: nn.Module, signature, arg_key, training: bool) -> nn.Module:
                 kwargs[p.name] = v
             else:
                 kwargs[p.name] = v
-        return base.forward(self, *args, **kwargs)
+        out = base.forward(self, *args, **kwargs)
+        self.__dict__["_fastgen_output_type"] = type(out)
+        return out
 
     namespace = {"_call": call}
     exec(f"def forward(self, {', '.join(names)}):\n    return _call(self, {', '.join(names)})", namespace)
@@ -715,15 +718,20 @@ def _compile(m, signature, arg_key, training, grad, path="", report=None):
         first = str(e).splitlines()[0][:120] if str(e) else ""
         return None, f"{type(m).__name__}.forward is not traceable by torch.fx ({type(e).__name__}: {first})"
     finally:
-        changed = _containers(m) != before
-        for k, v in saved.items():  # what the trace put into m's lists and dicts is taken out again
-            if isinstance(v, list):
-                m.__dict__[k][:] = v
+        after = _containers(m)
+        changed = [k for k in before if after.get(k) != before[k]]
+        for k in changed:  # what the trace put into m's lists, dicts and sets is taken out again
+            if isinstance(saved[k], list):
+                m.__dict__[k][:] = saved[k]
             else:
                 m.__dict__[k].clear()
-                m.__dict__[k].update(v)
+                m.__dict__[k].update(saved[k])
     if changed:
         return None, f"{type(m).__name__}.forward changes the module's lists or dicts{_DROPPED}"
+    output = shim.__dict__.pop("_fastgen_output_type")
+    if output not in (fx.Proxy, tuple, list, dict) and not _dataclass_dict(output) \
+            and not (issubclass(output, tuple) and hasattr(output, "_fields")):
+        return None, f"{type(m).__name__}.forward returns a {output.__name__}, which fx does not rebuild"
     written = [k for k, v in shim.__dict__.items() if k not in _INTERNAL and m.__dict__.get(k, _MISS) is not v]
     written += [d for d in ("_parameters", "_buffers", "_modules") if shim.__dict__[d] != m.__dict__[d]]
     if written:
@@ -735,7 +743,14 @@ def _compile(m, signature, arg_key, training, grad, path="", report=None):
     code = graph.python_code(root_module="self")
     namespace = dict(code.globals)
     exec(compile(code.src, f"<fastgen.convert: {type(m).__qualname__}.forward>", "exec"), namespace)
-    return namespace["forward"], fused
+    fn = namespace["forward"]
+    if _dataclass_dict(output):  # fx gives a diffusers BaseOutput (a dataclass and a dict) back as a dict
+        return (lambda self, *tensors: output(**fn(self, *tensors))), fused
+    return fn, fused
+
+
+def _dataclass_dict(cls: type) -> bool:
+    return issubclass(cls, dict) and dataclasses.is_dataclass(cls)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderDC, AutoencoderKL, AutoencoderKLWan, AutoencoderOobleck, UNet2DModel
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.upsampling import Upsample2D
 
 import fastgen
-from fastgen.nn import GroupNormAct, UpsampleConv2d
+from test_convert import conform
 from tolerances import assert_close, assert_within_eager_error
 
 FOUR = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
@@ -47,7 +47,7 @@ def test_converted_vae_decodes_and_encodes_as_diffusers(name):
     resnets = [m for m in model.modules() if isinstance(m, ResnetBlock2D)]
     upsamplers = [m for m in model.modules() if isinstance(m, Upsample2D)]
     assert len(report.fused) == 2 * len(resnets) + len(upsamplers) + 2  # + both conv_norm_out
-    assert all(isinstance(m.conv, UpsampleConv2d) for m in converted.modules() if isinstance(m, Upsample2D))
+    assert all(type(m) is not Upsample2D for m in converted.modules() if isinstance(m, Upsample2D))
     z = torch.randn(1, 4, 8, 8)
     x = torch.randn(1, 3, 32, 32)
     reference = copy.deepcopy(model).double()
@@ -68,7 +68,7 @@ def test_state_dicts_load_both_ways_and_unconvert_restores_diffusers_classes():
             p.add_(0.01 * torch.randn_like(p))
     converted.load_state_dict(other.state_dict(), strict=True)
     back = fastgen.unconvert(converted)
-    assert not any(isinstance(m, GroupNormAct) for m in back.modules())
+    assert [type(m) for m in back.modules()] == [type(m) for m in model.modules()]
     assert sum(type(m) is Upsample2D for m in back.modules()) == 3
     z = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
@@ -125,3 +125,71 @@ def test_a_converted_vae_pickles_into_a_fresh_process(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env=env)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------------------------
+# diffusers models and blocks in the conformance suite (tests/test_convert.py's checks)
+
+class PlainGroupNorm(torch.nn.GroupNorm):
+    """A GroupNorm subclass: convert must not fuse it, and must leave the activation it shares alone."""
+
+
+def resnet(**kwargs):
+    return lambda: ResnetBlock2D(in_channels=8, out_channels=8, groups=4, **kwargs)
+
+
+def partial_resnet():
+    block = ResnetBlock2D(in_channels=8, out_channels=12, temb_channels=None, groups=4)
+    block.norm1 = PlainGroupNorm(4, 8)
+    return block
+
+
+def decode(m, z):
+    return m.decode(z).sample
+
+
+def unet():
+    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+                       norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"))
+
+
+def dc():
+    return AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=4, encoder_block_types="ResBlock",
+                         decoder_block_types="ResBlock", encoder_block_out_channels=(8, 16),
+                         decoder_block_out_channels=(8, 16), encoder_layers_per_block=(1, 1),
+                         decoder_layers_per_block=(1, 1), encoder_qkv_multiscales=((), ()),
+                         decoder_qkv_multiscales=((), ()))
+
+
+def wan():
+    return AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                            latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+
+
+# name -> (builder, inputs, call, layer pairs fused (at least), what `left` must mention)
+DIFFUSERS = {
+    "resnet": (resnet(temb_channels=None), lambda: (torch.randn(2, 8, 5, 6), None), None, 2, ()),
+    "resnet-temb": (resnet(temb_channels=6), lambda: (torch.randn(2, 8, 5, 6), torch.randn(2, 6)), None, 2, ()),
+    "resnet-scale-shift": (resnet(temb_channels=6, time_embedding_norm="scale_shift"),
+                           lambda: (torch.randn(2, 8, 5, 6), torch.randn(2, 6)), None, 1, ()),
+    "resnet-partial": (partial_resnet, lambda: (torch.randn(2, 8, 5, 6), None), None, 1, ("subclass",)),
+    "unet2d": (unet, lambda: (torch.randn(2, 3, 8, 8), 10), None, 8, ()),
+    "autoencoder-kl": (lambda: vae("reduced"), lambda: (torch.randn(1, 4, 4, 4),), decode, 25, ()),
+    "autoencoder-dc": (dc, lambda: (torch.randn(1, 4, 2, 2),), decode, None, ()),
+    "wan": (wan, lambda: (torch.randn(1, 4, 2, 4, 4),), decode, None, ()),
+}
+
+
+@pytest.mark.parametrize("name", DIFFUSERS)
+def test_conformance(name):
+    build, make_inputs, call, fused, left = DIFFUSERS[name]
+    conform(build, make_inputs, fused, left, call=call, at_least=True)
+
+
+def test_legacy_weight_norm_model_says_inplace_works():
+    model = AutoencoderOobleck(encoder_hidden_size=8, downsampling_ratios=[2, 2], channel_multiples=[1, 2],
+                               decoder_channels=8, decoder_input_channels=4, audio_channels=2)
+    with pytest.raises(RuntimeError, match="inplace=True"):
+        fastgen.convert(model)
+    assert fastgen.convert(model, inplace=True) is model
