@@ -2,7 +2,9 @@
 memory formats, non-contiguous views and parameters, for every op and every backend that runs on
 CPU tensors here, forward and backward, against the op's reference in float64.
 
-The quick profile (the default, README's test command) draws a few examples per op; the deep one
+Each test runs once per fast backend (never the reference against itself), with the dtypes that
+backend takes (float32, float64, bfloat16, float16). The quick profile (the default, README's test
+command) draws 12 examples per op and backend; the deep one
 (`pytest tests/test_properties.py --hypothesis-profile=deep`) hundreds (both in tests/conftest.py). A failure found is kept as
 an explicit regression case with @example."""
 
@@ -12,22 +14,24 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from fastgen import ops
+from fastgen.ops import REGISTRY
 from fastgen.activations import NAMES
 from fastgen.ops.upfirdn2d import setup_filter
 
 from cases import cpu_backends, skip_unavailable
 from fastgen.tolerances import judge
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @st.composite
-def images(draw, channels=None, min_side=1):
-    """(x, dtype name): an N x C x H x W map, in either layout, sometimes a strided view."""
+def images(draw, op, backend, channels=None, min_side=1):
+    """(x, dtype name): an N x C x H x W map in a dtype the backend takes, in either layout,
+    sometimes a strided view."""
     n = draw(st.integers(1, 3))
     c = channels if channels is not None else draw(st.integers(1, 12))
     h, w = draw(st.integers(min_side, 9)), draw(st.integers(min_side, 9))
-    dtype = draw(st.sampled_from(sorted(DTYPES)))
+    dtype = draw(st.sampled_from([name for name, t in DTYPES.items() if t in REGISTRY[op].impls[backend].dtypes]))
     layout = draw(st.sampled_from(["nchw", "nhwc", "strided"]))
     seed = draw(st.integers(0, 2 ** 31 - 1))
     g = torch.Generator().manual_seed(seed)
@@ -52,8 +56,7 @@ def _check(name, op, ref, backend, tensors, dtype, grad_of):
     few times the unfused layers' own error in the same dtype: random inputs include ill-conditioned
     ones, e.g. a constant group, where float32 eager itself is off by more than the table)."""
     skip_unavailable(backend, "cpu")
-    if backend != "reference" and backend not in cpu_backends(name, DTYPES[dtype]):
-        return  # e.g. triton takes no float64
+    assert backend in cpu_backends(name, DTYPES[dtype]), "a fast backend, in a dtype it takes"
     cot = torch.randn(ref(*[t.double() for t in tensors]).shape, dtype=torch.float64,
                       generator=torch.Generator().manual_seed(7))
 
@@ -72,7 +75,9 @@ def _check(name, op, ref, backend, tensors, dtype, grad_of):
 
 
 def backends(op: str):
-    return st.sampled_from(["reference", *cpu_backends(op)])
+    """Every fast backend of op on CPU tensors, each with the profile's number of examples (never
+    the reference, which would be checked against itself)."""
+    return pytest.mark.parametrize("backend", cpu_backends(op))
 
 
 def _constant_groups(g, n, c, h, w, layout):
@@ -82,7 +87,7 @@ def _constant_groups(g, n, c, h, w, layout):
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
-@pytest.mark.parametrize("backend", ["reference", *cpu_backends("group_norm_act")])
+@pytest.mark.parametrize("backend", cpu_backends("group_norm_act"))
 def test_group_norm_act_with_constant_groups(backend, layout):
     """The regression case hypothesis found: a constant group makes rstd ~ 316 and the problem
     ill-conditioned (eager itself is up to 3e-3 off), and a folded x * a + (b - mean * a) lost 1e-4
@@ -95,13 +100,12 @@ def test_group_norm_act_with_constant_groups(backend, layout):
         op = lambda x, w, b, be: ops.group_norm_act(x, shape[1], w, b, activation="identity", backend=be)  # noqa: E731
         _check("group_norm_act", op, lambda x, w, b: ops.group_norm_act_ref(x, shape[1], w, b, activation="identity"),
                backend, [x, w, b], "float32", (0, 1, 2))
-        if backend != "reference":  # eager folds the mean into the bias: not exact
-            y = op(x, w, b, backend)
-            assert torch.equal(y, b[:, :, None, None].expand_as(y))
+        y = op(x, w, b, backend)  # exact (eager folds the mean into the bias: it is not)
+        assert torch.equal(y, b[:, :, None, None].expand_as(y))
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
-@pytest.mark.parametrize("backend", ["reference", *cpu_backends("batch_norm_act")])
+@pytest.mark.parametrize("backend", cpu_backends("batch_norm_act"))
 def test_batch_norm_act_with_constant_channels(backend, layout):
     """The same for BatchNorm's per-channel statistics."""
     g = torch.Generator().manual_seed(1)
@@ -112,15 +116,15 @@ def test_batch_norm_act_with_constant_channels(backend, layout):
     _check("batch_norm_act", op,
            lambda x, w, b: ops.batch_norm_act_ref(x, None, None, w, b, True, activation="identity"), backend,
            [x, w, b], "float32", (0, 1, 2))
-    if backend != "reference":
-        y = op(x, w, b, backend)
-        assert torch.equal(y, b[None, :, None, None].expand_as(y))
+    y = op(x, w, b, backend)
+    assert torch.equal(y, b[None, :, None, None].expand_as(y))
 
 
-@given(data=st.data(), backend=backends("group_norm_act"))
+@backends("group_norm_act")
+@given(data=st.data())
 def test_group_norm_act(data, backend):
     groups = data.draw(st.sampled_from([1, 2, 3, 4]))
-    x, dtype = data.draw(images(channels=groups * data.draw(st.integers(1, 3))))
+    x, dtype = data.draw(images("group_norm_act", backend, channels=groups * data.draw(st.integers(1, 3))))
     assume(x.shape[0] * x[0, : x.shape[1] // groups].numel() > 1)  # refused, as F.group_norm does
     act = data.draw(st.sampled_from(NAMES))
     shape = (x.shape[0], x.shape[1]) if data.draw(st.booleans()) else (x.shape[1],)  # AdaIN's per-sample affine
@@ -129,9 +133,10 @@ def test_group_norm_act(data, backend):
            lambda x, w, b: ops.group_norm_act_ref(x, groups, w, b, activation=act), backend, [x, w, b], dtype, (0, 1, 2))
 
 
-@given(data=st.data(), backend=backends("batch_norm_act"))
+@backends("batch_norm_act")
+@given(data=st.data())
 def test_batch_norm_act(data, backend):
-    x, dtype = data.draw(images())
+    x, dtype = data.draw(images("batch_norm_act", backend))
     if x.shape[0] * x.shape[2] * x.shape[3] < 2:
         x = torch.cat([x, x.flip(0) + 1])  # training needs 2 values per channel, as torch's
     act = data.draw(st.sampled_from(NAMES))
@@ -142,15 +147,17 @@ def test_batch_norm_act(data, backend):
            dtype, (0, 1, 2))
 
 
-@given(data=st.data(), backend=backends("pixel_norm"))
+@backends("pixel_norm")
+@given(data=st.data())
 def test_pixel_norm(data, backend):
-    x, dtype = data.draw(images())
+    x, dtype = data.draw(images("pixel_norm", backend))
     _check("pixel_norm", lambda x, be: ops.pixel_norm(x, backend=be), ops.pixel_norm_ref, backend, [x], dtype, (0,))
 
 
-@given(data=st.data(), backend=backends("bias_act"))
+@backends("bias_act")
+@given(data=st.data())
 def test_bias_act(data, backend):
-    x, dtype = data.draw(images())
+    x, dtype = data.draw(images("bias_act", backend))
     act = data.draw(st.sampled_from(["linear", "relu", "lrelu", "tanh", "sigmoid", "elu", "selu", "softplus",
                                      "swish", "gelu"]))
     clamp = data.draw(st.sampled_from([None, 0.5, 256.0]))
@@ -159,9 +166,10 @@ def test_bias_act(data, backend):
            lambda x, b: ops.bias_act_ref(x, b, act=act, clamp=clamp), backend, [x, b], dtype, (0, 1))
 
 
-@given(data=st.data(), backend=backends("upfirdn2d"))
+@backends("upfirdn2d")
+@given(data=st.data())
 def test_upfirdn2d(data, backend):
-    x, dtype = data.draw(images(min_side=2))
+    x, dtype = data.draw(images("upfirdn2d", backend, min_side=2))
     up, down = data.draw(st.sampled_from([1, 2])), data.draw(st.sampled_from([1, 2]))
     pad = data.draw(st.lists(st.integers(0, 2), min_size=4, max_size=4))
     f = setup_filter(data.draw(st.sampled_from([[1, 1], [1, 3, 3, 1], [1, 2, 1]])))
@@ -171,9 +179,10 @@ def test_upfirdn2d(data, backend):
            lambda x: ops.upfirdn2d_ref(x, f, up, down, pad, gain=up * up), backend, [x], dtype, (0,))
 
 
-@given(data=st.data(), backend=backends("upsample_conv2d"))
+@backends("upsample_conv2d")
+@given(data=st.data())
 def test_upsample_conv2d(data, backend):
-    x, dtype = data.draw(images(min_side=1))
+    x, dtype = data.draw(images("upsample_conv2d", backend, min_side=1))
     mode, scale = data.draw(st.sampled_from([("nearest", 2), ("nearest", 3), ("bilinear", 2)]))
     k = data.draw(st.sampled_from([1, 3]))
     w = randn(data, data.draw(st.integers(1, 6)), x.shape[1], k, k, dtype=x.dtype)
@@ -184,9 +193,10 @@ def test_upsample_conv2d(data, backend):
            [x, w, b], dtype, (0, 1, 2))
 
 
-@given(data=st.data(), backend=backends("modulated_conv2d"))
+@backends("modulated_conv2d")
+@given(data=st.data())
 def test_modulated_conv2d(data, backend):
-    x, dtype = data.draw(images(min_side=2))
+    x, dtype = data.draw(images("modulated_conv2d", backend, min_side=2))
     up = data.draw(st.sampled_from([1, 2]))
     w = randn(data, data.draw(st.integers(1, 6)), x.shape[1], 3, 3, dtype=x.dtype)
     styles = 1 + 0.2 * randn(data, x.shape[0], x.shape[1], dtype=x.dtype)

@@ -1,8 +1,8 @@
 """DCGAN (Radford et al. 2016) and a small convolutional autoencoder, as nn.Sequential stacks with
 the parameter names of PyTorch's DCGAN example (`main.<index>`). The fused build is the unfused one
-passed through fastgen.convert: BatchNorm2d + activation -> BatchNormAct2d, Upsample + Conv2d ->
-UpsampleConv2d, GroupNorm + activation -> GroupNormAct, each leaving an identity where the absorbed
-layer stood, so the indices and the state dict keys are the same in both builds."""
+with fastgen's layers in the pairs' places: BatchNorm2d + activation -> BatchNormAct2d, Upsample +
+Conv2d -> UpsampleConv2d, GroupNorm + activation -> GroupNormAct, each leaving an nn.Identity where
+the absorbed layer stood, so the indices and the state dict keys are the same in both builds."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from fastgen.conversion import convert
+from fastgen.nn import BatchNormAct2d, GroupNormAct, UpsampleConv2d
 
 
 def _levels(img_resolution: int) -> int:
@@ -23,7 +23,16 @@ def _levels(img_resolution: int) -> int:
 
 
 def _finish(main: nn.Sequential, fused: bool) -> nn.Sequential:
-    return convert(main, inplace=True) if fused else main
+    if not fused:
+        return main
+    layers = list(main)
+    for i, (a, b) in enumerate(zip(layers, layers[1:])):
+        if type(a) in (nn.BatchNorm2d, nn.GroupNorm) and type(b).__module__ == "torch.nn.modules.activation":
+            fused_layer = (BatchNormAct2d if type(a) is nn.BatchNorm2d else GroupNormAct).from_modules(a, b)
+            layers[i], layers[i + 1] = fused_layer, nn.Identity()
+        elif type(a) is nn.Upsample and type(b) is nn.Conv2d:
+            layers[i], layers[i + 1] = nn.Identity(), UpsampleConv2d.from_modules(a, b)
+    return nn.Sequential(*layers)
 
 
 def _upsampling(in_channels: int, out_channels: int, upsample: str) -> list[nn.Module]:
