@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastgen
 from fastgen import activations
@@ -18,6 +19,7 @@ from fastgen.bench import SUITES
 from fastgen.dispatch import NAMES
 from fastgen.ops import REGISTRY
 from fastgen.ops.pixel_norm import _pixel_norm_composite
+from fastgen.ops.upsample_conv2d import _check_upsample_conv2d
 from cases import cpu_backends, skip_unavailable
 from tolerances import assert_close, assert_close_grad
 
@@ -51,11 +53,17 @@ def _globals_used(fn) -> set[str]:
 
 
 def _independent(name: str, value) -> bool:
-    """What a reference may use: torch and math, builtins, constants, other references, its own
-    argument check, and the torch layer of an activation."""
+    """What a reference may use: torch and math, builtins, constants, torch's and Python's types,
+    other references, its own argument check (whose result it may not use: _checks_used), and the
+    torch layer of an activation (torch's own class per name, each pinned against torch by
+    tests/test_activations.py)."""
+    if getattr(builtins, name, None) is value:
+        return True
     if isinstance(value, types.ModuleType):
         return value.__name__.split(".")[0] in ("torch", "math")
-    if value is activations.torch_layer or isinstance(value, type):
+    if isinstance(value, type):
+        return value.__module__.split(".")[0] in ("torch", "builtins", "typing")
+    if value is activations.torch_layer:
         return True
     if callable(value):
         return name.endswith("_ref") or name.startswith("_check_")
@@ -68,7 +76,17 @@ def _violations(ref) -> list[str]:
         value = ref.__globals__[name] if name in ref.__globals__ else getattr(builtins, name)
         if not _independent(name, value):
             found.append(name)
-    return found + (["torch.ops"] if "torch.ops" in inspect.getsource(ref) else [])
+    return found + _checks_used(ref) + (["torch.ops"] if "torch.ops" in inspect.getsource(ref) else [])
+
+
+def _checks_used(fn) -> list[str]:
+    """The argument checks whose result the reference uses: the values they parse (padding, scales,
+    defaults) are the implementation's, and a parsing bug would be shared by oracle and kernel.
+    A check called as a statement, its result dropped, only validates."""
+    (node,) = ast.parse(textwrap.dedent(inspect.getsource(fn))).body
+    bare = {id(s.value.func) for s in ast.walk(node) if isinstance(s, ast.Expr) and isinstance(s.value, ast.Call)}
+    return [f"{n.id} (its result)" for n in ast.walk(node)
+            if isinstance(n, ast.Name) and n.id.startswith("_check_") and id(n) not in bare]
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
@@ -82,8 +100,14 @@ def _shared_pixel_norm_ref(x, eps=1e-8):  # the composite dressed up as a refere
     return _pixel_norm_composite(x, eps)
 
 
+def _shared_parser_ref(x, weight, bias=None, scale_factor=2, mode="nearest", padding=None):
+    scale, pad = _check_upsample_conv2d(x, weight, bias, scale_factor, mode, padding)  # the kernel's parsing
+    return F.conv2d(F.interpolate(x, scale_factor=scale, mode=mode), weight, bias, padding=pad)
+
+
 def test_the_guard_catches_a_shared_helper():
     assert _violations(_shared_pixel_norm_ref) == ["_pixel_norm_composite"]
+    assert _violations(_shared_parser_ref) == ["_check_upsample_conv2d (its result)"]
 
 
 EXAMPLES = [pytest.param(spec, ex, backend, id=f"{ex.name}-{backend}")

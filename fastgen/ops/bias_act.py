@@ -57,7 +57,10 @@ def bias_act_ref(x: Tensor, b: Tensor | None = None, dim: int = 1, act: str = "l
     Returns:
         x's shape, dtype and memory format.
     """
-    alpha, gain, clamp = _check_bias_act(x, b, dim, act, alpha, gain, clamp)
+    _check_bias_act(x, b, dim, act, alpha, gain, clamp)
+    stylegan2_lrelu = act in ("lrelu", "leaky_relu")  # StyleGAN2's defaults, written out here (the spec)
+    alpha = (0.2 if stylegan2_lrelu else 0.0) if alpha is None else alpha
+    gain = (math.sqrt(2) if stylegan2_lrelu or act in ("relu", "swish", "silu") else 1.0) if gain is None else gain
     if b is not None:
         x = x + b.reshape([-1 if i == dim % x.dim() else 1 for i in range(x.dim())])
     x = torch_layer(act, alpha)(x)

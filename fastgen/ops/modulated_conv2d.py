@@ -94,8 +94,10 @@ def modulated_conv2d_ref(x: Tensor, weight: Tensor, styles: Tensor, demodulate: 
     Returns:
         (N, O, OH, OW); OH = H * up / down for padding = k // 2 and StyleGAN2's 4-tap filter.
     """
-    f, pad = _check_modulated_conv2d(x, weight, styles, demodulate, up, down, resample_filter, padding, True,
-                                     flip_weight)
+    _check_modulated_conv2d(x, weight, styles, demodulate, up, down, resample_filter, padding, True, flip_weight)
+    f = torch.ones(1, 1, device=x.device) if resample_filter is None else resample_filter
+    padding = [padding] * 2 if isinstance(padding, int) else padding
+    pad = [padding[0], padding[0], padding[1], padding[1]] if len(padding) == 2 else padding
     n = x.shape[0]
     out_channels, in_channels, kh, kw = weight.shape
     w = weight.unsqueeze(0) * styles.reshape(n, 1, -1, 1, 1)

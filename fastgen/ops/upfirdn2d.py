@@ -52,7 +52,12 @@ def upfirdn2d_ref(x: Tensor, f: Tensor | None, up=1, down=1, padding=0, flip_fil
         (N, C, (H*upy + py0 + py1 - fh) // downy + 1, (W*upx + px0 + px1 - fw) // downx + 1),
         in x's memory format.
     """
-    f, (upx, upy), (downx, downy), (px0, px1, py0, py1) = _check_upfirdn2d(x, f, up, down, padding, flip_filter, gain)
+    _check_upfirdn2d(x, f, up, down, padding, flip_filter, gain)
+    f = torch.ones(1, 1, device=x.device) if f is None else f
+    upx, upy = (up, up) if isinstance(up, int) else up
+    downx, downy = (down, down) if isinstance(down, int) else down
+    padding = [padding] * 2 if isinstance(padding, int) else padding
+    px0, px1, py0, py1 = [padding[0], padding[0], padding[1], padding[1]] if len(padding) == 2 else padding
     n, c, h, w = x.shape
     x = x.reshape(n, c, h, 1, w, 1)
     x = F.pad(x, [0, upx - 1, 0, 0, 0, upy - 1]).reshape(n, c, h * upy, w * upx)

@@ -51,9 +51,10 @@ def upsample_conv2d_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None
     Returns:
         (N, CO, s*H + 2*padding - k + 1, s*W + 2*padding - k + 1), in x's memory format.
     """
-    scale, pad = _check_upsample_conv2d(x, weight, bias, scale_factor, mode, padding)
+    _check_upsample_conv2d(x, weight, bias, scale_factor, mode, padding)
+    pad = weight.shape[-1] // 2 if padding is None else padding
     align = False if mode == "bilinear" else None
-    xu = F.interpolate(x, scale_factor=scale, mode=mode, align_corners=align)
+    xu = F.interpolate(x, scale_factor=int(scale_factor), mode=mode, align_corners=align)
     return F.conv2d(xu, weight, bias, padding=pad)
 
 
