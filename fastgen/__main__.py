@@ -32,7 +32,11 @@ def main(argv=None) -> int:
     bench.add_argument("--ops", default=None, help="comma-separated ops (default: every op with a suite)")
     bench.add_argument("--skip-ops", default="", help="comma-separated ops to leave out")
     bench.add_argument("--out", default=None, help="the JSON (rewritten after each row; the chart is its .png); "
-                                                   "default benchmarks/results/bench-<device>[-quick].json")
+                                                   "default runs/bench/bench-<device>[-quick].json "
+                                                   "(--models: runs/bench/models-<device>.json)")
+    bench.add_argument("--record", action="store_true",
+                       help="write the committed record under benchmarks/results/ instead of runs/bench/ "
+                            "(for whoever refreshes what auto and the tests read)")
     bench.add_argument("--models", nargs="?", const="all", default=None,
                        help="time whole models instead of ops (eager vs torch.compile vs fastgen.convert); "
                             "optionally comma-separated names")
@@ -72,10 +76,10 @@ def main(argv=None) -> int:
 
         names = None if args.models == "all" else args.models.split(",")
         rows = models.run(names, tuple(args.layouts.split(",")), args.reps)
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps({"environment": environment(), "models": rows}, indent=1))
-            print(f"wrote {args.out}")
+        out = Path(args.out or f"{'benchmarks/results' if args.record else 'runs/bench'}/models-{args.device}.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"environment": environment(), "models": rows}, indent=1))
+        print(f"wrote {out}")
         return 0
     from fastgen.bench import cli
 

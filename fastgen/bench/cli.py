@@ -1,7 +1,8 @@
 """The command `python -m fastgen bench` (arguments: fastgen/__main__.py).
 
 Default: the quick run, one shape per op (Shape.quick), both layouts, forward and forward+backward;
-`--full` every shape. Writes benchmarks/results/bench-<device>[-<dtype>][-quick].json (the dtype named
+`--full` every shape. Writes runs/bench/bench-<device>[-<dtype>][-quick].json (benchmarks/results/ with
+--record: the committed records, for whoever refreshes them; --out anywhere) (the dtype named
 when it is not the device's default) (after every row, so a
 run cut short keeps its rows) and a .png chart beside it, prints the summary table, and exits 1 if
 any provider failed its correctness check.
@@ -54,7 +55,10 @@ def main(args) -> int:
         return 2
     default_dtype = torch.bfloat16 if device == "cuda" else torch.float32
     tag = device_tag(device) + ("" if dtype == default_dtype else f"-{str(dtype).replace('torch.', '')}")
-    out = Path(args.out or f"benchmarks/results/bench-{tag}{'' if full else '-quick'}.json")
+    # a user's run goes to runs/bench/; the committed records (benchmarks/results/, which auto's CPU
+    # choices and tests/test_bench.py read) change only when asked, with --record
+    folder = "benchmarks/results" if args.record else "runs/bench"
+    out = Path(args.out or f"{folder}/bench-{tag}{'' if full else '-quick'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     env = environment()
     print(f"on {env['device']} ({device}), torch {env['torch']}, triton {env['triton']}, {dtype}, git {env['git_sha']}")
