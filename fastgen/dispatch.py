@@ -222,6 +222,13 @@ def select(spec, x: torch.Tensor, backend: str | None, variant: str | None = Non
     """
     name = requested(backend)
     device = x.device
+    if torch._C._are_functorch_transforms_active():
+        # torch.library's autograd for custom ops has no functorch rules (torch 2.14: "must override the
+        # setup_context staticmethod"): under torch.func, auto runs the reference; a named fast backend says so
+        if name not in ("auto", "reference"):
+            raise RuntimeError(f"{spec.name}: backend '{name}' cannot run under a torch.func transform (vmap, grad, "
+                               f"jvp, jacrev, ...); under torch.func, auto (or backend='reference') runs the reference")
+        return "reference"
     if name != "auto":
         if name not in spec.backends:
             raise NotImplementedError(f"{spec.name} has no '{name}' backend; it has {sorted(spec.backends)}")

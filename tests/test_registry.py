@@ -219,3 +219,25 @@ def test_nan_and_inf_land_where_eager_puts_them(spec, example, backend, bad):
         f"{int((~got.isfinite()).sum())} non-finite vs eager's {int((~want.isfinite()).sum())}"
     if bad != bad:  # NaN
         assert torch.equal(got.isnan(), want.isnan()) and want.isnan().any() and not want.isnan().all()
+
+
+@pytest.mark.parametrize("spec,example", [pytest.param(s, e, id=e.name) for s in SPECS for e in s.examples])
+def test_torch_func_runs_the_reference_under_auto_and_names_the_transform_otherwise(spec, example):
+    """torch.func.grad and vmap over the public op: auto runs the reference (torch.library's custom-op
+    autograd has no functorch rules); a named fast backend raises, naming torch.func."""
+    x, *rest = example.inputs()
+    x = x.double()
+    rest = [t.double() if torch.is_tensor(t) and t.is_floating_point() else t for t in rest]
+
+    def loss(x, backend=None):
+        return spec.public(x, *rest, **example.kwargs, backend=backend).square().sum()
+
+    got = torch.func.grad(loss)(x)
+    want = torch.autograd.grad(loss(x.requires_grad_(True), "reference"), x)[0]
+    torch.testing.assert_close(got, want)
+    x = x.detach()
+    batched = torch.func.vmap(lambda t: spec.public(t, *rest, **example.kwargs))(torch.stack([x, 2 * x]))
+    torch.testing.assert_close(batched, torch.stack([spec.ref(t, *rest, **example.kwargs) for t in (x, 2 * x)]))
+    for backend in cpu_backends(spec.name):
+        with pytest.raises(RuntimeError, match="torch.func"):
+            torch.func.grad(loss)(x.detach(), backend)
