@@ -232,3 +232,22 @@ def test_stylegan2_r1_penalty_fused_vs_unfused():
         return [penalty.detach()] + [torch.zeros(1) if t is None else t.float() for t in grads]
 
     assert_within_eager_error(r1_gradients(fused), r1_gradients(unfused), r1_gradients(unfused, torch.float64))
+
+
+@pytest.mark.parametrize("demodulate", [True, False], ids=["conv", "torgb"])
+def test_stylegan2_fp16_layers_modulate_in_float32(demodulate):
+    """In fp16 blocks the style affine and the demodulation run in float32 from the float32 weight and
+    styles, as the official code does; only the convolution is float16 (here on the CPU)."""
+    from fastgen.models.stylegan2 import SynthesisLayer, ToRGBLayer, _modulated
+
+    torch.manual_seed(0)
+    layer = SynthesisLayer(16, 8, 32, 8, kernel_size=3) if demodulate else ToRGBLayer(16, 3, 32)
+    x, w = torch.randn(2, 16, 8, 8), torch.randn(2, 32)
+    gain = 1.0 if demodulate else layer.weight_gain
+    want = modulated_conv2d_ref(x.double(), layer.weight.double(), (layer.affine(w) * gain).double(), demodulate,
+                                1, 1, None, layer.padding)
+    seen = []
+    layer.affine.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    got = _modulated(layer, x.half(), w, demodulate, True, gain)
+    assert got.dtype == torch.float16 and seen == [torch.float32]
+    torch.testing.assert_close(got.double(), want, atol=2e-2, rtol=2e-2)

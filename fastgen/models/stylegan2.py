@@ -42,6 +42,28 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _modulated(layer, x: torch.Tensor, w: torch.Tensor, demodulate: bool, fused_modconv: bool, style_gain: float = 1.0):
+    """A synthesis layer's modulated convolution as the official code computes it: the style affine
+    and the demodulation coefficients in the parameters' precision (float32), whatever x's; in an
+    fp16 block only the convolution runs in float16, after the official pre-normalization of weight
+    and styles (max-abs, against fp16 overflow; demodulation cancels it), its output scaled by the
+    float32 coefficients (the official non-fused form: the scale commutes with the FIR filter)."""
+    up, f = layer.up, getattr(layer, "resample_filter", None)
+    if x.dtype != torch.float16 or layer.weight.dtype == torch.float16:  # not an fp16 block: all in x's dtype
+        styles = layer.affine(w.to(x.dtype)) * style_gain
+        return modulated_conv2d(x, layer.weight.to(x.dtype), styles, demodulate, up, 1, f, layer.padding,
+                                fused_modconv, flip_weight=up == 1)
+    styles = layer.affine(w.to(layer.weight.dtype)) * style_gain
+    weight, dcoefs = layer.weight, None
+    if demodulate:
+        weight = weight * (1 / math.sqrt(weight[0].numel()) / weight.abs().amax(dim=[1, 2, 3], keepdim=True))
+        styles = styles / styles.abs().amax(dim=1, keepdim=True)
+        dcoefs = ((weight.unsqueeze(0) * styles[:, None, :, None, None]).square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt()
+    y = modulated_conv2d(x, weight.to(x.dtype), styles.to(x.dtype), False, up, 1, f, layer.padding, fused_modconv,
+                         flip_weight=up == 1)
+    return y if dcoefs is None else y * dcoefs.to(x.dtype)[:, :, None, None]
+
+
 class MappingNetwork(nn.Module):
     """z (and a class label c) -> w, broadcast to num_ws copies; truncation towards w_avg."""
 
@@ -105,9 +127,7 @@ class SynthesisLayer(ModulatedConv2d):
     def forward(self, x, w, noise_mode: str = "random", fused_modconv: bool = True, gain: float = 1):
         if noise_mode not in ("random", "const", "none"):
             raise ValueError(f"noise_mode must be 'random', 'const' or 'none', got {noise_mode!r}")
-        styles = self.affine(w.to(x.dtype))
-        x = modulated_conv2d(x, self.weight.to(x.dtype), styles, True, self.up, 1, self.resample_filter, self.padding,
-                             fused_modconv, flip_weight=self.up == 1)
+        x = _modulated(self, x, w, True, fused_modconv)
         if self.use_noise and noise_mode == "random":
             x = x + torch.randn(x.shape[0], 1, self.resolution, self.resolution, device=x.device,
                                 dtype=x.dtype) * self.noise_strength.to(x.dtype)
@@ -132,8 +152,7 @@ class ToRGBLayer(ModulatedConv2d):
         self.bias = nn.Parameter(torch.zeros(out_channels))
 
     def forward(self, x, w, fused_modconv: bool = True):
-        styles = self.affine(w.to(x.dtype)) * self.weight_gain
-        x = modulated_conv2d(x, self.weight.to(x.dtype), styles, False, fused_modconv=fused_modconv)
+        x = _modulated(self, x, w, False, fused_modconv, self.weight_gain)
         return bias_act(x, self.bias.to(x.dtype), clamp=self.conv_clamp)
 
 
