@@ -265,11 +265,28 @@ def _backward_group_norm_act(ctx, grad: Tensor, _grad_mean, _grad_rstd):
     # torch 2.9's decomposition of native_group_norm_backward fails there (divmod of a SymInt)
     concrete = not any(isinstance(s, torch.SymInt) for s in x.shape)
     if not torch.is_grad_enabled() and x.device.type in ("cpu", "cuda") and concrete:
+        if x.dtype != torch.float64 and x[0].numel() <= _SMALL_GROUP * num_groups:
+            # a few values per group: dx is a small difference of large terms, and the statistics
+            # saved in float32 lose it (2 values per group: 2e-4 off where eager is 4e-5); in float64
+            # from x, as cheap as it is small
+            f64 = [None if t is None else t.double() for t in (grad, x, weight, bias)]
+            gx, gw, gb = _backward_math(*f64, num_groups, eps, act, slope, need_x, need_w, need_b)
+            return (None if gx is None else gx.to(x.dtype), None, None if gw is None else gw.to(weight.dtype),
+                    None if gb is None else gb.to(bias.dtype), None, None, None, None)
         if backend in ("cpu", "cuda", "triton"):
             gx, gw, gb = _backward_fused(grad, x, weight, bias, mean, rstd, act, slope, need_x, backend)
             return gx, None, gw if need_w else None, gb if need_b else None, None, None, None, None
         gx, gw, gb = _backward_aten(grad, x, weight, bias, num_groups, eps, act, slope, (need_x, need_w, need_b))
         return gx, None, gw, gb, None, None, None, None
+    gx, gw, gb = _backward_math(grad, x, weight, bias, num_groups, eps, act, slope, need_x, need_w, need_b)
+    return gx, None, gw, gb, None, None, None, None
+
+
+_SMALL_GROUP = 32  # values per group (and sample) up to which the first-order backward runs in float64
+
+
+def _backward_math(grad, x, weight, bias, num_groups, eps, act, slope, need_x, need_w, need_b):
+    """The gradients in differentiable aten math, the statistics recomputed from x."""
     xhat5, rstd = _normalized(x, num_groups, eps)
     xhat = xhat5.flatten(1, 2)
     gz = grad.to(xhat.dtype) * activation_row(act).grad(_pre_activation(xhat, x, weight, bias), slope)
@@ -282,7 +299,7 @@ def _backward_group_norm_act(ctx, grad: Tensor, _grad_mean, _grad_rstd):
         dims = tuple(range(2, xh.dim()))
         gx = rstd * (gxhat - gxhat.mean(dims, keepdim=True) - xh * (gxhat * xh).mean(dims, keepdim=True))
         gx = gx.flatten(1, 2).to(x.dtype)
-    return gx, None, gw, gb, None, None, None, None
+    return gx, gw, gb
 
 
 def _backward_fused(grad, x, weight, bias, mean, rstd, act, slope, need_x, backend):
