@@ -43,6 +43,26 @@ def _stylegan2_256(fused: bool):
     return StyleGAN2Generator(512, 0, 512, 256, 3, channel_base=16384, channel_max=512, fused=fused)
 
 
+class _OnBackend(torch.nn.Module):
+    """A model run with every fastgen op on one backend (per call, this thread)."""
+
+    def __init__(self, model, backend: str):
+        super().__init__()
+        self.model, self.backend = model, backend
+
+    def forward(self, *args, **kwargs):
+        with fastgen.use_backend(self.backend):
+            return self.model(*args, **kwargs)
+
+
+def _stylegan2_256_official(fused: bool):
+    """The same generator; the baseline is StyleGAN2's own formulation in plain torch, as the official
+    networks run without their CUDA plugins: up=2 modulated convolutions as a transposed convolution
+    then the FIR filter, upfirdn2d and bias_act in aten math (fastgen's composite backends)."""
+    model = _stylegan2_256(True)
+    return model if fused else _OnBackend(model, "composite")
+
+
 def _dcgan_64(fused: bool):
     from fastgen.models import DCGANGenerator
 
@@ -55,7 +75,12 @@ MODELS = {
     "sd-vae-reduced-decode": (_reduced_vae, lambda: torch.randn(1, 4, 32, 32), lambda m, z: m.decode(z).sample,
                               "AutoencoderKL (32, 64, 128, 128) decode 32x32 -> 256x256, batch 1"),
     "stylegan2-256": (_stylegan2_256, lambda: torch.randn(4, 512), lambda m, z: m(z, None, noise_mode="const"),
-                      "StyleGAN2 256x256 generator (reference ops vs fastgen), batch 4"),
+                      "StyleGAN2 256x256 generator (baseline: fastgen's fused=False build, each op's reference: "
+                      "the zero-inserted image for up=2), batch 4"),
+    "stylegan2-256-official": (_stylegan2_256_official, lambda: torch.randn(4, 512),
+                               lambda m, z: m(z, None, noise_mode="const"),
+                               "StyleGAN2 256x256 generator (baseline: the official formulation in plain torch, "
+                               "transposed convolution + FIR), batch 4"),
     "dcgan-64": (_dcgan_64, lambda: torch.randn(64, 100), lambda m, z: m(z),
                  "DCGAN 64x64 generator, upsample + conv variant, batch 64 (eval)"),
 }
