@@ -358,10 +358,18 @@ def _rewrite(graph: fx.Graph, modules: dict, path: str, report: ConversionReport
         if node._erased:  # erased with its pair
             continue
         if node.op == "call_module" and isinstance(modules.get(node.target), _NORM_LIKE) \
-                and len(node.args) == 1 and not node.kwargs and len(node.users) == 1:
-            fused += _fuse_norm(graph, node, modules, path, report)
+                and len(node.args) == 1 and not node.kwargs:
+            if len(node.users) == 1:
+                fused += _fuse_norm(graph, node, modules, path, report)
+            elif any(_activation_call(u, modules) for u in node.users):
+                report.add("left", _join(path, node.target), "its output is read elsewhere too, not only by the activation")
         elif _upsampling_settings(node, modules) is not None and len(node.users) == 1:
             fused += _fuse_upsampling(graph, node, modules, path, report)
+        elif node.op == "call_module" and isinstance(modules.get(node.target), nn.Upsample) \
+                and type(modules[node.target]) is not nn.Upsample \
+                and any(u.op == "call_module" and isinstance(modules.get(u.target), nn.Conv2d) for u in node.users):
+            report.add("left", _join(path, node.target),
+                       f"{type(modules[node.target]).__name__} is a subclass of nn.Upsample: its forward may differ")
     return fused
 
 

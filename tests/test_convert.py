@@ -283,7 +283,7 @@ MODELS = {
     "appends-to-cache": (AppendsToCache, image(), 0, ("lists or dicts",)),
     "flagged": (Flagged, image(), 1, ()),
     "shared-modules": (SharedModules, image(), 2, ()),
-    "read-twice": (ReadTwice, image(), 1, ()),
+    "read-twice": (ReadTwice, image(), 1, ("read elsewhere",)),
     "in-place": (InPlace, image(), 2, ()),
     "subclassed": (subclassed, image(), 1, ("subclass of nn.GroupNorm",)),
     "conv-list": (ConvList, image(4, 3, 4), 2, ("given size",)),
