@@ -24,7 +24,8 @@ Why that is exact where a layer swap is not:
 What is fused: GroupNorm, BatchNorm2d or InstanceNorm2d (batch statistics) followed by an activation
 of fastgen's table (a module, a torch function or a tensor method) -> group_norm_act / batch_norm_act
 / instance_norm_act; nn.Upsample or F.interpolate (nearest 2/3/4x, nearest-exact 2/4x, bilinear 2x
-without align_corners, by an integer scale factor) followed by an nn.Conv2d -> upsample_conv2d.
+without align_corners, by an integer scale factor) followed by an nn.Conv2d -> upsample_conv2d; a
+pixel norm written out (x * rsqrt(mean(x^2, dim=1, keepdim=True) + eps), or x / sqrt(...)) -> pixel_norm.
 diffusers' Upsample2D (whose forward fx cannot trace) has a forward of its own here, used only for
 the version of diffusers it mirrors. Every module that could hold such a pattern and does not is
 listed in `fastgen_report` with the reason.
@@ -39,6 +40,7 @@ import hashlib
 import importlib
 import inspect
 import logging
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -50,6 +52,7 @@ from fastgen.activations import activation_of
 from fastgen.nn.norm_act import batch_norm_act_module
 from fastgen.ops.group_norm_act import group_norm_act
 from fastgen.ops.instance_norm_act import instance_norm_act
+from fastgen.ops.pixel_norm import pixel_norm
 from fastgen.ops.upsample_conv2d import SCALES, upsample_conv2d
 
 log = logging.getLogger("fastgen")
@@ -231,6 +234,15 @@ def _norm_act_call(norm: nn.Module, act: nn.Module | None, call: tuple, name: st
     return function(*args, **dict(kwargs)) if isinstance(target, str) else function(y, *args, **dict(kwargs))
 
 
+def _pixel_norm_call(x, eps: float, divide: bool):
+    """ProGAN's pixel norm, as the forward wrote it: x * rsqrt(mean(x^2, dim=1) + eps), or with
+    divide, x / sqrt(...)."""
+    if _plain_call(x) and x.dim() >= 2:
+        return pixel_norm(x, eps)
+    norm = torch.mean(x ** 2, dim=1, keepdim=True) + eps
+    return x / torch.sqrt(norm) if divide else x * torch.rsqrt(norm)
+
+
 def _buffer_dtype(norm: nn.Module, x: torch.Tensor):
     mean = norm.running_mean
     return x.dtype if mean is None else mean.dtype
@@ -365,6 +377,8 @@ def _rewrite(graph: fx.Graph, modules: dict, path: str, report: ConversionReport
                 report.add("left", _join(path, node.target), "its output is read elsewhere too, not only by the activation")
         elif _upsampling_settings(node, modules) is not None and len(node.users) == 1:
             fused += _fuse_upsampling(graph, node, modules, path, report)
+        elif _pixel_norm_match(node) is not None:
+            fused += _fuse_pixel_norm(graph, node, path, report)
         elif node.op == "call_module" and isinstance(modules.get(node.target), nn.Upsample) \
                 and type(modules[node.target]) is not nn.Upsample \
                 and any(u.op == "call_module" and isinstance(modules.get(u.target), nn.Conv2d) for u in node.users):
@@ -446,6 +460,64 @@ def _fuse_upsampling(graph, node, modules, path, report) -> int:
     return 1
 
 
+def _is(node, functions=(), methods=()) -> bool:
+    return isinstance(node, fx.Node) and ((node.op == "call_function" and node.target in functions)
+                                          or (node.op == "call_method" and node.target in methods))
+
+
+def _only_for(node, user) -> bool:
+    return isinstance(node, fx.Node) and list(node.users) == [user]
+
+
+def _pixel_norm_match(node):
+    """(x, eps, divide, the nodes it replaces) where node computes x * rsqrt(mean(x^2, dim=1,
+    keepdim=True) + eps) or x / sqrt(...) (x^2 as x ** 2, x * x, x.square() or x.pow(2); the mean
+    and the root as torch functions or tensor methods), each intermediate used there alone."""
+    if _is(node, (operator.mul, torch.mul), ("mul",)) and len(node.args) == 2 and not node.kwargs:
+        pairs = [node.args, node.args[::-1]]
+        root_fns, root_methods, divide = (torch.rsqrt,), ("rsqrt",), False
+    elif _is(node, (operator.truediv, torch.div), ("div",)) and len(node.args) == 2 and not node.kwargs:
+        pairs = [node.args]
+        root_fns, root_methods, divide = (torch.sqrt,), ("sqrt",), True
+    else:
+        return None
+    for x, root in pairs:
+        if not (_is(root, root_fns, root_methods) and len(root.args) == 1 and _only_for(root, node)):
+            continue
+        shifted = root.args[0]
+        if not (_is(shifted, (operator.add, torch.add), ("add",)) and len(shifted.args) == 2 and not shifted.kwargs
+                and _only_for(shifted, root)):
+            continue
+        for mean, eps in (shifted.args, shifted.args[::-1]):
+            if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+                continue
+            if not (_is(mean, (torch.mean,), ("mean",)) and _only_for(mean, shifted)):
+                continue
+            args = dict(zip(("input", "dim", "keepdim"), mean.args)) | dict(mean.kwargs)
+            if set(args) != {"input", "dim", "keepdim"} or args["keepdim"] is not True \
+                    or args["dim"] not in (1, (1,), [1]) or not _only_for(args["input"], mean):
+                continue
+            square = args["input"]
+            squares = ((_is(square, (operator.pow, torch.pow), ("pow",)) and square.args == (x, 2))
+                       or (_is(square, (operator.mul, torch.mul), ("mul",)) and square.args == (x, x))
+                       or (_is(square, (torch.square,), ("square",)) and square.args == (x,)))
+            if squares and not square.kwargs:
+                return x, float(eps), divide, (root, shifted, mean, square)
+    return None
+
+
+def _fuse_pixel_norm(graph, node, path, report) -> int:
+    x, eps, divide, replaced = _pixel_norm_match(node)
+    with graph.inserting_before(node):
+        new = graph.call_function(_pixel_norm_call, (x, eps, divide))
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    for n in replaced:
+        graph.erase_node(n)
+    report.add("fused", path, f"{'x / sqrt' if divide else 'x * rsqrt'}(mean(x^2, dim=1) + {eps:g}) -> pixel_norm")
+    return 1
+
+
 def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
@@ -476,7 +548,8 @@ def _may_hold_a_pattern(m: nn.Module) -> bool:
         return has_norm or has_conv  # no source to look at: fx reads the code itself
     upsampling = "interpolate" in source or any(isinstance(c, nn.Upsample) for c in layers)
     activation = any(word in source for word in _ACTIVATION_WORDS)
-    return (has_norm and activation) or (has_conv and upsampling)
+    pixel_norm = "sqrt" in source and "mean" in source
+    return (has_norm and activation) or (has_conv and upsampling) or pixel_norm
 
 
 # ---------------------------------------------------------------------------------------------

@@ -85,6 +85,21 @@ class PixelNormLayer(nn.Module):
         return x * torch.rsqrt(torch.mean(x ** 2, dim=1, keepdim=True) + 1e-8)
 
 
+class PixelNormInline(nn.Module):
+    """Pixel norm written inline, three ways (StyleGAN's methods, ProGAN's division), and a near miss
+    (a mean over the spatial axes: an instance-wise RMS, not a pixel norm)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        a = x * (x.square().mean(dim=1, keepdim=True) + 1e-8).rsqrt()
+        b = self.conv(a)
+        c = b / torch.sqrt(torch.mean(b * b, dim=1, keepdim=True) + 1e-6)
+        return c * torch.rsqrt(torch.mean(c ** 2, dim=(2, 3), keepdim=True) + 1e-8)
+
+
 def progan_block():
     return nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(6, 8, 3, padding=1), nn.LeakyReLU(0.2),
                          PixelNormLayer(), nn.Conv2d(8, 8, 3, padding=1), nn.LeakyReLU(0.2), PixelNormLayer())
@@ -274,7 +289,8 @@ MODELS = {
     "functional-scale": (Functional, lambda: (torch.randn(2, 4, 3, 5), 2.0), 3, ()),
     "cyclegan-resnet-block": (CycleGANResnetBlock, image(8, 6, 6), 1, ()),
     "cyclegan-generator": (cyclegan_generator, image(3, 8, 8), 5, ()),
-    "progan-block": (progan_block, image(6, 4, 4), 1, ()),
+    "progan-block": (progan_block, image(6, 4, 4), 3, ()),
+    "pixel-norm-inline": (PixelNormInline, image(), 2, ()),
     "unet": (UNet, image(3, 8, 8), 4, ()),
     "training-branches": (TrainingBranches, image(), 1, ()),
     "optional-skip": (OptionalSkip, image(), 1, ()),
