@@ -4,7 +4,7 @@
     <op>.py      one suite per op (upsample_conv2d.py, group_norm_act.py, ...)
     harness.py   timing, the correctness check against the float64 oracle, peak memory, ceilings
     report.py    the summary table and the chart
-    cli.py       the command: which rows, the progress bar, JSON + PNG under benchmarks/results/
+    cli.py       the command: which rows, the progress bar, JSON + PNG under runs/bench/ (--record: benchmarks/results/)
     models.py    whole generators (`--models`), each provider in its own process
 
 benchmarks/bench_<op>.py run the same suites under pytest-benchmark.
