@@ -617,8 +617,10 @@ class _TracedForwards:
         self.stateful = False  # the forward writes the module's state: never traced again
 
     def prepare(self, m: nn.Module, path: str, report: ConversionReport) -> bool:
-        """Traces the usual calls (tensor arguments, defaults; both modes, with and without grad) for
-        the report; True when a call fuses, or when there was nothing to tell at this point."""
+        """Traces the usual calls (tensor arguments, defaults, None for a later required argument, a
+        tensor for a None default; both modes, with and without grad) for the report, which says
+        what fused and what was left; True when one of them fuses (the module is then converted and
+        traces its calls as they come)."""
         self.signature = _signature(type(m).forward)  # m's own class, not yet converted
         if self.signature is None:
             report.add("left", path, f"{type(m).__name__}.forward's signature cannot be read")
