@@ -23,7 +23,8 @@ Why that is exact where a layer swap is not:
 
 What is fused: GroupNorm, BatchNorm2d or InstanceNorm2d (batch statistics) followed by an activation
 of fastgen's table (a module, a torch function or a tensor method) -> group_norm_act / batch_norm_act
-/ instance_norm_act; nn.Upsample or F.interpolate (nearest 2/3/4x, nearest-exact 2/4x, bilinear 2x
+/ instance_norm_act; nn.Upsample (or a subclass that only casts to float32 and back, in a nearest
+mode: diffusers' Wan and QwenImage upsamplers) or F.interpolate (nearest 2/3/4x, nearest-exact 2/4x, bilinear 2x
 without align_corners, by an integer scale factor) followed by an nn.Conv2d -> upsample_conv2d; a
 pixel norm written out (x * rsqrt(mean(x^2, dim=1, keepdim=True) + eps), or x / sqrt(...)) -> pixel_norm.
 diffusers' Upsample2D (whose forward fx cannot trace) has a forward of its own here, used only for
@@ -33,6 +34,7 @@ listed in `fastgen_report` with the reason.
 
 from __future__ import annotations
 
+import ast
 import copy
 import dataclasses
 import functools
@@ -41,6 +43,7 @@ import importlib
 import inspect
 import logging
 import operator
+import textwrap
 from dataclasses import dataclass, field
 
 import torch
@@ -251,7 +254,9 @@ def _buffer_dtype(norm: nn.Module, x: torch.Tensor):
 def _upsample_conv_call(conv: nn.Conv2d, upsample: nn.Module | None, interpolate: tuple, scale: int, mode: str, x):
     """conv(upsample(x)), or conv(F.interpolate(x, *args, **kwargs)) with interpolate = (args, kwargs
     items) where the forward called the function."""
-    if not _hooked(conv) and not _hooked(upsample) and _plain_call(x, conv.weight, conv.bias) and x.dim() == 4:
+    exact = upsample is None or type(upsample) is nn.Upsample or x.dtype != torch.float64  # see _casting_upsample
+    if exact and not _hooked(conv) and not _hooked(upsample) and _plain_call(x, conv.weight, conv.bias) \
+            and x.dim() == 4:
         return upsample_conv2d(x, conv.weight, conv.bias, scale_factor=scale, mode=mode, padding=conv.padding[0])
     if upsample is not None:
         return conv(upsample(x))
@@ -380,7 +385,7 @@ def _rewrite(graph: fx.Graph, modules: dict, path: str, report: ConversionReport
         elif _pixel_norm_match(node) is not None:
             fused += _fuse_pixel_norm(graph, node, path, report)
         elif node.op == "call_module" and isinstance(modules.get(node.target), nn.Upsample) \
-                and type(modules[node.target]) is not nn.Upsample \
+                and type(modules[node.target]) is not nn.Upsample and not _casting_upsample(modules[node.target]) \
                 and any(u.op == "call_module" and isinstance(modules.get(u.target), nn.Conv2d) for u in node.users):
             report.add("left", _join(path, node.target),
                        f"{type(modules[node.target]).__name__} is a subclass of nn.Upsample: its forward may differ")
@@ -421,12 +426,32 @@ def _upsampling_settings(node: fx.Node, modules: dict):
     """The settings of an nn.Upsample call or an F.interpolate call, else None."""
     if node.op == "call_function" and node.target is F.interpolate:
         return dict(zip(_INTERPOLATE_ARGS, node.args)) | dict(node.kwargs)
-    if node.op == "call_module" and type(modules.get(node.target)) is nn.Upsample and len(node.args) == 1 \
-            and not node.kwargs:
-        up = modules[node.target]
+    up = modules.get(node.target) if node.op == "call_module" else None
+    if (type(up) is nn.Upsample or _casting_upsample(up)) and len(node.args) == 1 and not node.kwargs:
         return dict(input=node.args[0], size=up.size, scale_factor=up.scale_factor, mode=up.mode,
                     align_corners=up.align_corners, recompute_scale_factor=up.recompute_scale_factor)
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _casting_forward(cls: type) -> bool:
+    try:
+        (fn,) = ast.parse(textwrap.dedent(inspect.getsource(cls.forward))).body
+    except (OSError, TypeError, SyntaxError, ValueError):
+        return False
+    body = [s for s in fn.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
+    args = [a.arg for a in fn.args.args]
+    return len(body) == 1 and isinstance(body[0], ast.Return) and len(args) == 2 \
+        and ast.unparse(body[0].value) == f"super().forward({args[1]}.float()).type_as({args[1]})"
+
+
+def _casting_upsample(up) -> bool:
+    """An nn.Upsample subclass whose forward is `super().forward(x.float()).type_as(x)` (diffusers'
+    Wan and QwenImage upsamplers), in a nearest mode: the same copies as nn.Upsample's in float32,
+    float16 and bfloat16 (nearest only copies values); a float64 input is rounded to float32 by it,
+    so the fused call runs the layers there."""
+    return isinstance(up, nn.Upsample) and type(up) is not nn.Upsample and up.mode in ("nearest", "nearest-exact") \
+        and _casting_forward(type(up))
 
 
 def _fuse_upsampling(graph, node, modules, path, report) -> int:
@@ -455,7 +480,7 @@ def _fuse_upsampling(graph, node, modules, path, report) -> int:
     user.replace_all_uses_with(new)
     graph.erase_node(user)
     graph.erase_node(node)
-    origin = "nn.Upsample" if node.op == "call_module" else "F.interpolate"
+    origin = type(modules[node.target]).__name__ if node.op == "call_module" else "F.interpolate"
     report.add("fused", where, f"{origin} + Conv2d -> upsample_conv2d({mode}, x{scale})")
     return 1
 

@@ -177,7 +177,7 @@ DIFFUSERS = {
     "unet2d": (unet, lambda: (torch.randn(2, 3, 8, 8), 10), None, 8, ()),
     "autoencoder-kl": (lambda: vae("reduced"), lambda: (torch.randn(1, 4, 4, 4),), decode, 25, ()),
     "autoencoder-dc": (dc, lambda: (torch.randn(1, 4, 2, 2),), decode, None, ()),
-    "wan": (wan, lambda: (torch.randn(1, 4, 2, 4, 4),), decode, None, ("subclass of nn.Upsample",)),
+    "wan": (wan, lambda: (torch.randn(1, 4, 2, 4, 4),), decode, 1, ()),
 }
 
 
