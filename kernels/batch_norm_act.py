@@ -41,7 +41,7 @@ def _batch_norm_stats_kernel(
     start = part.to(tl.int64) * CHUNK
     for r0 in range(0, CHUNK, BLOCK_R):
         rows = start + r0 + tl.arange(0, BLOCK_R).to(tl.int64)
-        mask_r = (rows < N * L) & (rows < start + CHUNK)
+        mask_r = (rows < N.to(tl.int64) * L) & (rows < start + CHUNK)
         mask = mask_r[:, None] & mask_c[None, :]
         n, l = _sample_and_position(rows, L, ROWS_FIT_INT32)
         ptrs = x_ptr + (n * stride_xn + l * stride_xl)[:, None] \
@@ -63,14 +63,16 @@ def _batch_norm_stats_kernel(
 
 @triton.jit
 def _sample_and_position(rows, L, ROWS_FIT_INT32: tl.constexpr):
-    """(n, l) = divmod(rows, L), int64; divided in int32 when every row index fits: an int64 division
-    is a called routine whose stack frame tools/triton_aot.py reports as a spill."""
+    """(n, l) = divmod(rows, L), int64; divided in int32 when every row index fits (N * L rows, the
+    masked ones past the end included): an int64 division is a called routine whose stack frame
+    tools/triton_aot.py reports (the large shapes there take the int64 branch)."""
     if ROWS_FIT_INT32:
         r = rows.to(tl.int32)
         n = (r // L).to(tl.int64)
         l = (r % L).to(tl.int64)
-    else:
-        n, l = _sample_and_position(rows, L, ROWS_FIT_INT32)
+    else:  # 2^31 rows or more: the int64 division, per element
+        n = rows // L
+        l = rows - n * L
     return n, l
 
 
@@ -104,7 +106,7 @@ def _batch_norm_act_fwd_kernel(
         weighted = tl.zeros((BLOCK_C,), dtype=tl.float32)
         for p0 in range(0, SPLIT, SPLIT_BLOCK):
             parts = p0 + tl.arange(0, SPLIT_BLOCK)
-            counts = _chunk_counts(parts, SPLIT, N * L, CHUNK)
+            counts = _chunk_counts(parts, SPLIT, N.to(tl.int64) * L, CHUNK)
             means = tl.load(mean_ptr + parts[:, None] * C + offs_c[None, :],
                             mask=(parts < SPLIT)[:, None] & mask_c[None, :], other=0.0)
             total += tl.sum(counts, axis=0)
@@ -113,7 +115,7 @@ def _batch_norm_act_fwd_kernel(
         m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
         for p0 in range(0, SPLIT, SPLIT_BLOCK):
             parts = p0 + tl.arange(0, SPLIT_BLOCK)
-            counts = _chunk_counts(parts, SPLIT, N * L, CHUNK)
+            counts = _chunk_counts(parts, SPLIT, N.to(tl.int64) * L, CHUNK)
             mask_pc = (parts < SPLIT)[:, None] & mask_c[None, :]
             means = tl.load(mean_ptr + parts[:, None] * C + offs_c[None, :], mask=mask_pc, other=0.0)
             m2s = tl.load(var_ptr + parts[:, None] * C + offs_c[None, :], mask=mask_pc, other=0.0)
@@ -138,7 +140,7 @@ def _batch_norm_act_fwd_kernel(
     start = part.to(tl.int64) * CHUNK
     for r0 in range(0, CHUNK, BLOCK_R):
         rows = start + r0 + tl.arange(0, BLOCK_R).to(tl.int64)
-        mask = ((rows < N * L) & (rows < start + CHUNK))[:, None] & mask_c[None, :]
+        mask = ((rows < N.to(tl.int64) * L) & (rows < start + CHUNK))[:, None] & mask_c[None, :]
         n, l = _sample_and_position(rows, L, ROWS_FIT_INT32)
         ch = offs_c.to(tl.int64)[None, :]
         v = tl.load(x_ptr + (n * stride_xn + l * stride_xl)[:, None] + ch * stride_xc, mask=mask, other=0.0)
@@ -189,7 +191,7 @@ def _batch_norm_bwd_sums_kernel(
     start = part.to(tl.int64) * CHUNK
     for r0 in range(0, CHUNK, BLOCK_R):
         rows = start + r0 + tl.arange(0, BLOCK_R).to(tl.int64)
-        mask = ((rows < N * L) & (rows < start + CHUNK))[:, None] & mask_c[None, :]
+        mask = ((rows < N.to(tl.int64) * L) & (rows < start + CHUNK))[:, None] & mask_c[None, :]
         n, l = _sample_and_position(rows, L, ROWS_FIT_INT32)
         d = tl.load(x_ptr + (n * stride_xn + l * stride_xl)[:, None] + ch * stride_xc, mask=mask,
                     other=0.0).to(tl.float32) - mean[None, :]
@@ -231,7 +233,7 @@ def _batch_norm_bwd_dx_kernel(
     start = part.to(tl.int64) * CHUNK
     for r0 in range(0, CHUNK, BLOCK_R):
         rows = start + r0 + tl.arange(0, BLOCK_R).to(tl.int64)
-        mask = ((rows < N * L) & (rows < start + CHUNK))[:, None] & mask_c[None, :]
+        mask = ((rows < N.to(tl.int64) * L) & (rows < start + CHUNK))[:, None] & mask_c[None, :]
         n, l = _sample_and_position(rows, L, ROWS_FIT_INT32)
         d = tl.load(x_ptr + (n * stride_xn + l * stride_xl)[:, None] + ch * stride_xc, mask=mask,
                     other=0.0).to(tl.float32) - mean[None, :]

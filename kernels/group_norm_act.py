@@ -9,7 +9,9 @@ group's mean is exact: its rstd ~ 1/sqrt(eps) magnifies any error there). Pass 2
 group's partials the same way, var = M2 / n, and writes y = act((x - K - mean) * a_c + bias_c) over its
 chunk with a_c = rstd * weight_c (the mean is not folded into the bias: where a group is nearly
 constant, a_c is huge and x * a_c + (bias_c - mean * a_c) cancels two large numbers).
-x is read through strides as (N, C, L): unit stride along L (NCHW) or along C (channels_last).
+x is read through strides as (N, C, L): unit stride along L (NCHW) or along C (channels_last), in
+tiles of BLOCK_C channels x BLOCK_L positions; a group with more channels than BLOCK_C (up to 64) is
+walked chunk by chunk (a whole group of 512 channels in one tile spilled registers: tools/triton_aot.py).
 
 Backward, from the forward's saved mean and rstd per (sample, group), on the same grid: with
 z = (x - mean) * a_c + bias_c and gz = dy * act'(z), _group_norm_bwd_sums_kernel writes each chunk's
@@ -26,6 +28,15 @@ from ._common import _round_to_bf16
 from .activation import _activate, _activate_grad
 
 
+@triton.jit
+def _program_group(C, CG):
+    """This program's (sample, group): row = n * G + g, n and the group's first channel (int64).
+    Divided in int32: an int64 division is a called routine that spills (tools/triton_aot.py)."""
+    pid = tl.program_id(0)
+    groups = C // CG
+    return pid.to(tl.int64), (pid // groups).to(tl.int64), ((pid % groups) * CG).to(tl.int64)
+
+
 @triton.jit(do_not_specialize=['C', 'L', 'CG', 'CHUNK'])  # sizes: one compiled variant, not one per size class
 def _group_norm_stats_kernel(
     x_ptr,  # (N, C, L), strides stride_xn, stride_xc, stride_xl
@@ -35,35 +46,33 @@ def _group_norm_stats_kernel(
     stride_xn, stride_xc, stride_xl,
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)  # n * G + g
+    row, n, first = _program_group(C, CG)
     part = tl.program_id(1)
     split = tl.num_programs(1)
-    groups = C // CG
-    n = row // groups
-    g = row % groups
-    offs_c = tl.arange(0, BLOCK_C)
-    mask_c = offs_c < CG
-    base = x_ptr + n * stride_xn + (g * CG + offs_c).to(tl.int64)[:, None] * stride_xc
     start = part.to(tl.int64) * CHUNK
-    k = tl.load(x_ptr + n * stride_xn + (g * CG).to(tl.int64) * stride_xc).to(tl.float32)  # the shift
+    k = tl.load(x_ptr + n * stride_xn + first * stride_xc).to(tl.float32)  # the shift
     count = tl.zeros((), dtype=tl.float32)
     mean = tl.zeros((), dtype=tl.float32)
     m2 = tl.zeros((), dtype=tl.float32)
-    for l0 in range(0, CHUNK, BLOCK_L):
-        offs_l = start + l0 + tl.arange(0, BLOCK_L)
-        mask = mask_c[:, None] & (offs_l < L)[None, :] & (offs_l < start + CHUNK)[None, :]
-        v = tl.load(base + offs_l[None, :] * stride_xl, mask=mask, other=0.0).to(tl.float32)
-        v = tl.where(mask, v - k, 0.0)
-        n_b = tl.sum(mask.to(tl.float32), axis=None)
-        if n_b > 0:
-            mean_b = tl.sum(v, axis=None) / n_b
-            d_b = tl.where(mask, v - mean_b, 0.0)
-            m2_b = tl.sum(d_b * d_b, axis=None)
-            total = count + n_b
-            d = mean_b - mean
-            mean += d * n_b / total
-            m2 += m2_b + d * d * count * n_b / total
-            count = total
+    for c0 in range(0, CG, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < CG
+        base = x_ptr + n * stride_xn + (first + offs_c)[:, None] * stride_xc
+        for l0 in range(0, CHUNK, BLOCK_L):
+            offs_l = start + l0 + tl.arange(0, BLOCK_L)
+            mask = mask_c[:, None] & (offs_l < L)[None, :] & (offs_l < start + CHUNK)[None, :]
+            v = tl.load(base + offs_l[None, :] * stride_xl, mask=mask, other=0.0).to(tl.float32)
+            v = tl.where(mask, v - k, 0.0)
+            n_b = tl.sum(mask.to(tl.float32), axis=None)
+            if n_b > 0:
+                mean_b = tl.sum(v, axis=None) / n_b
+                d_b = tl.where(mask, v - mean_b, 0.0)
+                m2_b = tl.sum(d_b * d_b, axis=None)
+                total = count + n_b
+                d = mean_b - mean
+                mean += d * n_b / total
+                m2 += m2_b + d * d * count * n_b / total
+                count = total
     tl.store(mean_ptr + row * split + part, mean)
     tl.store(m2_ptr + row * split + part, m2)
 
@@ -96,11 +105,8 @@ def _group_norm_act_fwd_kernel(
     EMULATE_BF16: tl.constexpr,  # bf16 under the interpreter, whose fp32 -> bf16 cast truncates
     SPLIT_P2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    row, n, first = _program_group(C, CG)
     part = tl.program_id(1)
-    groups = C // CG
-    n = row // groups
-    g = row % groups
 
     # merge the group's partial statistics (Chan)
     parts = tl.arange(0, SPLIT_P2)
@@ -115,36 +121,27 @@ def _group_norm_act_fwd_kernel(
     var = (tl.sum(m2s, axis=0) + tl.sum(counts * d * d, axis=0)) / total
     rstd = 1.0 / tl.sqrt(var + EPS)
 
-    offs_c = tl.arange(0, BLOCK_C)
-    mask_c = offs_c < CG
-    ch = (g * CG + offs_c).to(tl.int64)
-    k = tl.load(x_ptr + n * stride_xn + (g * CG).to(tl.int64) * stride_xc).to(tl.float32)
+    k = tl.load(x_ptr + n * stride_xn + first * stride_xc).to(tl.float32)
     if part == 0:
         tl.store(mean_out_ptr + row, k + mean)
         tl.store(rstd_out_ptr + row, rstd)
-    a, b = _group_coefficients(w_ptr, b_ptr, rstd, n, ch, mask_c, stride_wn, stride_bn, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
-
-    x_base = x_ptr + n * stride_xn + ch[:, None] * stride_xc
-    o_base = out_ptr + n * stride_on + ch[:, None] * stride_oc
     start = part.to(tl.int64) * CHUNK
-    for l0 in range(0, CHUNK, BLOCK_L):
-        offs_l = start + l0 + tl.arange(0, BLOCK_L)
-        mask = mask_c[:, None] & (offs_l < L)[None, :] & (offs_l < start + CHUNK)[None, :]
-        v = tl.load(x_base + offs_l[None, :] * stride_xl, mask=mask, other=0.0).to(tl.float32)
-        y = _activate(((v - k) - mean) * a[:, None] + b[:, None], ACT, SLOPE)
-        if EMULATE_BF16:
-            y = _round_to_bf16(y)
-        tl.store(o_base + offs_l[None, :] * stride_ol, y.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _program_group(C, CG, BLOCK_C: tl.constexpr):
-    """This program's (sample, group): row = n * G + g and n (int64), its channels (int64) and their
-    mask. Divided in int32: an int64 division is a called routine that spills (tools/triton_aot.py)."""
-    pid = tl.program_id(0)
-    groups = C // CG
-    offs_c = tl.arange(0, BLOCK_C)
-    return pid.to(tl.int64), (pid // groups).to(tl.int64), ((pid % groups) * CG + offs_c).to(tl.int64), offs_c < CG
+    for c0 in range(0, CG, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < CG
+        ch = first + offs_c
+        a, b = _group_coefficients(w_ptr, b_ptr, rstd, n, ch, mask_c, stride_wn, stride_bn, HAS_WEIGHT, HAS_BIAS,
+                                   BLOCK_C)
+        x_base = x_ptr + n * stride_xn + ch[:, None] * stride_xc
+        o_base = out_ptr + n * stride_on + ch[:, None] * stride_oc
+        for l0 in range(0, CHUNK, BLOCK_L):
+            offs_l = start + l0 + tl.arange(0, BLOCK_L)
+            mask = mask_c[:, None] & (offs_l < L)[None, :] & (offs_l < start + CHUNK)[None, :]
+            v = tl.load(x_base + offs_l[None, :] * stride_xl, mask=mask, other=0.0).to(tl.float32)
+            y = _activate(((v - k) - mean) * a[:, None] + b[:, None], ACT, SLOPE)
+            if EMULATE_BF16:
+                y = _round_to_bf16(y)
+            tl.store(o_base + offs_l[None, :] * stride_ol, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -172,29 +169,32 @@ def _group_norm_bwd_sums_kernel(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    row, n, ch, mask_c = _program_group(C, CG, BLOCK_C)
+    row, n, first = _program_group(C, CG)
     part = tl.program_id(1)
     split = tl.num_programs(1)
     mean = tl.load(mean_ptr + row)
-    a, b = _group_coefficients(w_ptr, b_ptr, tl.load(rstd_ptr + row), n, ch, mask_c, stride_wn, stride_bn,
-                               HAS_WEIGHT, HAS_BIAS, BLOCK_C)
-    x_base = x_ptr + n * stride_xn + ch[:, None] * stride_xc
-    d_off = n * stride_dn + ch[:, None] * stride_dc
-    # tiles of sums, reduced once after the loop
-    acc1 = tl.zeros((BLOCK_C, BLOCK_L), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_C, BLOCK_L), dtype=tl.float32)
+    rstd = tl.load(rstd_ptr + row)
     start = part.to(tl.int64) * CHUNK
-    for l0 in range(0, CHUNK, BLOCK_L):
-        offs_l = start + l0 + tl.arange(0, BLOCK_L)
-        _, d, _, gz = _tile_gradient(dy_ptr, x_base, d_off, offs_l, start, mask_c, mean, a, b, L, CHUNK, stride_xl,
-                                     stride_dl, SLOPE, ACT)
-        acc1 += gz
-        acc2 += gz * d
-    s1 = tl.sum(acc1, axis=1)
-    s2 = tl.sum(acc2, axis=1)
-    out = (n * C + ch) * split + part
-    tl.store(sum_ptr + out, s1, mask=mask_c)
-    tl.store(sumd_ptr + out, s2, mask=mask_c)
+    for c0 in range(0, CG, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < CG
+        ch = first + offs_c
+        a, b = _group_coefficients(w_ptr, b_ptr, rstd, n, ch, mask_c, stride_wn, stride_bn, HAS_WEIGHT, HAS_BIAS,
+                                   BLOCK_C)
+        x_base = x_ptr + n * stride_xn + ch[:, None] * stride_xc
+        d_off = n * stride_dn + ch[:, None] * stride_dc
+        # tiles of sums, reduced once after the loop
+        acc1 = tl.zeros((BLOCK_C, BLOCK_L), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_C, BLOCK_L), dtype=tl.float32)
+        for l0 in range(0, CHUNK, BLOCK_L):
+            offs_l = start + l0 + tl.arange(0, BLOCK_L)
+            _, d, _, gz = _tile_gradient(dy_ptr, x_base, d_off, offs_l, start, mask_c, mean, a, b, L, CHUNK,
+                                         stride_xl, stride_dl, SLOPE, ACT)
+            acc1 += gz
+            acc2 += gz * d
+        out = (n * C + ch) * split + part
+        tl.store(sum_ptr + out, tl.sum(acc1, axis=1), mask=mask_c)
+        tl.store(sumd_ptr + out, tl.sum(acc2, axis=1), mask=mask_c)
 
 
 @triton.jit(do_not_specialize=['C', 'L', 'CG', 'CHUNK'])
@@ -210,23 +210,37 @@ def _group_norm_bwd_dx_kernel(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     EMULATE_BF16: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    row, n, ch, mask_c = _program_group(C, CG, BLOCK_C)
+    row, n, first = _program_group(C, CG)
     part = tl.program_id(1)
     mean = tl.load(mean_ptr + row)
     rstd = tl.load(rstd_ptr + row)
-    a, b = _group_coefficients(w_ptr, b_ptr, rstd, n, ch, mask_c, stride_wn, stride_bn, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
-    s1 = tl.sum(a * tl.load(sum_ptr + n * C + ch, mask=mask_c, other=0.0), axis=0)
-    s2 = tl.sum(a * tl.load(sumd_ptr + n * C + ch, mask=mask_c, other=0.0), axis=0)
+    # the group's s1 = sum_c a_c sum(gz), s2 = sum_c a_c sum(gz (x - mean)), chunk by chunk
+    s1 = tl.zeros((), dtype=tl.float32)
+    s2 = tl.zeros((), dtype=tl.float32)
+    for c0 in range(0, CG, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < CG
+        ch = first + offs_c
+        a, b = _group_coefficients(w_ptr, b_ptr, rstd, n, ch, mask_c, stride_wn, stride_bn, HAS_WEIGHT, HAS_BIAS,
+                                   BLOCK_C)
+        s1 += tl.sum(a * tl.load(sum_ptr + n * C + ch, mask=mask_c, other=0.0), axis=0)
+        s2 += tl.sum(a * tl.load(sumd_ptr + n * C + ch, mask=mask_c, other=0.0), axis=0)
     p = -rstd * rstd * s2 * INV_COUNT
     q = -s1 * INV_COUNT
-    x_base = x_ptr + n * stride_xn + ch[:, None] * stride_xc
-    d_off = n * stride_dn + ch[:, None] * stride_dc
     start = part.to(tl.int64) * CHUNK
-    for l0 in range(0, CHUNK, BLOCK_L):
-        offs_l = start + l0 + tl.arange(0, BLOCK_L)
-        mask, d, offs, gz = _tile_gradient(dy_ptr, x_base, d_off, offs_l, start, mask_c, mean, a, b, L, CHUNK,
-                                           stride_xl, stride_dl, SLOPE, ACT)
-        dx = gz * a[:, None] + (d * p + q)
-        if EMULATE_BF16:
-            dx = _round_to_bf16(dx)
-        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    for c0 in range(0, CG, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < CG
+        ch = first + offs_c
+        a, b = _group_coefficients(w_ptr, b_ptr, rstd, n, ch, mask_c, stride_wn, stride_bn, HAS_WEIGHT, HAS_BIAS,
+                                   BLOCK_C)
+        x_base = x_ptr + n * stride_xn + ch[:, None] * stride_xc
+        d_off = n * stride_dn + ch[:, None] * stride_dc
+        for l0 in range(0, CHUNK, BLOCK_L):
+            offs_l = start + l0 + tl.arange(0, BLOCK_L)
+            mask, d, offs, gz = _tile_gradient(dy_ptr, x_base, d_off, offs_l, start, mask_c, mean, a, b, L, CHUNK,
+                                               stride_xl, stride_dl, SLOPE, ACT)
+            dx = gz * a[:, None] + (d * p + q)
+            if EMULATE_BF16:
+                dx = _round_to_bf16(dx)
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)

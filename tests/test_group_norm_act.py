@@ -176,3 +176,21 @@ def test_bad_arguments(kwargs, error, match):
         group_norm_act(**args)
     with pytest.raises(RuntimeError, match="floating"):
         group_norm_act(torch.ones(2, 6, 3, 3, dtype=torch.long), 3)
+
+
+@pytest.mark.parametrize("backend,device", FAST)
+@pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape,groups", [((2, 130, 3, 5), 1), ((1, 384, 4, 4), 2)], ids=SHAPE_IDS)
+def test_groups_wider_than_one_tile(backend, device, fmt, shape, groups):
+    # 130 and 192 channels per group: the Triton kernels walk a group in chunks of 64 channels (the
+    # last one partial); forward, the statistics and every gradient against the float64 oracle
+    skip_unavailable(backend, device)
+    x, w, b = make(shape, torch.float32, device, fmt, grad=True)
+    out = group_norm_act(x, groups, w, b, activation="silu", backend=backend)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, w, b), grad)
+    x64, w64, b64, expected = oracle(x, w, b, groups, 1e-5, "silu")
+    assert_close(out, expected, torch.float32)
+    want = torch.autograd.grad(expected, (x64, w64, b64), grad.double())
+    for g, e in zip(got, want, strict=True):
+        assert_close_grad(g, e, torch.float32)

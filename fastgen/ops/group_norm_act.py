@@ -178,13 +178,16 @@ def _group_norm_act_triton(x, num_groups, weight, bias, eps, act, slope):
     return out, mean, rstd
 
 
+MAX_BLOCK_C = 64  # channels per tile; a group of more is walked in chunks (512 at once spilled)
+
+
 def _tiling(n: int, c: int, length: int, num_groups: int, tile: int = 4096) -> tuple[int, int, int, int]:
     """The Triton kernels' tile (channels x positions, about `tile` values) and how each group's
     positions are split into chunks, one program each, so that a GPU has enough programs:
     (BLOCK_C, BLOCK_L, chunk, split)."""
     import triton
 
-    block_c = triton.next_power_of_2(c // num_groups)
+    block_c = min(MAX_BLOCK_C, triton.next_power_of_2(c // num_groups))  # more channels: the kernels loop
     block_l = max(16, min(1024, tile // block_c))
     blocks = triton.cdiv(length, block_l)
     per_chunk = max(1, triton.cdiv(blocks, max(1, triton.cdiv(1024, n * num_groups))))
