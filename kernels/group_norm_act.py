@@ -12,6 +12,8 @@ constant, a_c is huge and x * a_c + (bias_c - mean * a_c) cancels two large numb
 x is read through strides as (N, C, L): unit stride along L (NCHW) or along C (channels_last), in
 tiles of BLOCK_C channels x BLOCK_L positions; a group with more channels than BLOCK_C (up to 64) is
 walked chunk by chunk (a whole group of 512 channels in one tile spilled registers: tools/triton_aot.py).
+The chunk loop is compiled only where a group needs it (CHUNKED): around a single chunk the loop alone
+made ptxas spill 4-8 B in the backward kernels.
 
 Backward, from the forward's saved mean and rstd per (sample, group), on the same grid: with
 z = (x - mean) * a_c + bias_c and gz = dy * act'(z), _group_norm_bwd_sums_kernel writes each chunk's
@@ -37,6 +39,37 @@ def _program_group(C, CG):
     return pid.to(tl.int64), (pid // groups).to(tl.int64), ((pid % groups) * CG).to(tl.int64)
 
 
+@triton.jit
+def _channels(c0, first, CG, BLOCK_C: tl.constexpr):
+    """The chunk of a group's channels from c0: offsets in the group, mask, channel indices (int64)."""
+    offs_c = c0 + tl.arange(0, BLOCK_C)
+    return offs_c, offs_c < CG, first + offs_c
+
+
+@triton.jit
+def _stats_chunk(x_ptr, n, first, c0, start, count, mean, m2, CG, L, CHUNK, k, stride_xn, stride_xc, stride_xl,
+                 BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+    """(count, mean, M2) of x - k with one chunk of channels x this program's positions folded in."""
+    offs_c, mask_c, ch = _channels(c0, first, CG, BLOCK_C)
+    base = x_ptr + n * stride_xn + ch[:, None] * stride_xc
+    for l0 in range(0, CHUNK, BLOCK_L):
+        offs_l = start + l0 + tl.arange(0, BLOCK_L)
+        mask = mask_c[:, None] & (offs_l < L)[None, :] & (offs_l < start + CHUNK)[None, :]
+        v = tl.load(base + offs_l[None, :] * stride_xl, mask=mask, other=0.0).to(tl.float32)
+        v = tl.where(mask, v - k, 0.0)
+        n_b = tl.sum(mask.to(tl.float32), axis=None)
+        if n_b > 0:
+            mean_b = tl.sum(v, axis=None) / n_b
+            d_b = tl.where(mask, v - mean_b, 0.0)
+            m2_b = tl.sum(d_b * d_b, axis=None)
+            total = count + n_b
+            d = mean_b - mean
+            mean += d * n_b / total
+            m2 += m2_b + d * d * count * n_b / total
+            count = total
+    return count, mean, m2
+
+
 @triton.jit(do_not_specialize=['C', 'L', 'CG', 'CHUNK'])  # sizes: one compiled variant, not one per size class
 def _group_norm_stats_kernel(
     x_ptr,  # (N, C, L), strides stride_xn, stride_xc, stride_xl
@@ -44,7 +77,7 @@ def _group_norm_stats_kernel(
     C, L, CG,  # channels, positions, channels per group
     CHUNK,  # positions per program
     stride_xn, stride_xc, stride_xl,
-    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, CHUNKED: tl.constexpr,
 ):
     row, n, first = _program_group(C, CG)
     part = tl.program_id(1)
@@ -54,25 +87,13 @@ def _group_norm_stats_kernel(
     count = tl.zeros((), dtype=tl.float32)
     mean = tl.zeros((), dtype=tl.float32)
     m2 = tl.zeros((), dtype=tl.float32)
-    for c0 in range(0, CG, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < CG
-        base = x_ptr + n * stride_xn + (first + offs_c)[:, None] * stride_xc
-        for l0 in range(0, CHUNK, BLOCK_L):
-            offs_l = start + l0 + tl.arange(0, BLOCK_L)
-            mask = mask_c[:, None] & (offs_l < L)[None, :] & (offs_l < start + CHUNK)[None, :]
-            v = tl.load(base + offs_l[None, :] * stride_xl, mask=mask, other=0.0).to(tl.float32)
-            v = tl.where(mask, v - k, 0.0)
-            n_b = tl.sum(mask.to(tl.float32), axis=None)
-            if n_b > 0:
-                mean_b = tl.sum(v, axis=None) / n_b
-                d_b = tl.where(mask, v - mean_b, 0.0)
-                m2_b = tl.sum(d_b * d_b, axis=None)
-                total = count + n_b
-                d = mean_b - mean
-                mean += d * n_b / total
-                m2 += m2_b + d * d * count * n_b / total
-                count = total
+    if CHUNKED:
+        for c0 in range(0, CG, BLOCK_C):
+            count, mean, m2 = _stats_chunk(x_ptr, n, first, c0, start, count, mean, m2, CG, L, CHUNK, k, stride_xn,
+                                           stride_xc, stride_xl, BLOCK_C, BLOCK_L)
+    else:
+        count, mean, m2 = _stats_chunk(x_ptr, n, first, 0, start, count, mean, m2, CG, L, CHUNK, k, stride_xn,
+                                       stride_xc, stride_xl, BLOCK_C, BLOCK_L)
     tl.store(mean_ptr + row * split + part, mean)
     tl.store(m2_ptr + row * split + part, m2)
 
@@ -90,6 +111,26 @@ def _group_coefficients(w_ptr, b_ptr, rstd, n, ch, mask_c, stride_wn, stride_bn,
     return a, b
 
 
+@triton.jit
+def _forward_chunk(x_ptr, out_ptr, w_ptr, b_ptr, n, first, c0, start, k, mean, rstd, CG, L, CHUNK,
+                   stride_xn, stride_xc, stride_xl, stride_on, stride_oc, stride_ol, stride_wn, stride_bn, SLOPE,
+                   HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, EMULATE_BF16: tl.constexpr,
+                   BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+    """y = act((x - k - mean) * a_c + bias_c) for one chunk of channels x this program's positions."""
+    offs_c, mask_c, ch = _channels(c0, first, CG, BLOCK_C)
+    a, b = _group_coefficients(w_ptr, b_ptr, rstd, n, ch, mask_c, stride_wn, stride_bn, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
+    x_base = x_ptr + n * stride_xn + ch[:, None] * stride_xc
+    o_base = out_ptr + n * stride_on + ch[:, None] * stride_oc
+    for l0 in range(0, CHUNK, BLOCK_L):
+        offs_l = start + l0 + tl.arange(0, BLOCK_L)
+        mask = mask_c[:, None] & (offs_l < L)[None, :] & (offs_l < start + CHUNK)[None, :]
+        v = tl.load(x_base + offs_l[None, :] * stride_xl, mask=mask, other=0.0).to(tl.float32)
+        y = _activate(((v - k) - mean) * a[:, None] + b[:, None], ACT, SLOPE)
+        if EMULATE_BF16:
+            y = _round_to_bf16(y)
+        tl.store(o_base + offs_l[None, :] * stride_ol, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 @triton.jit(do_not_specialize=['C', 'L', 'CG', 'CHUNK', 'SPLIT'])  # sizes: one compiled variant, not one per size class
 def _group_norm_act_fwd_kernel(
     x_ptr, out_ptr,  # (N, C, L) through strides
@@ -103,7 +144,7 @@ def _group_norm_act_fwd_kernel(
     EPS, SLOPE,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     EMULATE_BF16: tl.constexpr,  # bf16 under the interpreter, whose fp32 -> bf16 cast truncates
-    SPLIT_P2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+    SPLIT_P2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, CHUNKED: tl.constexpr,
 ):
     row, n, first = _program_group(C, CG)
     part = tl.program_id(1)
@@ -126,22 +167,15 @@ def _group_norm_act_fwd_kernel(
         tl.store(mean_out_ptr + row, k + mean)
         tl.store(rstd_out_ptr + row, rstd)
     start = part.to(tl.int64) * CHUNK
-    for c0 in range(0, CG, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < CG
-        ch = first + offs_c
-        a, b = _group_coefficients(w_ptr, b_ptr, rstd, n, ch, mask_c, stride_wn, stride_bn, HAS_WEIGHT, HAS_BIAS,
-                                   BLOCK_C)
-        x_base = x_ptr + n * stride_xn + ch[:, None] * stride_xc
-        o_base = out_ptr + n * stride_on + ch[:, None] * stride_oc
-        for l0 in range(0, CHUNK, BLOCK_L):
-            offs_l = start + l0 + tl.arange(0, BLOCK_L)
-            mask = mask_c[:, None] & (offs_l < L)[None, :] & (offs_l < start + CHUNK)[None, :]
-            v = tl.load(x_base + offs_l[None, :] * stride_xl, mask=mask, other=0.0).to(tl.float32)
-            y = _activate(((v - k) - mean) * a[:, None] + b[:, None], ACT, SLOPE)
-            if EMULATE_BF16:
-                y = _round_to_bf16(y)
-            tl.store(o_base + offs_l[None, :] * stride_ol, y.to(out_ptr.dtype.element_ty), mask=mask)
+    if CHUNKED:
+        for c0 in range(0, CG, BLOCK_C):
+            _forward_chunk(x_ptr, out_ptr, w_ptr, b_ptr, n, first, c0, start, k, mean, rstd, CG, L, CHUNK,
+                           stride_xn, stride_xc, stride_xl, stride_on, stride_oc, stride_ol, stride_wn, stride_bn,
+                           SLOPE, HAS_WEIGHT, HAS_BIAS, ACT, EMULATE_BF16, BLOCK_C, BLOCK_L)
+    else:
+        _forward_chunk(x_ptr, out_ptr, w_ptr, b_ptr, n, first, 0, start, k, mean, rstd, CG, L, CHUNK,
+                       stride_xn, stride_xc, stride_xl, stride_on, stride_oc, stride_ol, stride_wn, stride_bn,
+                       SLOPE, HAS_WEIGHT, HAS_BIAS, ACT, EMULATE_BF16, BLOCK_C, BLOCK_L)
 
 
 @triton.jit
@@ -156,6 +190,30 @@ def _tile_gradient(dy_ptr, x_base, d_off, offs_l, start, mask_c, mean, a, b, L, 
     return mask, d, offs, tl.where(mask, dy * _activate_grad(d * a[:, None] + b[:, None], ACT, SLOPE), 0.0)
 
 
+@triton.jit
+def _sums_chunk(dy_ptr, x_ptr, w_ptr, b_ptr, sum_ptr, sumd_ptr, n, first, c0, start, part, split, mean, rstd,
+                C, L, CG, CHUNK, stride_xn, stride_xc, stride_xl, stride_dn, stride_dc, stride_dl,
+                stride_wn, stride_bn, SLOPE, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+    """This program's per-channel sums of gz and gz * (x - mean), for one chunk of channels."""
+    offs_c, mask_c, ch = _channels(c0, first, CG, BLOCK_C)
+    a, b = _group_coefficients(w_ptr, b_ptr, rstd, n, ch, mask_c, stride_wn, stride_bn, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
+    x_base = x_ptr + n * stride_xn + ch[:, None] * stride_xc
+    d_off = n * stride_dn + ch[:, None] * stride_dc
+    # tiles of sums, reduced once after the loop
+    acc1 = tl.zeros((BLOCK_C, BLOCK_L), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_C, BLOCK_L), dtype=tl.float32)
+    for l0 in range(0, CHUNK, BLOCK_L):
+        offs_l = start + l0 + tl.arange(0, BLOCK_L)
+        _, d, _, gz = _tile_gradient(dy_ptr, x_base, d_off, offs_l, start, mask_c, mean, a, b, L, CHUNK, stride_xl,
+                                     stride_dl, SLOPE, ACT)
+        acc1 += gz
+        acc2 += gz * d
+    out = (n * C + ch) * split + part
+    tl.store(sum_ptr + out, tl.sum(acc1, axis=1), mask=mask_c)
+    tl.store(sumd_ptr + out, tl.sum(acc2, axis=1), mask=mask_c)
+
+
 @triton.jit(do_not_specialize=['C', 'L', 'CG', 'CHUNK'])
 def _group_norm_bwd_sums_kernel(
     dy_ptr, x_ptr,  # (N, C, L) through strides (dy in x's layout)
@@ -167,7 +225,7 @@ def _group_norm_bwd_sums_kernel(
     stride_dn, stride_dc, stride_dl,
     stride_wn, stride_bn, SLOPE,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, CHUNKED: tl.constexpr,
 ):
     row, n, first = _program_group(C, CG)
     part = tl.program_id(1)
@@ -175,26 +233,46 @@ def _group_norm_bwd_sums_kernel(
     mean = tl.load(mean_ptr + row)
     rstd = tl.load(rstd_ptr + row)
     start = part.to(tl.int64) * CHUNK
-    for c0 in range(0, CG, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < CG
-        ch = first + offs_c
-        a, b = _group_coefficients(w_ptr, b_ptr, rstd, n, ch, mask_c, stride_wn, stride_bn, HAS_WEIGHT, HAS_BIAS,
-                                   BLOCK_C)
-        x_base = x_ptr + n * stride_xn + ch[:, None] * stride_xc
-        d_off = n * stride_dn + ch[:, None] * stride_dc
-        # tiles of sums, reduced once after the loop
-        acc1 = tl.zeros((BLOCK_C, BLOCK_L), dtype=tl.float32)
-        acc2 = tl.zeros((BLOCK_C, BLOCK_L), dtype=tl.float32)
-        for l0 in range(0, CHUNK, BLOCK_L):
-            offs_l = start + l0 + tl.arange(0, BLOCK_L)
-            _, d, _, gz = _tile_gradient(dy_ptr, x_base, d_off, offs_l, start, mask_c, mean, a, b, L, CHUNK,
-                                         stride_xl, stride_dl, SLOPE, ACT)
-            acc1 += gz
-            acc2 += gz * d
-        out = (n * C + ch) * split + part
-        tl.store(sum_ptr + out, tl.sum(acc1, axis=1), mask=mask_c)
-        tl.store(sumd_ptr + out, tl.sum(acc2, axis=1), mask=mask_c)
+    if CHUNKED:
+        for c0 in range(0, CG, BLOCK_C):
+            _sums_chunk(dy_ptr, x_ptr, w_ptr, b_ptr, sum_ptr, sumd_ptr, n, first, c0, start, part, split, mean, rstd,
+                        C, L, CG, CHUNK, stride_xn, stride_xc, stride_xl, stride_dn, stride_dc, stride_dl,
+                        stride_wn, stride_bn, SLOPE, HAS_WEIGHT, HAS_BIAS, ACT, BLOCK_C, BLOCK_L)
+    else:
+        _sums_chunk(dy_ptr, x_ptr, w_ptr, b_ptr, sum_ptr, sumd_ptr, n, first, 0, start, part, split, mean, rstd,
+                    C, L, CG, CHUNK, stride_xn, stride_xc, stride_xl, stride_dn, stride_dc, stride_dl,
+                    stride_wn, stride_bn, SLOPE, HAS_WEIGHT, HAS_BIAS, ACT, BLOCK_C, BLOCK_L)
+
+
+@triton.jit
+def _group_sums(w_ptr, b_ptr, sum_ptr, sumd_ptr, n, first, c0, rstd, s1, s2, C, CG, stride_wn, stride_bn,
+                HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """s1 += sum_c a_c sum(gz), s2 += sum_c a_c sum(gz (x - mean)) over one chunk of channels."""
+    offs_c, mask_c, ch = _channels(c0, first, CG, BLOCK_C)
+    a, b = _group_coefficients(w_ptr, b_ptr, rstd, n, ch, mask_c, stride_wn, stride_bn, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
+    s1 += tl.sum(a * tl.load(sum_ptr + n * C + ch, mask=mask_c, other=0.0), axis=0)
+    s2 += tl.sum(a * tl.load(sumd_ptr + n * C + ch, mask=mask_c, other=0.0), axis=0)
+    return s1, s2
+
+
+@triton.jit
+def _dx_chunk(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, n, first, c0, start, mean, rstd, p, q, L, CG, CHUNK,
+              stride_xn, stride_xc, stride_xl, stride_dn, stride_dc, stride_dl, stride_wn, stride_bn, SLOPE,
+              HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, EMULATE_BF16: tl.constexpr,
+              BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+    """dx = gz * a_c + (x - mean) * p + q for one chunk of channels x this program's positions."""
+    offs_c, mask_c, ch = _channels(c0, first, CG, BLOCK_C)
+    a, b = _group_coefficients(w_ptr, b_ptr, rstd, n, ch, mask_c, stride_wn, stride_bn, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
+    x_base = x_ptr + n * stride_xn + ch[:, None] * stride_xc
+    d_off = n * stride_dn + ch[:, None] * stride_dc
+    for l0 in range(0, CHUNK, BLOCK_L):
+        offs_l = start + l0 + tl.arange(0, BLOCK_L)
+        mask, d, offs, gz = _tile_gradient(dy_ptr, x_base, d_off, offs_l, start, mask_c, mean, a, b, L, CHUNK,
+                                           stride_xl, stride_dl, SLOPE, ACT)
+        dx = gz * a[:, None] + (d * p + q)
+        if EMULATE_BF16:
+            dx = _round_to_bf16(dx)
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=['C', 'L', 'CG', 'CHUNK'])
@@ -208,39 +286,30 @@ def _group_norm_bwd_dx_kernel(
     stride_wn, stride_bn, SLOPE,
     INV_COUNT,  # 1 / (CG * L), from the host: an IEEE division here is a called routine (a stack frame)
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-    EMULATE_BF16: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+    EMULATE_BF16: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, CHUNKED: tl.constexpr,
 ):
     row, n, first = _program_group(C, CG)
     part = tl.program_id(1)
     mean = tl.load(mean_ptr + row)
     rstd = tl.load(rstd_ptr + row)
-    # the group's s1 = sum_c a_c sum(gz), s2 = sum_c a_c sum(gz (x - mean)), chunk by chunk
     s1 = tl.zeros((), dtype=tl.float32)
     s2 = tl.zeros((), dtype=tl.float32)
-    for c0 in range(0, CG, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < CG
-        ch = first + offs_c
-        a, b = _group_coefficients(w_ptr, b_ptr, rstd, n, ch, mask_c, stride_wn, stride_bn, HAS_WEIGHT, HAS_BIAS,
-                                   BLOCK_C)
-        s1 += tl.sum(a * tl.load(sum_ptr + n * C + ch, mask=mask_c, other=0.0), axis=0)
-        s2 += tl.sum(a * tl.load(sumd_ptr + n * C + ch, mask=mask_c, other=0.0), axis=0)
-    p = -rstd * rstd * s2 * INV_COUNT
-    q = -s1 * INV_COUNT
     start = part.to(tl.int64) * CHUNK
-    for c0 in range(0, CG, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < CG
-        ch = first + offs_c
-        a, b = _group_coefficients(w_ptr, b_ptr, rstd, n, ch, mask_c, stride_wn, stride_bn, HAS_WEIGHT, HAS_BIAS,
-                                   BLOCK_C)
-        x_base = x_ptr + n * stride_xn + ch[:, None] * stride_xc
-        d_off = n * stride_dn + ch[:, None] * stride_dc
-        for l0 in range(0, CHUNK, BLOCK_L):
-            offs_l = start + l0 + tl.arange(0, BLOCK_L)
-            mask, d, offs, gz = _tile_gradient(dy_ptr, x_base, d_off, offs_l, start, mask_c, mean, a, b, L, CHUNK,
-                                               stride_xl, stride_dl, SLOPE, ACT)
-            dx = gz * a[:, None] + (d * p + q)
-            if EMULATE_BF16:
-                dx = _round_to_bf16(dx)
-            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    if CHUNKED:
+        for c0 in range(0, CG, BLOCK_C):
+            s1, s2 = _group_sums(w_ptr, b_ptr, sum_ptr, sumd_ptr, n, first, c0, rstd, s1, s2, C, CG, stride_wn,
+                                 stride_bn, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
+        p = -rstd * rstd * s2 * INV_COUNT
+        q = -s1 * INV_COUNT
+        for c0 in range(0, CG, BLOCK_C):
+            _dx_chunk(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, n, first, c0, start, mean, rstd, p, q, L, CG, CHUNK,
+                      stride_xn, stride_xc, stride_xl, stride_dn, stride_dc, stride_dl, stride_wn, stride_bn, SLOPE,
+                      HAS_WEIGHT, HAS_BIAS, ACT, EMULATE_BF16, BLOCK_C, BLOCK_L)
+    else:
+        s1, s2 = _group_sums(w_ptr, b_ptr, sum_ptr, sumd_ptr, n, first, 0, rstd, s1, s2, C, CG, stride_wn,
+                             stride_bn, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
+        p = -rstd * rstd * s2 * INV_COUNT
+        q = -s1 * INV_COUNT
+        _dx_chunk(dy_ptr, x_ptr, dx_ptr, w_ptr, b_ptr, n, first, 0, start, mean, rstd, p, q, L, CG, CHUNK,
+                  stride_xn, stride_xc, stride_xl, stride_dn, stride_dc, stride_dl, stride_wn, stride_bn, SLOPE,
+                  HAS_WEIGHT, HAS_BIAS, ACT, EMULATE_BF16, BLOCK_C, BLOCK_L)

@@ -165,7 +165,7 @@ def _group_norm_act_triton(x, num_groups, weight, bias, eps, act, slope):
     means = torch.empty((n * num_groups, split), device=x.device, dtype=torch.float32)
     m2s = torch.empty_like(means)
     mean, rstd = (torch.empty((n, num_groups), device=x.device, dtype=torch.float32) for _ in range(2))
-    common = dict(BLOCK_C=block_c, BLOCK_L=block_l)
+    common = dict(BLOCK_C=block_c, BLOCK_L=block_l, CHUNKED=c // num_groups > block_c)
     _group_norm_stats_kernel[(n * num_groups, split)](
         xv, means, m2s, c, length, c // num_groups, chunk, *xv.stride(), **common)
     _group_norm_act_fwd_kernel[(n * num_groups, split)](
@@ -209,7 +209,7 @@ def _group_norm_act_backward_triton(grad, x, mean, rstd, weight, bias, act_code,
     sums, sumds = (torch.empty((n, c, split), device=x.device, dtype=torch.float32) for _ in range(2))
     mean, rstd = mean.float().contiguous(), rstd.float().contiguous()
     common = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT=act_code, BLOCK_C=block_c,
-                  BLOCK_L=block_l, num_warps=8)
+                  BLOCK_L=block_l, CHUNKED=c // num_groups > block_c, num_warps=8)
     args = (weight if weight is not None else xv, bias if bias is not None else xv, mean, rstd)
     sizes = (c, length, c // num_groups, chunk, *xv.stride(), *dv.stride(), _sample_stride(weight),
              _sample_stride(bias), slope)
