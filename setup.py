@@ -15,7 +15,23 @@ from setuptools import setup
 import torch
 from torch.utils import cpp_extension
 
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+# A100 and H100/H200 always; Blackwell (B200: 10.0, RTX 50xx / RTX PRO: 12.0) where this nvcc knows
+# them: "no kernel image is available for this device" is what users of JIT-built GAN ops hit first
+# on a new card.
+BASE_CUDA_ARCHS = ("8.0", "9.0")
+NEWER_CUDA_ARCHS = ("10.0", "12.0")
+
+
+def _default_cuda_archs() -> str:
+    import subprocess
+
+    nvcc = os.path.join(cpp_extension.CUDA_HOME or "", "bin", "nvcc")
+    try:
+        listed = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, timeout=60).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        listed = []
+    newer = [a for a in NEWER_CUDA_ARCHS if f"compute_{a.replace('.', '')}" in listed]
+    return ";".join(BASE_CUDA_ARCHS + tuple(newer))
 
 
 def _want_cuda() -> bool:
@@ -94,7 +110,7 @@ def extension():
     if not _want_cuda():
         return cpp_extension.CppExtension("fastgen._C", sources, extra_compile_args={"cxx": cxx},
                                           extra_link_args=["-fopenmp"], depends=headers)
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _default_cuda_archs())
     # the pip headers are searched after the toolkit's own (nvcc's cuda_fp16.h / cuda_bf16.h must
     # not be shadowed by another CUDA version's): -idirafter for g++, trailing -I for nvcc (its
     # search follows the command line, and these come after torch's -I$CUDA_HOME/include)

@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include "activation.h"
+#include "index.cuh"
 #include "layout.h"
 #include "norm_backward.cuh"
 
@@ -42,6 +43,7 @@ struct BatchNormParams {
   double eps, slope;
   int act;
   bool channels_fast;  // lanes along channels (channels_last) or along rows (NCHW)
+  bool small;  // fewer than 2^31 elements: row indices divided in 32 bits (index.cuh)
 };
 
 struct Tile {
@@ -54,7 +56,8 @@ __device__ __forceinline__ Tile tile(const BatchNormParams& p) {
 }
 
 __device__ __forceinline__ int64_t offset(const BatchNormParams& p, int64_t row, int64_t c) {
-  return (row / p.L) * p.sxn + (row % p.L) * p.sxl + c * p.sxc;
+  const int64_t n = fastgen::idiv(row, p.L, p.small);
+  return n * p.sxn + (row - n * p.L) * p.sxl + c * p.sxc;
 }
 
 template <typename T>
@@ -183,6 +186,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_cuda(
   p.sxn = x.stride(0); p.sxc = channels_last ? 1 : L; p.sxl = channels_last ? C : 1;
   p.eps = eps; p.slope = negative_slope; p.act = static_cast<int>(activation);
   p.channels_fast = channels_last;
+  p.small = fastgen::small_indices(x.numel());
 
   const dim3 grid(static_cast<unsigned>(split), static_cast<unsigned>(channel_blocks));
   auto stream = at::cuda::getCurrentCUDAStream();

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include "bias_act.h"
+#include "index.cuh"
 
 namespace {
 
@@ -25,13 +26,13 @@ __global__ void bias_act_kernel(const scalar_t* __restrict__ x,     // (outer, C
                                 const scalar_t* __restrict__ b,     // (C,) or nullptr
                                 scalar_t* __restrict__ y,           // like x
                                 int64_t numel, int64_t C, int64_t inner, int act, double alpha, double gain,
-                                double clamp) {
+                                double clamp, bool small) {  // small: numel < 2^31 (index.cuh)
   using T = at::opmath_type<scalar_t>;
   const T a = static_cast<T>(alpha), g = static_cast<T>(gain), cl = static_cast<T>(clamp);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += stride) {
     T z = static_cast<T>(x[i]);
-    if (b) z += static_cast<T>(b[(i / inner) % C]);
+    if (b) z += static_cast<T>(b[fastgen::imod(fastgen::idiv(i, inner, small), C, small)]);
     y[i] = static_cast<scalar_t>(grad ? static_cast<T>(grad[i]) * fastgen::bias_act_grad_value<T>(z, act, a, g, cl)
                                       : fastgen::bias_act_value<T>(z, act, a, g, cl));
   }
@@ -55,7 +56,7 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& grad, const std::optional<
     bias_act_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
         x.const_data_ptr<scalar_t>(), grad.defined() ? grad.const_data_ptr<scalar_t>() : nullptr,
         bc.defined() ? bc.const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(), x.numel(), C, inner,
-        static_cast<int>(act), alpha, gain, clamp);
+        static_cast<int>(act), alpha, gain, clamp, fastgen::small_indices(x.numel()));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;

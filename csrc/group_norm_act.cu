@@ -18,6 +18,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "index.cuh"
 #include "layout.h"
 
 #include "activation.h"
@@ -42,6 +43,7 @@ struct GroupNormParams {
   double eps, slope;
   int act;
   bool positions_fastest;  // iterate positions innermost (NCHW) or channels innermost (channels_last)
+  bool small;  // fewer than 2^31 elements: element indices divided in 32 bits (index.cuh)
 };
 
 template <typename T>
@@ -75,7 +77,8 @@ __device__ Welford<T> block_merge(Welford<T> w) {
 
 // The chunk's k-th element as (channel within the group, position).
 __device__ __forceinline__ void element(const GroupNormParams& p, int64_t k, int64_t len, int64_t& c, int64_t& l) {
-  if (p.positions_fastest) { c = k / len; l = k % len; } else { c = k % p.CG; l = k / p.CG; }
+  using fastgen::idiv;
+  if (p.positions_fastest) { c = idiv(k, len, p.small); l = k - c * len; } else { l = idiv(k, p.CG, p.small); c = k - l * p.CG; }
 }
 
 template <typename scalar_t>
@@ -179,6 +182,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_act_cuda(
   p.sbn = b.defined() && b.dim() == 2 ? C : 0;
   p.eps = eps; p.slope = negative_slope; p.act = static_cast<int>(activation);
   p.positions_fastest = !channels_last;
+  p.small = fastgen::small_indices(x.numel());
 
   const dim3 grid(static_cast<unsigned>(N * num_groups), static_cast<unsigned>(split));
   auto stream = at::cuda::getCurrentCUDAStream();

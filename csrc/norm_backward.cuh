@@ -19,6 +19,7 @@
 #include <ATen/cuda/CUDAContext.h>
 
 #include "activation.h"
+#include "index.cuh"
 #include "layout.h"
 
 namespace fastgen::norm_backward {
@@ -36,6 +37,7 @@ struct Params {
   double slope;
   int act;
   bool channels_fast;
+  bool small;  // fewer than 2^31 elements: row indices divided in 32 bits (index.cuh)
 };
 
 struct Tile {
@@ -59,7 +61,7 @@ __global__ void __launch_bounds__(kThreads) norm_bwd_sums_kernel(const Params p)
     const T slope = static_cast<T>(p.slope);
     const int64_t r1 = min(p.R, (part + 1) * p.chunk);
     for (int64_t r = part * p.chunk + t.r; r < r1; r += t.tr) {
-      const int64_t row = s * p.R + r, n = row / p.L, l = row % p.L;
+      const int64_t row = s * p.R + r, n = fastgen::idiv(row, p.L, p.small), l = row - n * p.L;
       const T d = static_cast<T>(static_cast<const scalar_t*>(p.x)[n * p.sxn + l * p.sxl + c * p.sxc]) - m;
       const T gz = static_cast<T>(static_cast<const scalar_t*>(p.dy)[n * p.sdn + l * p.sdl + c * p.sdc]) *
                    fastgen::activate_grad<T>(d * a + b, p.act, slope);
@@ -96,7 +98,7 @@ __global__ void __launch_bounds__(kThreads) norm_bwd_dx_kernel(const Params p) {
   const T slope = static_cast<T>(p.slope);
   const int64_t r1 = min(p.R, (part + 1) * p.chunk);
   for (int64_t r = part * p.chunk + t.r; r < r1; r += t.tr) {
-    const int64_t row = s * p.R + r, n = row / p.L, l = row % p.L;
+    const int64_t row = s * p.R + r, n = fastgen::idiv(row, p.L, p.small), l = row - n * p.L;
     const int64_t od = n * p.sdn + l * p.sdl + c * p.sdc;
     const T d = static_cast<T>(static_cast<const scalar_t*>(p.x)[n * p.sxn + l * p.sxl + c * p.sxc]) - m;
     const T gz = static_cast<T>(static_cast<const scalar_t*>(p.dy)[od]) * fastgen::activate_grad<T>(d * a + b, p.act, slope);
@@ -136,6 +138,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_act_backward(
   p.sxn = x.stride(0); p.sxc = channels_last ? 1 : L; p.sxl = channels_last ? C : 1;
   p.sdn = dy.stride(0); p.sdc = p.sxc; p.sdl = p.sxl;
   p.slope = slope; p.act = static_cast<int>(act); p.channels_fast = channels_last;
+  p.small = fastgen::small_indices(x.numel());
   const dim3 grid(static_cast<unsigned>(split), static_cast<unsigned>(col_blocks), static_cast<unsigned>(S));
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "norm_bwd_sums", [&] {

@@ -12,6 +12,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "index.cuh"
 #include "layout.h"
 
 namespace {
@@ -19,11 +20,12 @@ namespace {
 constexpr int kThreads = 256;
 
 template <typename scalar_t>
-__global__ void pixel_norm_nchw_kernel(const scalar_t* x, scalar_t* y, int64_t N, int64_t C, int64_t L, double eps) {
+__global__ void pixel_norm_nchw_kernel(const scalar_t* x, scalar_t* y, int64_t N, int64_t C, int64_t L, double eps,
+                                       bool small) {  // small: x.numel() < 2^31 (index.cuh)
   using T = at::opmath_type<scalar_t>;
   const int64_t p = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;  // n * L + l
   if (p >= N * L) return;
-  const int64_t base = (p / L) * C * L + p % L;
+  const int64_t n = fastgen::idiv(p, L, small), base = n * C * L + (p - n * L);
   T s = 0;
   for (int64_t c = 0; c < C; ++c) {
     const T v = static_cast<T>(x[base + c * L]);
@@ -67,7 +69,8 @@ at::Tensor pixel_norm_cuda(const at::Tensor& x_in, double eps) {
                                                                        y.mutable_data_ptr<scalar_t>(), N * L, C, eps);
     else
       pixel_norm_nchw_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(x.const_data_ptr<scalar_t>(),
-                                                                       y.mutable_data_ptr<scalar_t>(), N, C, L, eps);
+                                                                       y.mutable_data_ptr<scalar_t>(), N, C, L, eps,
+                                                                       fastgen::small_indices(x.numel()));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;

@@ -14,6 +14,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "index.cuh"
 #include "layout.h"
 
 namespace {
@@ -29,6 +30,7 @@ struct Upfirdn2dParams {
   int64_t padx0, pady0;               // may be negative (a crop)
   int64_t fh, fw;                     // taps: (fh, fw) contiguous
   bool channels_last;                 // the order threads walk the output in
+  bool small;                         // x and out below 2^31 elements: 32-bit divisions (index.cuh)
 };
 
 template <typename scalar_t>
@@ -39,27 +41,30 @@ __global__ void upfirdn2d_kernel(const scalar_t* __restrict__ x, const at::opmat
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
     int64_t n, c, oy, ox;
+    using fastgen::idiv;
+    int64_t j = i, q;  // peeled one axis at a time: a quotient and a product instead of a remainder
     if (p.channels_last) {
-      c = i % p.C;
-      ox = (i / p.C) % p.OW;
-      oy = (i / (p.C * p.OW)) % p.OH;
-      n = i / (p.C * p.OW * p.OH);
+      q = idiv(j, p.C, p.small), c = j - q * p.C;
+      j = q, q = idiv(j, p.OW, p.small), ox = j - q * p.OW;
+      j = q, q = idiv(j, p.OH, p.small), oy = j - q * p.OH, n = q;
     } else {
-      ox = i % p.OW;
-      oy = (i / p.OW) % p.OH;
-      c = (i / (p.OW * p.OH)) % p.C;
-      n = i / (p.OW * p.OH * p.C);
+      q = idiv(j, p.OW, p.small), ox = j - q * p.OW;
+      j = q, q = idiv(j, p.OH, p.small), oy = j - q * p.OH;
+      j = q, q = idiv(j, p.C, p.small), c = j - q * p.C, n = q;
     }
     const scalar_t* xb = x + n * p.sxn + c * p.sxc;
     T acc = 0;
     for (int64_t ky = 0; ky < p.fh; ++ky) {
       const int64_t uy = oy * p.downy + ky - p.pady0;
-      if (uy < 0 || uy % p.upy != 0 || uy / p.upy >= p.H) continue;
-      const int64_t iy = uy / p.upy;
+      if (uy < 0) continue;
+      const int64_t iy = fastgen::idiv(uy, p.upy, p.small);  // a row of x when the remainder is 0
+      if (uy != iy * p.upy || iy >= p.H) continue;
       for (int64_t kx = 0; kx < p.fw; ++kx) {
         const int64_t ux = ox * p.downx + kx - p.padx0;
-        if (ux < 0 || ux % p.upx != 0 || ux / p.upx >= p.W) continue;
-        acc += static_cast<T>(xb[iy * p.sxh + (ux / p.upx) * p.sxw]) * taps[ky * p.fw + kx];
+        if (ux < 0) continue;
+        const int64_t ix = fastgen::idiv(ux, p.upx, p.small);
+        if (ux != ix * p.upx || ix >= p.W) continue;
+        acc += static_cast<T>(xb[iy * p.sxh + ix * p.sxw]) * taps[ky * p.fw + kx];
       }
     }
     out[n * p.son + c * p.soc + oy * p.soh + ox * p.sow] = static_cast<scalar_t>(acc);
@@ -83,6 +88,7 @@ at::Tensor upfirdn2d_cuda(const at::Tensor& x, const at::Tensor& taps, at::IntAr
   p.OW = (p.W * p.upx + pad[0] + pad[1] - p.fw) / p.downx + 1;
   TORCH_CHECK(p.OH > 0 && p.OW > 0, "upfirdn2d: the output would be empty");
   p.channels_last = fastgen::is_channels_last(x);
+  p.small = fastgen::small_indices(x.numel(), p.N * p.C * p.OH * p.OW);
   at::Tensor out = at::empty({p.N, p.C, p.OH, p.OW}, x.options().memory_format(fastgen::output_format(x)));
   if (out.numel() == 0) return out;
   p.sxn = x.stride(0); p.sxc = x.stride(1); p.sxh = x.stride(2); p.sxw = x.stride(3);

@@ -19,6 +19,7 @@
 #include <mma.h>
 #include <torch/library.h>
 
+#include "index.cuh"
 #include "layout.h"
 
 namespace {
@@ -43,6 +44,7 @@ struct UpsampleConvParams {
   int kf;      // taps per axis: folded for nearest, the kernel size for bilinear
   int pad;     // the conv's zero padding, on the upsampled image
   bool bilinear;
+  bool small;  // N * HM * WM pixels below 2^31: pixel indices divided in 32 bits (index.cuh)
 };
 
 __device__ __forceinline__ int64_t floordiv(int64_t a, int64_t b) {
@@ -56,7 +58,8 @@ template <> struct Wmma<at::BFloat16> { using type = __nv_bfloat16; };
 // Where output tile row `row` (a pixel of this phase) lands, or -1 when it is outside the output.
 __device__ __forceinline__ int64_t out_pixel_offset(const UpsampleConvParams& p, int64_t m, int ry, int rx) {
   if (m >= p.N * p.HM * p.WM) return -1;
-  const int64_t n = m / (p.HM * p.WM), my = (m / p.WM) % p.HM, mx = m % p.WM;
+  const int64_t q = fastgen::idiv(m, p.WM, p.small), mx = m - q * p.WM;
+  const int64_t n = fastgen::idiv(q, p.HM, p.small), my = q - n * p.HM;
   const int64_t y = p.bilinear ? my : my * p.scale + ry;
   const int64_t x = p.bilinear ? mx : mx * p.scale + rx;
   if (y >= p.HOUT || x >= p.WOUT) return -1;
@@ -86,8 +89,9 @@ __global__ void __launch_bounds__(THREADS) upsample_conv2d_kernel(const Upsample
   const int a_row = tid % BM, a_col = (tid / BM) * (BK / 4);
   const int64_t m = m0 + a_row;
   const bool row_ok = m < p.N * p.HM * p.WM;
-  const int64_t my = row_ok ? (m / p.WM) % p.HM : 0, mx = row_ok ? m % p.WM : 0;
-  const scalar_t* xn = static_cast<const scalar_t*>(p.x) + (row_ok ? m / (p.HM * p.WM) : 0) * p.sxn;
+  const int64_t mq = row_ok ? fastgen::idiv(m, p.WM, p.small) : 0, mn = fastgen::idiv(mq, p.HM, p.small);
+  const int64_t my = row_ok ? mq - mn * p.HM : 0, mx = row_ok ? m - mq * p.WM : 0;
+  const scalar_t* xn = static_cast<const scalar_t*>(p.x) + (row_ok ? mn : 0) * p.sxn;
   // B loader: one input channel and 8 consecutive output channels per thread.
   const int b_row = tid / (BN / 8), b_col = (tid % (BN / 8)) * 8;
   const scalar_t* w = static_cast<const scalar_t*>(p.w);
@@ -242,6 +246,7 @@ at::Tensor upsample_conv2d_fused_cuda(const at::Tensor& x, const at::Tensor& pac
   p.kf = static_cast<int>(packed_weight.size(1));
   p.pad = static_cast<int>(padding);
   p.bilinear = bilinear;
+  p.small = N * p.HM * p.WM + 256 < fastgen::kIndex32 && fastgen::small_indices(x.numel(), out.numel());
 
   const int64_t blocks_m = (N * p.HM * p.WM + BM - 1) / BM;
   TORCH_CHECK(blocks_m < (int64_t(1) << 31) && (CO + BN - 1) / BN < 65536, "upsample_conv2d: too large");

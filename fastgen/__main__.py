@@ -21,6 +21,11 @@ def main(argv=None) -> int:
     verify.add_argument("--ops", default=None, help="comma-separated ops (default: all)")
     verify.add_argument("--untimed", action="store_true",
                         help="check only, no speedup timing (e.g. under compute-sanitizer)")
+    verify.add_argument("--in-process", action="store_true",
+                        help="every op in this process (default: a process per op, so that a sticky CUDA "
+                             "error or a crash fails that op alone)")
+    verify.add_argument("--budget", type=float, default=None,
+                        help="seconds: no op starts after it, a running one is stopped (exit 3: cut by time)")
     bench = sub.add_parser("bench", help="every provider side by side at generator shapes (default: the quick run)")
     bench.add_argument("--full", action="store_true", help="every shape of every suite (default: one per op)")
     bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -69,18 +74,23 @@ def main(argv=None) -> int:
     if args.command == "verify":
         from fastgen import verify as fv
 
-        return fv.main(args.device, args.out, args.ops.split(",") if args.ops else None, timed=not args.untimed)
+        return fv.main(args.device, args.out, args.ops.split(",") if args.ops else None, timed=not args.untimed,
+                       isolate=not args.in_process, budget=args.budget)
     if args.models:
         from fastgen.bench import models
         from fastgen.bench.harness import environment
 
         names = None if args.models == "all" else args.models.split(",")
-        rows = models.run(names, tuple(args.layouts.split(",")), args.reps)
+        rows = models.run(names, tuple(args.layouts.split(",")), args.reps, device=args.device, dtype=args.dtype)
         out = Path(args.out or f"{'benchmarks/results' if args.record else 'runs/bench'}/models-{args.device}.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"environment": environment(), "models": rows}, indent=1))
         print(f"wrote {out}")
-        return 0
+        crashed = [f"{row['model']}/{row['layout']}/{p}" for row in rows for p, r in row["providers"].items()
+                   if "error" in r]
+        if crashed:
+            print(f"FAILED (an error, not a time): {', '.join(crashed)}")
+        return 1 if crashed else 0
     from fastgen.bench import cli
 
     return cli.main(args)

@@ -64,7 +64,8 @@ _TRITON_WHY = _probe_triton()
 # float64 reference: device, compute capability, versions, git sha, and per op / backend / dtype
 # whether it passed and its speedup over eager. Without a passing entry, auto never picks a fused
 # kernel on a CUDA device (no kernel of ours has run on a GPU until such a record is committed).
-VERIFIED_PATH = Path(__file__).with_name("gpu_verified.json")
+# FASTGEN_GPU_RECORD names another record: tools/gpu_check.sh's sweep reads the one its verify just wrote.
+VERIFIED_PATH = Path(os.environ.get("FASTGEN_GPU_RECORD") or Path(__file__).with_name("gpu_verified.json"))
 
 
 def _load_verified(path: Path = VERIFIED_PATH) -> dict:
@@ -81,14 +82,18 @@ def _device_capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
-def verified_speedup(op: str, backend: str, dtype: torch.dtype, device: torch.device) -> float | None:
-    """The recorded speedup over eager of `backend` for `op` at `dtype` on a GPU of `device`'s
-    compute capability, when a GPU run passed it; else None."""
+def verified_speedup(op: str, backend: str, dtype: torch.dtype, device: torch.device,
+                     memory_layout: str = "nchw") -> float | None:
+    """The recorded speedup over eager of `backend` for `op` at `dtype` in `memory_layout` ("nchw" or
+    "nhwc": fastgen.dispatch.layout) on a GPU of `device`'s compute capability, when a GPU run passed
+    exactly that; else None. A record without memory formats (format 1) verifies nothing."""
     record = _VERIFIED
-    if not record or tuple(record.get("capability", ())) != tuple(_device_capability(device)):
+    if not record or record.get("format") != 2 or \
+            tuple(record.get("capability") or ()) != tuple(_device_capability(device)):
         return None
-    entry = record.get("ops", {}).get(op, {}).get(backend, {}).get(str(dtype).replace("torch.", ""))
-    return float(entry.get("speedup_vs_eager", 1.0)) if entry and entry.get("passed") else None
+    entry = record.get("ops", {}).get(op, {}).get(backend, {}).get(str(dtype).replace("torch.", ""), {})
+    entry = entry.get(memory_layout) if isinstance(entry, dict) else None
+    return float(entry.get("speedup_vs_eager") or 1.0) if isinstance(entry, dict) and entry.get("passed") else None
 
 
 @dataclass(frozen=True)
@@ -276,12 +281,12 @@ def _select_auto(spec, x: torch.Tensor, variant: str | None) -> str:
 
 
 def _select_verified(spec, x: torch.Tensor) -> str:
-    """auto on CUDA: the fastest backend the committed GPU record verified for this op, dtype and
-    compute capability; else the eager path (reference), said once per op and dtype."""
+    """auto on CUDA: the fastest backend the committed GPU record verified for this op, dtype, memory
+    format and compute capability; else the eager path (reference), said once per op and dtype."""
     speed = {}
     for name in spec.impls:
         if not (_unavailable(name, x.device) or _unsupported(spec, name, x.dtype)):
-            s = verified_speedup(spec.name, name, x.dtype, x.device)
+            s = verified_speedup(spec.name, name, x.dtype, x.device, layout(x))
             if s is not None:
                 speed[name] = s
     if speed:
@@ -300,10 +305,10 @@ def verified_summary() -> str:
     record = _VERIFIED
     if not record:
         return "GPU-verified kernels: none (no GPU run recorded; auto on CUDA runs the eager path)"
-    passed = sorted(f"{op}/{b}/{d}" for op, bs in record.get("ops", {}).items() for b, ds in bs.items()
-                    for d, e in ds.items() if e.get("passed"))
+    passed = sorted(f"{op}/{b}/{d}/{m}" for op, bs in record.get("ops", {}).items() for b, ds in bs.items()
+                    for d, ms in ds.items() for m, e in ms.items() if isinstance(e, dict) and e.get("passed"))
     return (f"GPU-verified kernels ({record.get('device')}, capability {record.get('capability')}, "
-            f"git {str(record.get('git_sha'))[:10]}): {len(passed)} op/backend/dtype passed: " + ", ".join(passed))
+            f"git {str(record.get('git_sha'))[:10]}): {len(passed)} op/backend/dtype/layout passed: " + ", ".join(passed))
 
 
 def summary() -> str:

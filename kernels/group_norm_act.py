@@ -32,18 +32,18 @@ from .activation import _activate, _activate_grad
 
 @triton.jit
 def _program_group(C, CG):
-    """This program's (sample, group): row = n * G + g, n and the group's first channel (int64).
+    """This program's (sample, group): row = n * G + g and n (int64), the group's first channel (int32).
     Divided in int32: an int64 division is a called routine that spills (tools/triton_aot.py)."""
     pid = tl.program_id(0)
     groups = C // CG
-    return pid.to(tl.int64), (pid // groups).to(tl.int64), ((pid % groups) * CG).to(tl.int64)
+    return pid.to(tl.int64), (pid // groups).to(tl.int64), (pid % groups) * CG
 
 
 @triton.jit
 def _channels(c0, first, CG, BLOCK_C: tl.constexpr):
     """The chunk of a group's channels from c0: offsets in the group, mask, channel indices (int64)."""
     offs_c = c0 + tl.arange(0, BLOCK_C)
-    return offs_c, offs_c < CG, first + offs_c
+    return offs_c, offs_c < CG, (first + offs_c).to(tl.int64)
 
 
 @triton.jit
@@ -83,7 +83,7 @@ def _group_norm_stats_kernel(
     part = tl.program_id(1)
     split = tl.num_programs(1)
     start = part.to(tl.int64) * CHUNK
-    k = tl.load(x_ptr + n * stride_xn + first * stride_xc).to(tl.float32)  # the shift
+    k = tl.load(x_ptr + n * stride_xn + first.to(tl.int64) * stride_xc).to(tl.float32)  # the shift
     count = tl.zeros((), dtype=tl.float32)
     mean = tl.zeros((), dtype=tl.float32)
     m2 = tl.zeros((), dtype=tl.float32)
@@ -162,7 +162,7 @@ def _group_norm_act_fwd_kernel(
     var = (tl.sum(m2s, axis=0) + tl.sum(counts * d * d, axis=0)) / total
     rstd = 1.0 / tl.sqrt(var + EPS)
 
-    k = tl.load(x_ptr + n * stride_xn + first * stride_xc).to(tl.float32)
+    k = tl.load(x_ptr + n * stride_xn + first.to(tl.int64) * stride_xc).to(tl.float32)
     if part == 0:
         tl.store(mean_out_ptr + row, k + mean)
         tl.store(rstd_out_ptr + row, rstd)

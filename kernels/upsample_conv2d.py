@@ -46,18 +46,24 @@ def _upsample_conv2d_fwd_kernel(
     DOT_IN_FP32: tl.constexpr,  # multiply tiles as fp32 with exact IEEE products (no TF32)
     EMULATE_BF16: tl.constexpr,  # bf16 under the interpreter: round in fp32 with _round_to_bf16
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    M_FITS_INT32: tl.constexpr,  # every pixel index (N * HM * WM, plus a block) below 2^31
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     phase = tl.program_id(2)
     ry = phase // PHASES
     rx = phase % PHASES
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    mask_m = offs_m < N * HM * WM
-    n = offs_m // (HM * WM)
-    my = (offs_m // WM) % HM
-    mx = offs_m % WM
+    if M_FITS_INT32:  # pixel indices divided in int32: an int64 division is a called routine (a stack frame)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < N * HM * WM
+        n = (offs_m // (HM * WM)).to(tl.int64)
+    else:
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        mask_m = offs_m < N.to(tl.int64) * HM * WM
+        n = offs_m // (HM * WM)
+    my = ((offs_m // WM) % HM).to(tl.int32)  # below HOUT
+    mx = (offs_m % WM).to(tl.int32)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < CO
     x_base = x_ptr + n * stride_xn
@@ -74,15 +80,15 @@ def _upsample_conv2d_fwd_kernel(
             x0 = tl.maximum(ux, 0) // 2
             y1 = tl.where(uy % 2 == 1, tl.minimum(y0 + 1, H - 1), tl.maximum(y0 - 1, 0))
             x1 = tl.where(ux % 2 == 1, tl.minimum(x0 + 1, W - 1), tl.maximum(x0 - 1, 0))
-            off00 = y0 * stride_xh + x0 * stride_xw
-            off01 = y0 * stride_xh + x1 * stride_xw
-            off10 = y1 * stride_xh + x0 * stride_xw
-            off11 = y1 * stride_xh + x1 * stride_xw
+            off00 = y0.to(tl.int64) * stride_xh + x0 * stride_xw
+            off01 = y0.to(tl.int64) * stride_xh + x1 * stride_xw
+            off10 = y1.to(tl.int64) * stride_xh + x0 * stride_xw
+            off11 = y1.to(tl.int64) * stride_xh + x1 * stride_xw
         else:
             iy = my + _floordiv(ry - PAD, S) + a
             ix = mx + _floordiv(rx - PAD, S) + b
             valid = mask_m & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-            off00 = iy * stride_xh + ix * stride_xw
+            off00 = iy.to(tl.int64) * stride_xh + ix * stride_xw
         w_tap = w_ptr + (phase * KF * KF + tap) * C * CO
         for c0 in range(0, C, BLOCK_K):
             offs_k = c0 + tl.arange(0, BLOCK_K)
@@ -119,6 +125,6 @@ def _upsample_conv2d_fwd_kernel(
     if EMULATE_BF16:
         acc = _round_to_bf16(acc)
     mask_o = mask_m[:, None] & mask_n[None, :] & (oy < HOUT)[:, None] & (ox < WOUT)[:, None]
-    out_offs = (n * stride_on + oy * stride_oh + ox * stride_ow)[:, None] \
+    out_offs = (n * stride_on + oy.to(tl.int64) * stride_oh + ox * stride_ow)[:, None] \
         + offs_n[None, :].to(tl.int64) * stride_oc
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask_o)

@@ -89,25 +89,42 @@ def test_auto_on_cuda_without_a_gpu_record_runs_the_eager_path_and_says_so_once(
 
 
 def record(**ops):
-    return {"device": "NVIDIA H200", "capability": [9, 0], "git_sha": "abc", "ops": {"op": ops}}
+    return {"format": 2, "device": "NVIDIA H200", "capability": [9, 0], "git_sha": "abc", "ops": {"op": ops}}
 
 
-def test_auto_on_cuda_takes_the_recorded_fastest_verified_backend(monkeypatch):
+def passed(speedup):
+    return {"passed": True, "speedup_vs_eager": speedup}
+
+
+def test_auto_on_cuda_takes_the_recorded_fastest_verified_backend_for_the_memory_format(monkeypatch):
     monkeypatch.setattr(fb, "_CUDA_WHY", "")
     monkeypatch.setattr(fb, "_TRITON_WHY", "")
     monkeypatch.setattr(fb, "_device_capability", lambda device: (9, 0))
     monkeypatch.setattr(fb, "_VERIFIED", record(
-        cuda={"float32": {"passed": True, "speedup_vs_eager": 2.0}, "bfloat16": {"passed": False}},
-        triton={"float32": {"passed": True, "speedup_vs_eager": 1.5},
-                "bfloat16": {"passed": True, "speedup_vs_eager": 1.2}}))
+        cuda={"float32": {"nchw": passed(2.0), "nhwc": {"passed": False}}, "bfloat16": {"nchw": {"passed": False}}},
+        triton={"float32": {"nchw": passed(1.5), "nhwc": passed(1.1)},
+                "bfloat16": {"nchw": passed(1.2)}}))
     assert fb.select(SPEC, on("cuda"), None) == "cuda"
+    assert fb.select(SPEC, on("cuda", channels_last=True), None) == "triton"  # cuda failed in channels_last
     assert fb.select(SPEC, on("cuda", torch.bfloat16), None) == "triton"  # cuda failed there
+    # verified in NCHW only: a channels_last input, which no GPU ran, takes the eager path
+    assert fb.select(SPEC, on("cuda", torch.bfloat16, channels_last=True), None) == "reference"
     assert fb.select(SPEC, on("cuda", torch.float16), None) == "reference"  # nothing recorded
     monkeypatch.setattr(fb, "_CUDA_WHY", "fastgen._C was built without CUDA (test)")
     assert fb.select(SPEC, on("cuda"), None) == "triton"  # verified, but not in this install
     monkeypatch.setattr(fb, "_device_capability", lambda device: (8, 0))
     assert fb.select(SPEC, on("cuda"), None) == "reference"  # recorded on another GPU generation
-    assert "3 op/backend/dtype passed" in fb.verified_summary()
+    assert "4 op/backend/dtype/layout passed" in fb.verified_summary()
+
+
+def test_a_record_without_memory_formats_verifies_nothing(monkeypatch):
+    monkeypatch.setattr(fb, "_CUDA_WHY", "")
+    monkeypatch.setattr(fb, "_device_capability", lambda device: (9, 0))
+    old = record(cuda={"float32": {"passed": True, "speedup_vs_eager": 2.0}})
+    del old["format"]  # the first format: op / backend / dtype, every layout at once
+    monkeypatch.setattr(fb, "_VERIFIED", old)
+    assert fb.select(SPEC, on("cuda"), None) == "reference"
+    assert fb.select(SPEC, on("cuda", channels_last=True), None) == "reference"
 
 
 def test_auto_skips_a_backend_that_cannot_take_the_dtype(monkeypatch):

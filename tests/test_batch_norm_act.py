@@ -1,3 +1,4 @@
+import importlib
 import os
 import tempfile
 
@@ -238,3 +239,21 @@ def test_sync_without_a_process_group_is_plain_batch_norm():
     x = torch.randn(4, 3, 2, 2)
     torch.testing.assert_close(layer(x), torch.relu(nn.functional.batch_norm(x, None, None, layer.weight, layer.bias,
                                                                              True)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "nhwc"])
+def test_triton_int64_rows(monkeypatch, backend, training, fmt):
+    # at 2^31 rows (N * H * W) and more the Triton kernels divide row indices in int64 (that branch
+    # once called itself forever); forced here at a small size: forward and every gradient
+    monkeypatch.setattr(importlib.import_module("fastgen.ops.batch_norm_act"), "_rows_fit_int32", lambda *a: False)
+    x, w, b, rm, rv = make((3, 5, 7, 6), torch.float32, fmt, grad=True)
+    x64, w64, b64, rm64, rv64 = f64(x, w, b, rm, rv)
+    out = batch_norm_act(x, rm, rv, w, b, training, 0.1, 1e-5, "silu", backend=backend)
+    expected = batch_norm_act_ref(x64, rm64, rv64, w64, b64, training, 0.1, 1e-5, "silu")
+    assert_close(out, expected, torch.float32)
+    grad = torch.randn_like(out)
+    for g, e in zip(torch.autograd.grad(out, (x, w, b), grad), torch.autograd.grad(expected, (x64, w64, b64),
+                                                                                     grad.double())):
+        assert_close_grad(g, e, torch.float32)

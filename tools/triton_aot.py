@@ -24,6 +24,7 @@ interpreter off (the script unsets TRITON_INTERPRET before importing Triton).
 
 import argparse
 import contextlib
+import importlib
 import io
 import itertools
 import json
@@ -54,6 +55,11 @@ LIMITS = {
          "smem_sm": 164 * 1024, "smem_block_optin": 163 * 1024},
     90: {"name": "H200", "sms": 132, "regs": 65536, "max_warps": 64, "max_blocks": 32,
          "smem_sm": 228 * 1024, "smem_block_optin": 227 * 1024},
+    # Blackwell, reported (not gated: no GPU of ours has run there): B200 and RTX 50xx / RTX PRO
+    100: {"name": "B200", "sms": 148, "regs": 65536, "max_warps": 64, "max_blocks": 32,
+          "smem_sm": 228 * 1024, "smem_block_optin": 227 * 1024},
+    120: {"name": "RTX 5090", "sms": 170, "regs": 65536, "max_warps": 48, "max_blocks": 32,
+          "smem_sm": 128 * 1024, "smem_block_optin": 99 * 1024},
 }
 SMEM_STATIC = 48 * 1024  # a block's static shared memory without the dynamic opt-in
 SMEM_RESERVED = 1024  # per block, reserved by the runtime (sm_80 and later)
@@ -243,6 +249,52 @@ def cases(full=False, quick=False):
             yield "modulated_conv2d", f"{tag}/up={up}/down={down}", modulated
 
 
+def size_cases(dtypes=DTYPES):
+    """Launches whose block sizes the launchers derive from channel counts and map sizes, one of each
+    branch, in every dtype and layout (the default options; every mode for upsample_conv2d): group norm's
+    channels per group (tile width 1 to 64, then the chunk loop: CG = 1, 3, 32, 512 and SD-VAE's 4, 8, 16)
+    and its statistics split (1, a few, 1024); batch norm's channel block (2 to 64, several blocks) and
+    the partials it merges per step (1 to 32); pixel norm's channel tile (up to StyleGAN's 512);
+    upsample_conv2d's output-channel block (16, 32, 64) and K tile (16, 32)."""
+    from fastgen import ops
+
+    for dtype, layout in itertools.product(dtypes, LAYOUTS):
+        tag = f"{str(dtype)[6:]}/{layout}/sizes"
+        for shape, groups in (((2, 3, 4, 4), 3), ((2, 12, 4, 4), 4), ((2, 64, 4, 4), 2), ((1, 512, 4, 4), 1),
+                              ((2, 128, 4, 4), 32), ((2, 256, 4, 4), 32), ((2, 512, 4, 4), 32),
+                              ((1, 64, 64, 64), 32), ((1, 1, 1024, 1024), 1)):
+            def group_norm(shape=shape, groups=groups, dtype=dtype, layout=layout):
+                x = _tensor(shape, dtype, layout, True)
+                wb = [_tensor((shape[1],), dtype, "", True) for _ in range(2)]
+                _run(lambda: ops.group_norm_act(x, groups, *wb, activation="silu", backend="triton"), [x, *wb])
+            yield "group_norm_act", f"{tag}/{shape}/G={groups}", group_norm
+
+        for shape in ((2, 3, 4, 4), (2, 32, 4, 4), (2, 64, 4, 4), (2, 100, 4, 4), (2, 64, 64, 64), (8, 8, 64, 64)):
+            def batch_norm(shape=shape, dtype=dtype, layout=layout):
+                x = _tensor(shape, dtype, layout, True)
+                wb = [_tensor((shape[1],), dtype, "", True) for _ in range(2)]
+                stats = (torch.zeros(shape[1]), torch.ones(shape[1]))
+                _run(lambda: ops.batch_norm_act(x, *stats, *wb, True, activation="relu", backend="triton"), [x, *wb])
+            yield "batch_norm_act", f"{tag}/{shape}", batch_norm
+
+        for shape in ((2, 64, 4, 4), (2, 512, 4, 4)):
+            def pixel_norm(shape=shape, dtype=dtype, layout=layout):
+                x = _tensor(shape, dtype, layout, True)
+                _run(lambda: ops.pixel_norm(x, backend="triton"), [x])
+            yield "pixel_norm", f"{tag}/{shape}", pixel_norm
+
+        for (c, co), (mode, scale, k) in itertools.product(
+                ((16, 64), (64, 16), (64, 32), (64, 64)),
+                (("nearest", 2, 3), ("nearest", 3, 3), ("nearest", 4, 3), ("bilinear", 2, 3), ("bilinear", 2, 1),
+                 ("nearest", 2, 1))):
+            def upsample_conv(c=c, co=co, mode=mode, scale=scale, k=k, dtype=dtype, layout=layout):
+                x = _tensor((2, c, 8, 8), dtype, layout, True)
+                wt, b = _tensor((co, c, k, k), dtype, "", True), _tensor((co,), dtype, "", True)
+                _run(lambda: ops.upsample_conv2d(x, wt, b, scale_factor=scale, mode=mode, padding=k // 2,
+                                                 backend="triton"), [x, wt, b])
+            yield "upsample_conv2d", f"{tag}/{c}->{co}/{mode}x{scale}/k{k}", upsample_conv
+
+
 def large_cases():
     """The largest shapes users run, forward only, tensors allocated lazily (never touched here):
     SD-VAE decode at 1024x1024 and 2048x2048, batch 1 and 4 (its biggest maps: 128 channels at full
@@ -264,6 +316,22 @@ def large_cases():
         yield "pixel_norm", tag, lambda big=big, layout=layout: ops.pixel_norm(_tensor(big, bf, layout, lazy=True), backend="triton")
         yield "batch_norm_act", tag, lambda big=big, layout=layout: ops.batch_norm_act(
             _tensor(big, bf, layout, lazy=True), torch.zeros(128), torch.ones(128), training=True, backend="triton")
+    # 2^31 rows and more (N * H * W, one channel): batch norm's int64 row branch
+    yield "batch_norm_act", "rows=2^31+2^16/nchw", lambda: ops.batch_norm_act(
+        _tensor((2, 1, 2 ** 15, 2 ** 15 + 1), bf, "nchw", lazy=True), torch.zeros(1), torch.ones(1), training=True,
+        backend="triton")
+    # upsample_conv2d's int64 pixel indices (over 2^31 output pixels per phase), forced at a small shape
+    uc = importlib.import_module("fastgen.ops.upsample_conv2d")  # the module (fastgen.ops's name is the op)
+
+    def int64_pixels(mode):
+        saved, uc.INT32_INDICES = uc.INT32_INDICES, 0
+        try:
+            ops.upsample_conv2d(_tensor((2, 64, 8, 8), bf, "nchw"), _tensor((64, 64, 3, 3), bf, ""), mode=mode,
+                                padding=1, backend="triton")
+        finally:
+            uc.INT32_INDICES = saved
+    for mode in ("nearest", "bilinear"):
+        yield "upsample_conv2d", f"int64 pixel indices/{mode}", lambda mode=mode: int64_pixels(mode)
     tag = "stylegan2-1024/batch=32/nchw"
     x = (32, 32, 512, 512)
     yield "upfirdn2d", tag, lambda: ops.upfirdn2d(_tensor(x, bf, "nchw", lazy=True), setup_filter([1, 3, 3, 1]), up=2,
@@ -283,7 +351,7 @@ def ptxas_report(ptx: str, arch: int, log: str = "") -> dict:
             f.write(ptx)
             f.flush()
             done = subprocess.run([str(TRITON_BIN / "ptxas"), "-v", "--regAllocOptLevel=2",
-                                   f"--gpu-name=sm_{arch}{'a' if arch == 90 else ''}", "-o", os.devnull, f.name],
+                                   f"--gpu-name=sm_{arch}{'a' if arch >= 90 else ''}", "-o", os.devnull, f.name],
                                   capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"ptxas failed: {done.stderr[-500:]}")
@@ -341,7 +409,9 @@ def triton_report(arch: int, full: bool, quick: bool) -> tuple[dict, list[str]]:
     triton.knobs.nvidia.dump_ptxas_log = True
     problems, variants, launches = [], {}, 0
     with Recorder() as rec:
-        for op, what, thunk in cases(full, quick):
+        # the quick profile: the size-derived variants in bf16 (fp16's codegen is bf16's) and fp32
+        sized = size_cases((torch.float32, torch.bfloat16) if quick else DTYPES)
+        for op, what, thunk in itertools.chain(cases(full, quick), sized):
             try:
                 thunk()
             except Exception as e:  # a compile error (or a launcher that cannot run): a failure
@@ -484,12 +554,15 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="one activation and size class (a smoke run)")
     parser.add_argument("--extension", default=None, help="the fastgen._C to read the CUDA kernels from "
                         "(default: the one fastgen imports)")
+    parser.add_argument("--report-arch", default="", help="architectures compiled with the quick profile and "
+                        "reported, not gated (Blackwell: 100,120)")
     parser.add_argument("--part", action="store_true", help=argparse.SUPPRESS)  # one arch, for the parallel run
     args = parser.parse_args(argv)
     if args.extension is None:
         import fastgen
         args.extension = next(iter(Path(fastgen.__file__).parent.glob("_C*.so")), None)
     archs = [int(a) for a in args.arch.split(",")]
+    reported = [int(a) for a in args.report_arch.split(",") if a]
     t0 = time.perf_counter()
     if args.part:
         _allow_triton_on_cpu_tensors()
@@ -501,19 +574,22 @@ def main(argv=None) -> int:
         flags = [*(["--full"] if args.full else []), *(["--quick"] if args.quick else []),
                  *(["--extension", str(args.extension)] if args.extension else [])]
         procs = [subprocess.Popen([sys.executable, __file__, "--part", "--arch", str(a), "--out", f"{tmp}/{a}.json",
-                                   *flags]) for a in archs]
+                                   *flags, *(["--quick"] if a in reported and not args.quick else [])])
+                 for a in archs + reported]
         codes = [p.wait() for p in procs]
-        parts = [json.loads(Path(f"{tmp}/{a}.json").read_text()) if c == 0 else None for a, c in zip(archs, codes)]
+        parts = [json.loads(Path(f"{tmp}/{a}.json").read_text()) if c == 0 else None
+                 for a, c in zip(archs + reported, codes)]
     report = {"triton": triton.__version__, "torch": torch.__version__, "git_sha": _git_sha(),
               "extension": str(args.extension),
               "profile": "full" if args.full else "quick" if args.quick else "ci",
-              "seconds": round(time.perf_counter() - t0, 1), "archs": [], "problems": []}
-    for a, part in zip(archs, parts):
+              "seconds": round(time.perf_counter() - t0, 1), "archs": [], "problems": [], "reported": []}
+    for a, part in zip(archs + reported, parts):
+        where = "reported" if a in reported else "problems"
         if part is None:
-            report["problems"].append(f"sm_{a}: the compile process failed")
+            report[where].append(f"sm_{a}: the compile process failed")
             continue
         report["archs"].append(part["part"])
-        report["problems"] += part["problems"]
+        report[where] += part["problems"]
         tri = part["part"]["triton"]
         print(f"sm_{a}: {len(tri['variants'])} Triton variants compiled ({tri['launches']} launches), "
               f"{len(part['part']['cuda'])} CUDA kernels")
@@ -522,6 +598,10 @@ def main(argv=None) -> int:
     Path(args.out).with_suffix(".txt").write_text(summary(report) + "\n")
     print(summary(report))
     print(f"wrote {args.out}")
+    for p in report["reported"]:
+        print("REPORT (not gated)", p)
+    if reported:
+        print(f"reported architectures {', '.join(f'sm_{a}' for a in reported)}: {len(report['reported'])} findings")
     for p in report["problems"]:
         print("PROBLEM", p)
     print(f"triton_aot: {'FAILED' if report['problems'] else 'PASSED'} ({len(report['problems'])} problems) "

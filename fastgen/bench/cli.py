@@ -40,6 +40,9 @@ def device_tag(device: str) -> str:
 def main(args) -> int:
     from tqdm import tqdm
 
+    from fastgen.verify import no_tf32
+
+    no_tf32()  # an fp32 eager baseline in fp32: TF32 would flatter it against exact kernels
     device, full = args.device, args.full
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
     ops = args.ops.split(",") if args.ops else list(SUITES)

@@ -36,6 +36,22 @@ def _reduced_vae(fused: bool):
     return fastgen.convert(model, inplace=True) if fused else model  # as a user would: the original is not kept
 
 
+def _sd_vae(fused: bool):
+    from diffusers import AutoencoderKL
+
+    # Stable Diffusion's VAE configuration (diffusers' defaults for it; random weights: speed, not images)
+    model = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                          norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 4,
+                          up_block_types=("UpDecoderBlock2D",) * 4)
+    return fastgen.convert(model, inplace=True) if fused else model
+
+
+def _stylegan2_1024(fused: bool):
+    from fastgen.models import StyleGAN2Generator
+
+    return StyleGAN2Generator(512, 0, 512, 1024, 3, channel_base=32768, channel_max=512, fused=fused)
+
+
 def _stylegan2_256(fused: bool):
     from fastgen.models import StyleGAN2Generator
 
@@ -84,24 +100,43 @@ MODELS = {
     "dcgan-64": (_dcgan_64, lambda: torch.randn(64, 100), lambda m, z: m(z),
                  "DCGAN 64x64 generator, upsample + conv variant, batch 64 (eval)"),
 }
+# the GPU's rows (--device cuda; bf16 by default there): the sizes people serve
+GPU_MODELS = {
+    "sd-vae-decode-1024": (_sd_vae, lambda: torch.randn(1, 4, 128, 128), lambda m, z: m.decode(z).sample,
+                           "Stable Diffusion's AutoencoderKL decode 128x128 -> 1024x1024, batch 1"),
+    "stylegan2-1024": (_stylegan2_1024, lambda: torch.randn(4, 512), lambda m, z: m(z, None, noise_mode="const"),
+                       "StyleGAN2 1024x1024 generator (baseline: fastgen's fused=False build), batch 4"),
+}
+ALL_MODELS = {**MODELS, **GPU_MODELS}
 
 
-def _measure_in_this_process(name: str, provider: str, channels_last: bool, reps: int, out_path: str) -> dict:
-    build, make_input, run, _ = MODELS[name]
+def _measure_in_this_process(name: str, provider: str, channels_last: bool, reps: int, out_path: str,
+                             device: str = "cpu", dtype: str = "float32") -> dict:
+    from fastgen.verify import no_tf32
+
+    no_tf32()  # fp32 convolutions in fp32 for every provider
+    build, make_input, run, _ = ALL_MODELS[name]
     torch.manual_seed(0)
     model = build(provider == "converted").eval()
     z = make_input()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
+    model = model.to(device=device, dtype=getattr(torch, dtype), memory_format=fmt)
+    z = z.to(device=device, dtype=getattr(torch, dtype))
     z = z.to(memory_format=fmt) if z.dim() == 4 else z
     step = functools.partial(run, model)
     if provider == "compile":
         step = torch.compile(step)  # what is timed (decode, generate), not only forward
+    cuda = device == "cuda"
     with torch.no_grad():
-        before = _rss_mib()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2 ** 20 if cuda else _rss_mib()
         out = step(z)  # the warm-up (and compilation)
-        ms = time_ms(lambda: step(z), "cpu", reps)
-    torch.save(out, out_path)  # compared with eager's by the parent: no eager run in this process
+        ms = time_ms(lambda: step(z), device, reps)
+    torch.save(out.float().cpu(), out_path)  # compared with eager's by the parent: no eager run in this process
+    if cuda:  # device memory: the allocator's peak (the weights included)
+        peak = torch.cuda.max_memory_allocated() / 2 ** 20
+        return {"ms": ms, "peak_cuda_mib": peak, "peak_above_model_mib": peak - before}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"ms": ms, "peak_rss_mib": peak, "peak_above_model_mib": peak - before}
 
@@ -112,10 +147,11 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
-def measure(name: str, provider: str, channels_last: bool = False, reps: int = 5, out_path: str = "") -> dict:
+def measure(name: str, provider: str, channels_last: bool = False, reps: int = 5, out_path: str = "",
+            device: str = "cpu", dtype: str = "float32") -> dict:
     """One provider of one model, in a fresh process; its output is saved to out_path."""
     code = (f"import json, fastgen.bench.models as b; print(json.dumps(b._measure_in_this_process("
-            f"{name!r}, {provider!r}, {channels_last!r}, {reps}, {out_path!r})))")
+            f"{name!r}, {provider!r}, {channels_last!r}, {reps}, {out_path!r}, {device!r}, {dtype!r})))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800,
                           env=dict(os.environ))
     if done.returncode != 0:
@@ -123,15 +159,19 @@ def measure(name: str, provider: str, channels_last: bool = False, reps: int = 5
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run(names=None, layouts=("nchw", "nhwc"), reps: int = 5, log=print) -> list[dict]:
-    unknown = [n for n in names or () if n not in MODELS]
+def run(names=None, layouts=("nchw", "nhwc"), reps: int = 5, log=print, device: str = "cpu",
+        dtype: str | None = None) -> list[dict]:
+    """Rows of the models named (default: MODELS on the CPU in float32, GPU_MODELS on a GPU in bfloat16)."""
+    unknown = [n for n in names or () if n not in ALL_MODELS]
     if unknown:
-        raise ValueError(f"no model benchmark named {unknown}; the models: {list(MODELS)}")
+        raise ValueError(f"no model benchmark named {unknown}; the models: {list(ALL_MODELS)}")
+    dtype = dtype or ("bfloat16" if device == "cuda" else "float32")
     rows = []
-    for name in names or MODELS:
+    for name in names or (GPU_MODELS if device == "cuda" else MODELS):
         for layout in layouts:
             with tempfile.TemporaryDirectory() as tmp:
-                results = {p: measure(name, p, layout == "nhwc", reps, os.path.join(tmp, p)) for p in PROVIDERS}
+                results = {p: measure(name, p, layout == "nhwc", reps, os.path.join(tmp, p), device, dtype)
+                           for p in PROVIDERS}
                 if "ms" in results["eager"]:
                     eager_out = torch.load(os.path.join(tmp, "eager"))
                     for p, r in results.items():
@@ -141,7 +181,8 @@ def run(names=None, layouts=("nchw", "nhwc"), reps: int = 5, log=print) -> list[
                 for base in ("eager", "compile"):
                     if "ms" in r and "ms" in results[base]:
                         r[f"speedup_vs_{base}"] = results[base]["ms"] / r["ms"]
-            row = {"model": name, "what": MODELS[name][3], "layout": layout, "providers": results}
+            row = {"model": name, "what": ALL_MODELS[name][3], "layout": layout, "device": device, "dtype": dtype,
+                   "providers": results}
             rows.append(row)
             log(format_row(row))
     return rows
@@ -154,7 +195,8 @@ def format_row(row: dict) -> str:
             cells.append(f"{name} FAILED ({r.get('error')})")
             continue
         speed = "" if name == "eager" else f" x{r['speedup_vs_eager']:.2f} vs eager, x{r['speedup_vs_compile']:.2f} vs compile"
-        cells.append(f"{name} {r['ms']:.1f} ms{speed}, peak RSS {r['peak_rss_mib']:.0f} MiB "
+        peak = f"peak CUDA {r['peak_cuda_mib']:.0f} MiB" if "peak_cuda_mib" in r else f"peak RSS {r['peak_rss_mib']:.0f} MiB"
+        cells.append(f"{name} {r['ms']:.1f} ms{speed}, {peak} "
                      f"({r['peak_above_model_mib']:.0f} above the model), "
                      f"max |out - eager's| {r.get('max_err_vs_eager', float('nan')):.2g}")
     return f"{row['model']} {row['layout']} ({row['what']})\n    " + "\n    ".join(cells)

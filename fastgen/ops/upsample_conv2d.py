@@ -252,6 +252,9 @@ def _lerp2x_last_adjoint(g: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 # kernel launchers
 
+INT32_INDICES = 2 ** 31  # pixel indices below this are divided in int32 (tools/triton_aot.py lowers it once)
+
+
 def _upsample_conv2d_triton(x, weight, bias, scale, mode, padding):
     import triton
 
@@ -266,9 +269,16 @@ def _upsample_conv2d_triton(x, weight, bias, scale, mode, padding):
     hm, wm = (hout, wout) if bilinear else (-(-hout // scale), -(-wout // scale))
     out = torch.empty((n, co, hout, wout), dtype=x.dtype, device=x.device, memory_format=memory_format(x))
     emulate_bf16 = x.dtype == torch.bfloat16 and _INTERPRET
-    block_m = 64
     block_n = max(16, min(64, triton.next_power_of_2(co)))
-    block_k = max(16, min(32, triton.next_power_of_2(c)))
+    # Registers, checked at every block size (tools/triton_aot.py). fp32 products go through FMAs, not
+    # tensor cores, and the pipeline's stages sit in registers: 64 x 32 tiles spilled 4-628 B at every
+    # warp/stage setting tried on sm_80 or sm_90; 32 x 16 tiles, 4 warps, 1 stage none. Bilinear gathers
+    # four values per A element: with 4 warps fp16/bf16 NCHW spilled up to 832 B at a K tile of 32; 8 none.
+    if x.dtype == torch.float32:
+        block_m, block_k, launch = 32, 16, dict(num_warps=4, num_stages=1)
+    else:
+        block_m, block_k = 64, max(16, min(32, triton.next_power_of_2(c)))
+        launch = dict(num_warps=8) if bilinear else {}
     grid = (triton.cdiv(n * hm * wm, block_m), triton.cdiv(co, block_n), phases * phases)
     _upsample_conv2d_fwd_kernel[grid](
         x, packed, bias.contiguous() if bias is not None else packed, out,  # bias read as contiguous
@@ -279,11 +289,8 @@ def _upsample_conv2d_triton(x, weight, bias, scale, mode, padding):
         # bf16 tiles go through the dot as fp32, exact since bf16 products fit in fp32, as on
         # tensor cores, and roundings to bf16 are done by hand.
         DOT_IN_FP32=x.dtype == torch.float32 or emulate_bf16, EMULATE_BF16=emulate_bf16,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        # fp32 products go through FMAs, not tensor cores, and the software pipeline's stages then sit
-        # in registers: with 4 warps and 3 stages fp32 tiles spilled (255 registers, up to 628 B), with
-        # 8 warps and 1 stage none does (172 at most; tools/triton_aot.py)
-        **(dict(num_warps=8, num_stages=1) if x.dtype == torch.float32 else {}),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, M_FITS_INT32=n * hm * wm + block_m < INT32_INDICES,
+        **launch,
     )
     return out
 
