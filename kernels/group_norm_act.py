@@ -40,6 +40,15 @@ def _program_group(C, CG):
 
 
 @triton.jit
+def _program_group64(C, CG):
+    """_program_group divided in int64, for the statistics and forward kernels: on sm_80 the int32
+    form made ptxas spill 4 B in some of their variants (tools/triton_aot.py), this one none."""
+    row = tl.program_id(0).to(tl.int64)
+    groups = C // CG
+    return row, row // groups, (row % groups) * CG
+
+
+@triton.jit
 def _channels(c0, first, CG, BLOCK_C: tl.constexpr):
     """The chunk of a group's channels from c0: offsets in the group, mask, channel indices (int64)."""
     offs_c = c0 + tl.arange(0, BLOCK_C)
@@ -79,7 +88,7 @@ def _group_norm_stats_kernel(
     stride_xn, stride_xc, stride_xl,
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, CHUNKED: tl.constexpr,
 ):
-    row, n, first = _program_group(C, CG)
+    row, n, first = _program_group64(C, CG)
     part = tl.program_id(1)
     split = tl.num_programs(1)
     start = part.to(tl.int64) * CHUNK
@@ -146,7 +155,7 @@ def _group_norm_act_fwd_kernel(
     EMULATE_BF16: tl.constexpr,  # bf16 under the interpreter, whose fp32 -> bf16 cast truncates
     SPLIT_P2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, CHUNKED: tl.constexpr,
 ):
-    row, n, first = _program_group(C, CG)
+    row, n, first = _program_group64(C, CG)
     part = tl.program_id(1)
 
     # merge the group's partial statistics (Chan)
@@ -227,7 +236,7 @@ def _group_norm_bwd_sums_kernel(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, CHUNKED: tl.constexpr,
 ):
-    row, n, first = _program_group(C, CG)
+    row, n, first = _program_group64(C, CG) if CHUNKED else _program_group(C, CG)
     part = tl.program_id(1)
     split = tl.num_programs(1)
     mean = tl.load(mean_ptr + row)

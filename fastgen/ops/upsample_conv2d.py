@@ -273,12 +273,13 @@ def _upsample_conv2d_triton(x, weight, bias, scale, mode, padding):
     # Registers, checked at every block size (tools/triton_aot.py). fp32 products go through FMAs, not
     # tensor cores, and the pipeline's stages sit in registers: 64 x 32 tiles spilled 4-628 B at every
     # warp/stage setting tried on sm_80 or sm_90; 32 x 16 tiles, 4 warps, 1 stage none. Bilinear gathers
-    # four values per A element: with 4 warps fp16/bf16 NCHW spilled up to 832 B at a K tile of 32; 8 none.
+    # four values per A element: with 4 warps fp16/bf16 NCHW spilled up to 832 B at a K tile of 32, 8 none;
+    # channels_last (channels contiguous) none with 4, but 4 B on sm_80 with 8.
     if x.dtype == torch.float32:
         block_m, block_k, launch = 32, 16, dict(num_warps=4, num_stages=1)
     else:
         block_m, block_k = 64, max(16, min(32, triton.next_power_of_2(c)))
-        launch = dict(num_warps=8) if bilinear else {}
+        launch = dict(num_warps=8) if bilinear and x.stride(1) != 1 else {}  # NCHW bilinear: 8 warps
     grid = (triton.cdiv(n * hm * wm, block_m), triton.cdiv(co, block_n), phases * phases)
     _upsample_conv2d_fwd_kernel[grid](
         x, packed, bias.contiguous() if bias is not None else packed, out,  # bias read as contiguous
