@@ -47,7 +47,8 @@ struct UpsampleConvParams {
   bool small;  // N * HM * WM pixels below 2^31: pixel indices divided in 32 bits (index.cuh)
 };
 
-__device__ __forceinline__ int64_t floordiv(int64_t a, int64_t b) {
+// small operands (a phase minus the padding, the scale): a 32-bit division
+__device__ __forceinline__ int floordiv(int a, int b) {
   return a >= 0 ? a / b : -((-a + b - 1) / b);
 }
 

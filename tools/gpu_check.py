@@ -33,10 +33,15 @@ WINDOW = 480  # seconds of wall time on the GPU machine, the build included (the
 STARTUP = (60, 120)  # the machine's start, outside the command's time but inside the device budget
 DEVICE_BUDGET = 900  # a session's device time
 
-# The build's cost, measured here (2 cores, nvcc 13.0, torch 2.14, `pip install -e .` with
-# FASTGEN_CUDA=1, one architecture): CPU seconds per translation unit, the largest first. On the GPU
-# machine's 16 cores every unit compiles at once: the build takes about its slowest unit plus the link.
-BUILD_CPU_SECONDS = {"measured": "2026-12-06 on the CPU machine (tools/gpu_check.py docstring)", "units": {}}
+# The build's cost: CPU seconds per translation unit (nvcc 13.0, torch 2.14, FASTGEN_CUDA=1). On the
+# GPU machine's 16 cores every unit compiles at once: the build takes about its slowest unit plus the link.
+# Measured 2026-12-06 from build/.ninja_log (2 jobs on 2 cores, the default 8.0;9.0;10.0;12.0 targets,
+# so the .cu units are conservative for the one architecture the gate builds): 634 CPU-seconds, 5.5
+# minutes of wall here; on 16 cores about the slowest unit (77 s) plus the link and pip: ~100 s.
+BUILD_CPU_SECONDS = {"batch_norm_act.cpp": 77.2, "batch_norm_act.cu": 72.9, "group_norm_act.cpp": 72.7,
+                     "group_norm_act.cu": 70.3, "bias_act.cu": 69.0, "upsample_conv2d.cu": 68.4, "upfirdn2d.cu": 67.9,
+                     "pixel_norm.cu": 65.2, "bias_act.cpp": 37.0, "upfirdn2d.cpp": 19.5, "pixel_norm.cpp": 7.4,
+                     "upsample_conv2d.cpp": 6.7, "module.cpp": 0.3}
 
 
 @dataclass(frozen=True)
@@ -219,10 +224,10 @@ def print_plan(plan, scale: float, dry: bool):
     print(f"projected device time: machine start {STARTUP[0]}-{STARTUP[1]} s + at most {WINDOW} s = "
           f"{STARTUP[0] + WINDOW}-{STARTUP[1] + WINDOW} s of the session's {DEVICE_BUDGET} s "
           f"(left for a rerun of a stage: {DEVICE_BUDGET - STARTUP[1] - WINDOW} s or more)")
-    units = BUILD_CPU_SECONDS["units"]
-    if units:
-        print(f"build projection: {sum(units.values()):.0f} CPU-seconds measured here, slowest unit "
-              f"{max(units.values()):.0f} s ({max(units, key=units.get)}): with 16 parallel jobs about that plus the link")
+    units = BUILD_CPU_SECONDS
+    print(f"build projection: {sum(units.values()):.0f} CPU-seconds measured here (13 units), the slowest "
+          f"{max(units.values()):.0f} s ({max(units, key=units.get)}): on 16 cores about that plus the link and "
+          f"pip, ~{max(units.values()) + 25:.0f} s of the build's {PLAN[0].budget} s")
     if dry:
         print(f"dry run: on the CPU, each budget x{scale:g}")
 

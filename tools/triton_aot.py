@@ -2,7 +2,8 @@
 time for sm_80 and sm_90 by the real Triton compiler and ptxas, with a resource report; the CUDA C++
 kernels' resources from the built extension (cuobjdump); launch grids at the largest shapes users run.
 
-    python tools/triton_aot.py [--arch 80,90] [--out benchmarks/results/gpu-resources.json] [--quick]
+    python tools/triton_aot.py [--arch 80,90] [--report-arch 100,120] [--out benchmarks/results/gpu-resources.json]
+                               [--quick]
 
 How, on a machine with no GPU (shared/TOOLCHAIN.md): Triton's active driver is replaced by one whose
 target is the GPU asked for, and every `kernel[grid](...)` launch becomes `kernel.run(..., warmup=True)`,
@@ -10,8 +11,11 @@ which compiles (to PTX and a cubin) without launching. The launches come from th
 the public ops are called with backend="triton" on CPU tensors (only dtypes, strides and pointer
 alignment matter to the compiler; nothing is computed), across every dtype, memory format, constexpr
 choice (activations, modes, scales, affine/bias, training/eval) and size class Triton specializes on
-(1, a multiple of 16, other), forward and backward. `ptxas -v` on each variant's PTX gives registers
-and spills; Triton's metadata gives shared memory and warps.
+(1, a multiple of 16, other), forward and backward; and every block size a launcher derives from
+channel counts and map sizes (`size_cases`: K tiles, output-channel blocks, channel chunks, split
+merges), at the channel counts of SD-VAE and StyleGAN2 too. `ptxas -v` on each variant's PTX gives
+registers and spills; Triton's metadata gives shared memory and warps. `--report-arch 100,120`
+compiles for Blackwell too and reports what it finds without failing (no GPU of ours ran there).
 
 Fails (exit 1) on: a compile error; a spill or any local memory (stack frame) in any kernel (all of
 ours run per element or per tile);
@@ -255,11 +259,13 @@ def size_cases(dtypes=DTYPES):
     channels per group (tile width 1 to 64, then the chunk loop: CG = 1, 3, 32, 512 and SD-VAE's 4, 8, 16)
     and its statistics split (1, a few, 1024); batch norm's channel block (2 to 64, several blocks) and
     the partials it merges per step (1 to 32); pixel norm's channel tile (up to StyleGAN's 512);
-    upsample_conv2d's output-channel block (16, 32, 64) and K tile (16, 32)."""
+    upsample_conv2d's output-channel block (16, 32, 64) and K tile (16, 32). The norms' fp16 variants
+    are left out (they load, then compute in fp32: fp16 compiles as bf16 does)."""
     from fastgen import ops
 
     for dtype, layout in itertools.product(dtypes, LAYOUTS):
         tag = f"{str(dtype)[6:]}/{layout}/sizes"
+        norms = dtype != torch.float16  # the norms load, then compute in fp32: fp16 compiles as bf16 does
         for shape, groups in (((2, 3, 4, 4), 3), ((2, 12, 4, 4), 4), ((2, 64, 4, 4), 2), ((1, 512, 4, 4), 1),
                               ((2, 128, 4, 4), 32), ((2, 256, 4, 4), 32), ((2, 512, 4, 4), 32),
                               ((1, 64, 64, 64), 32), ((1, 1, 1024, 1024), 1)):
@@ -267,7 +273,8 @@ def size_cases(dtypes=DTYPES):
                 x = _tensor(shape, dtype, layout, True)
                 wb = [_tensor((shape[1],), dtype, "", True) for _ in range(2)]
                 _run(lambda: ops.group_norm_act(x, groups, *wb, activation="silu", backend="triton"), [x, *wb])
-            yield "group_norm_act", f"{tag}/{shape}/G={groups}", group_norm
+            if norms:
+                yield "group_norm_act", f"{tag}/{shape}/G={groups}", group_norm
 
         for shape in ((2, 3, 4, 4), (2, 32, 4, 4), (2, 64, 4, 4), (2, 100, 4, 4), (2, 64, 64, 64), (8, 8, 64, 64)):
             def batch_norm(shape=shape, dtype=dtype, layout=layout):
@@ -275,13 +282,15 @@ def size_cases(dtypes=DTYPES):
                 wb = [_tensor((shape[1],), dtype, "", True) for _ in range(2)]
                 stats = (torch.zeros(shape[1]), torch.ones(shape[1]))
                 _run(lambda: ops.batch_norm_act(x, *stats, *wb, True, activation="relu", backend="triton"), [x, *wb])
-            yield "batch_norm_act", f"{tag}/{shape}", batch_norm
+            if norms:
+                yield "batch_norm_act", f"{tag}/{shape}", batch_norm
 
         for shape in ((2, 64, 4, 4), (2, 512, 4, 4)):
             def pixel_norm(shape=shape, dtype=dtype, layout=layout):
                 x = _tensor(shape, dtype, layout, True)
                 _run(lambda: ops.pixel_norm(x, backend="triton"), [x])
-            yield "pixel_norm", f"{tag}/{shape}", pixel_norm
+            if norms:
+                yield "pixel_norm", f"{tag}/{shape}", pixel_norm
 
         for (c, co), (mode, scale, k) in itertools.product(
                 ((16, 64), (64, 16), (64, 32), (64, 64)),
@@ -479,6 +488,7 @@ def cuda_report(arch: int, lib: Path | None) -> tuple[list, list[str]]:
                           text=True)
     if done.returncode or "Fatbin" not in done.stdout:
         return [], []  # a CPU-only build: no CUDA kernels in it
+    divisions = int64_division_calls(lib, arch)
     threads, suffix = {}, {}
     for cu in [*(ROOT / "csrc").glob("*.cu"), *(ROOT / "csrc").glob("*.cuh")]:
         m = re.search(r"constexpr int (?:kThreads|THREADS) = (\d+);", cu.read_text())
@@ -496,7 +506,7 @@ def cuda_report(arch: int, lib: Path | None) -> tuple[list, list[str]]:
             t = threads.get(source, 1024)
             regs, local, shared = int(fields["REG"]), int(fields["LOCAL"]), int(fields["SHARED"])
             current = {"kernel": _demangle(name), "source": f"csrc/{source}{suffix.get(source, '.cu')}", "threads": t,
-                       "registers": regs,
+                       "registers": regs, "int64_division_calls": divisions.get(name, 0),
                        "local": local, "shared": shared, **occupancy(regs, t, shared, arch)}
             kernels.append(current)
             if local:
@@ -504,6 +514,38 @@ def cuda_report(arch: int, lib: Path | None) -> tuple[list, list[str]]:
             if shared > SMEM_STATIC:
                 problems.append(f"sm_{arch} {current['kernel']}: {shared} B of static shared memory")
     return kernels, problems
+
+
+def int64_division_calls(lib: Path, arch: int) -> dict[str, int]:
+    """Per CUDA kernel (mangled name), the calls in its SASS to a 64-bit integer division/remainder
+    routine (~70 instructions each; recognised by the I2F.U64.RP its body starts its reciprocal with:
+    cuobjdump strips the routines' names). The per-element divisions go through csrc/index.cuh, in 32
+    bits below 2^31 elements, so each call counted here is on the >= 2^31 path or per block."""
+    done = subprocess.run([str(TRITON_BIN / "cuobjdump"), "-sass", "-arch", f"sm_{arch}", str(lib)],
+                          capture_output=True, text=True)
+    functions, current = {}, None
+    for line in done.stdout.splitlines():
+        m = re.match(r"\s+Function : (\S+)", line)
+        if m:
+            current = functions.setdefault(m.group(1), [])
+            continue
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if m and current is not None:
+            current.append((int(m.group(1), 16), m.group(2).strip()))
+    calls = {}
+    for name, code in functions.items():
+        at = {address: k for k, (address, _) in enumerate(code)}
+
+        def divides(target):  # the routine at `target` up to its RET
+            for _, text in code[at.get(target, len(code)):]:
+                if "I2F.U64.RP" in text:
+                    return True
+                if text.startswith("RET"):
+                    return False
+            return False
+        targets = [int(m.group(1), 16) for _, text in code if (m := re.search(r"CALL\.REL\.NOINC (0x[0-9a-f]+)", text))]
+        calls[name] = sum(divides(t) for t in targets)
+    return calls
 
 
 def _demangle(name: str) -> str:
@@ -537,6 +579,11 @@ def summary(report: dict) -> str:
                          f"{max(v['spill_stores'] + v['spill_loads'] for v in vs):7d} "
                          f"{min(smem) / 1024:4.0f}-{max(smem) / 1024:<4.0f} {max(v['threads'] for v in vs):7d} "
                          f"{min(occ):5.2f}-{max(occ):<5.2f}  {worst['limited_by']}")
+        calls = {c["kernel"]: c.get("int64_division_calls", 0) for c in arch["cuda"]}
+        if calls:
+            lines.append(f"  CUDA C++: {sum(calls.values())} call sites of a 64-bit division/remainder routine in "
+                         f"{sum(1 for v in calls.values() if v)} of {len(calls)} kernels; none per element below 2^31 "
+                         f"elements (csrc/index.cuh divides there in 32 bits): the >= 2^31 branch, or per block")
     return "\n".join(lines)
 
 
