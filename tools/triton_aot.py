@@ -359,7 +359,11 @@ def ptxas_report(ptx: str, arch: int, log: str = "") -> dict:
         with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
             f.write(ptx)
             f.flush()
-            done = subprocess.run([str(TRITON_BIN / "ptxas"), "-v", "--regAllocOptLevel=2",
+            # Triton's own command line (backends/nvidia/compiler.py make_cubin): -lineinfo changes the
+            # register allocation a little, so a rerun without it can disagree with the real compile
+            ptxas = TRITON_BIN / ("ptxas-blackwell" if arch >= 100 and (TRITON_BIN / "ptxas-blackwell").exists()
+                                  else "ptxas")
+            done = subprocess.run([str(ptxas), "-lineinfo", "-v", "--regAllocOptLevel=2",
                                    f"--gpu-name=sm_{arch}{'a' if arch >= 90 else ''}", "-o", os.devnull, f.name],
                                   capture_output=True, text=True)
         if done.returncode:
