@@ -178,7 +178,8 @@ def configs(full: bool, axes: dict, first: str | None = None):
 
 
 def cases(full=False, quick=False):
-    """(op, description, thunk) for every launch configuration (see configs)."""
+    """(op, description, thunk) for every launch configuration (see configs). Each thunk binds the
+    loop's values (a list of them, taken at once, still compiles what each names)."""
     from fastgen import ops
     from fastgen.activations import NAMES
     from fastgen.ops.upfirdn2d import setup_filter
@@ -193,7 +194,7 @@ def cases(full=False, quick=False):
         n, c, h, w = shape
 
         for o in configs(full, {"act": bias_acts, "bias": (True, False), "clamp": (None, 256.0)}, "act"):
-            def bias_act(o=o):
+            def bias_act(o=o, dtype=dtype, layout=layout, shape=shape, c=c):
                 x, b = _tensor(shape, dtype, layout, True), _tensor((c,), dtype, "", True) if o["bias"] else None
                 _run(lambda: ops.bias_act(x, b, act=o["act"], clamp=o["clamp"], backend="triton"),
                      [x] + ([b] if o["bias"] else []))
@@ -201,7 +202,7 @@ def cases(full=False, quick=False):
 
         gshape = (n, 2 * c, max(h, 2), w)  # 2 values per group at least
         for o in configs(full, {"act": norm_acts, "affine": ("channel", "none", "sample")}, "act"):
-            def group_norm(o=o):
+            def group_norm(o=o, dtype=dtype, layout=layout, gshape=gshape, c=c, n=n):
                 x = _tensor(gshape, dtype, layout, True)
                 wshape = {"none": None, "channel": (2 * c,), "sample": (n, 2 * c)}[o["affine"]]
                 wb = [_tensor(wshape, dtype, "", True) for _ in range(2)] if wshape else [None, None]
@@ -211,7 +212,7 @@ def cases(full=False, quick=False):
 
         bshape = (max(n, 2), c, h, w)
         for o in configs(full, {"act": norm_acts, "training": (True, False), "affine": (True, False)}, "act"):
-            def batch_norm(o=o):
+            def batch_norm(o=o, dtype=dtype, layout=layout, bshape=bshape, c=c):
                 x = _tensor(bshape, dtype, layout, True)
                 wb = [_tensor((c,), dtype, "", True) for _ in range(2)] if o["affine"] else [None, None]
                 stats = (torch.zeros(c), torch.ones(c))
@@ -219,14 +220,14 @@ def cases(full=False, quick=False):
                      [x] + [t for t in wb if t is not None])
             yield "batch_norm_act", f"{tag}/{o}", batch_norm
 
-        def pixel_norm():
+        def pixel_norm(dtype=dtype, layout=layout, shape=shape):
             x = _tensor(shape, dtype, layout, True)
             _run(lambda: ops.pixel_norm(x, backend="triton"), [x])
         yield "pixel_norm", tag, pixel_norm
 
         ushape = (n, c, max(h, 4), max(w, 4))
         for o in configs(full, {"up_down": ((2, 1), (1, 1), (1, 2), (2, 2)), "taps": (4, 2, 3), "pad": (2, 0)}):
-            def upfirdn(o=o):
+            def upfirdn(o=o, dtype=dtype, layout=layout, ushape=ushape):
                 x = _tensor(ushape, dtype, layout, True)
                 f = setup_filter({2: [1, 1], 3: [1, 2, 1], 4: [1, 3, 3, 1]}[o["taps"]])
                 up, down = o["up_down"]
@@ -235,7 +236,7 @@ def cases(full=False, quick=False):
 
         for o in configs(full, {"mode": (("nearest", 2), ("nearest", 3), ("nearest", 4), ("bilinear", 2)),
                                 "k": (3, 1), "bias": (True, False), "co": (c + 2, 1, 16)}):
-            def upsample_conv(o=o):
+            def upsample_conv(o=o, dtype=dtype, layout=layout, shape=shape, c=c):
                 x = _tensor(shape, dtype, layout, True)
                 wt = _tensor((o["co"], c, o["k"], o["k"]), dtype, "", True)
                 b = _tensor((o["co"],), dtype, "", True) if o["bias"] else None
@@ -245,7 +246,7 @@ def cases(full=False, quick=False):
             yield "upsample_conv2d", f"{tag}/{o}", upsample_conv
 
         for up, down in ((1, 1), (2, 1), (1, 2)):
-            def modulated(up=up, down=down):
+            def modulated(up=up, down=down, dtype=dtype, layout=layout, ushape=ushape, c=c):
                 x = _tensor(ushape, dtype, layout, True)
                 wt, s = _tensor((3, c, 3, 3), dtype, "", True), _tensor((ushape[0], c), dtype, "", True)
                 _run(lambda: ops.modulated_conv2d(x, wt, s, True, up, down, setup_filter([1, 3, 3, 1]), 1,

@@ -252,6 +252,17 @@ def _lerp2x_last_adjoint(g: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 # kernel launchers
 
+def _fp32_stages() -> int:
+    """Pipeline stages of the fp32 tiles: 2 on sm_80, 1 from sm_90 (each setting spilled 4-8 B on the
+    other architecture: tools/triton_aot.py); read from Triton's target, which its AOT driver sets too."""
+    import triton
+
+    try:
+        return 2 if triton.runtime.driver.active.get_current_target().arch < 90 else 1
+    except Exception:  # the interpreter has no GPU target; stages mean nothing there
+        return 1
+
+
 INT32_INDICES = 2 ** 31  # pixel indices below this are divided in int32 (tools/triton_aot.py lowers it once)
 
 
@@ -272,11 +283,11 @@ def _upsample_conv2d_triton(x, weight, bias, scale, mode, padding):
     block_n = max(16, min(64, triton.next_power_of_2(co)))
     # Registers, checked at every block size (tools/triton_aot.py). fp32 products go through FMAs, not
     # tensor cores, and the pipeline's stages sit in registers: 64 x 32 tiles spilled 4-628 B at every
-    # warp/stage setting tried on sm_80 or sm_90; 32 x 16 tiles, 4 warps, 1 stage none. Bilinear gathers
+    # warp/stage setting tried on sm_80 or sm_90; 32 x 16 tiles with 4 warps none (_fp32_stages). Bilinear gathers
     # four values per A element: with 4 warps fp16/bf16 NCHW spilled up to 832 B at a K tile of 32, 8 none;
     # channels_last (channels contiguous) none with 4, but 4 B on sm_80 with 8.
     if x.dtype == torch.float32:
-        block_m, block_k, launch = 32, 16, dict(num_warps=4, num_stages=1)
+        block_m, block_k, launch = 32, 16, dict(num_warps=4, num_stages=_fp32_stages())
     else:
         block_m, block_k = 64, max(16, min(32, triton.next_power_of_2(c)))
         launch = dict(num_warps=8) if bilinear and x.stride(1) != 1 else {}  # NCHW bilinear: 8 warps
