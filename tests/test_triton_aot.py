@@ -50,7 +50,7 @@ toys = {
     "spills": lambda: spills[(1,)](x, 4, R=128, C=64, num_warps=1),
 }
 A.cases = lambda full, quick: [("toy", name, thunk) for name, thunk in toys.items()]
-A.size_cases = lambda: []
+A.size_cases = lambda *a: []
 A.large_cases = lambda: [
     ("toy", "grid", lambda: sound[(1, 2 ** 16)](x, x.numel(), BLOCK=1024)),
     ("toy", "int32", lambda: int32_offsets[(triton.cdiv(big.numel(), 1024),)](big, big.numel(), BLOCK=1024)),
