@@ -162,9 +162,10 @@ def _batch_norm_act_backward_triton(grad, x, mean, var, weight, bias, training, 
     xv, dv = as_ncl(x), as_ncl(dy)
     weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
     n, c, length = xv.shape
-    # half the forward's tile and 4 warps: x, dy and the derivative live at once; with 8 warps ptxas
-    # capped a few gelu/softplus variants at 64-80 registers and spilled 4 B (tools/triton_aot.py)
-    block_c, block_r, chunk, split = _tiling(n, c, length, tile=2048)
+    # a quarter of the forward's tile and 4 warps: x, dy and the derivative live at once; with 8 warps
+    # ptxas capped a few gelu/softplus variants at 64-80 registers and spilled 4 B, and half the tile
+    # spilled 24-48 B at 32-64 channels NCHW with Triton 3.6 (tools/triton_aot.py)
+    block_c, block_r, chunk, split = _tiling(n, c, length, tile=1024)
     grid = (split, triton.cdiv(c, block_c))
     sums, sumds = (torch.empty((split, c), device=x.device, dtype=torch.float32) for _ in range(2))
     mean, var = mean.float().contiguous(), var.float().contiguous()
@@ -197,10 +198,13 @@ def _batch_norm_act_triton(x, weight, bias, mean, var, training, eps, act, slope
     mean_out = torch.empty(c, device=x.device, dtype=torch.float32)
     var_out = torch.empty_like(mean_out)
     if training:
+        # half the forward's row tile (a divisor of each chunk): at 64 channels NCHW the whole tile spilled
+        # 252 B with Triton 3.6 (the GPU machine's; tools/triton_aot.py)
         mean = torch.empty((split, c), device=x.device, dtype=torch.float32)  # partial means, then M2s
         var = torch.empty_like(mean)
-        _batch_norm_stats_kernel[grid](xv, mean, var, n, c, length, chunk, *xv.stride(), BLOCK_R=block_r,
-                                       BLOCK_C=block_c, ROWS_FIT_INT32=_rows_fit_int32(split, chunk, block_r))
+        _batch_norm_stats_kernel[grid](xv, mean, var, n, c, length, chunk, *xv.stride(), BLOCK_R=block_r // 2,
+                                       BLOCK_C=block_c, ROWS_FIT_INT32=_rows_fit_int32(split, chunk, block_r),
+                                       num_warps=4)
     else:
         mean, var = mean.float().contiguous(), var.float().contiguous()
     _batch_norm_act_fwd_kernel[grid](
