@@ -162,10 +162,9 @@ def _batch_norm_act_backward_triton(grad, x, mean, var, weight, bias, training, 
     xv, dv = as_ncl(x), as_ncl(dy)
     weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
     n, c, length = xv.shape
-    # a quarter of the forward's tile and 4 warps: x, dy and the derivative live at once; with 8 warps
-    # ptxas capped a few gelu/softplus variants at 64-80 registers and spilled 4 B, and half the tile
-    # spilled 24-48 B at 32-64 channels NCHW with Triton 3.6 (tools/triton_aot.py)
-    block_c, block_r, chunk, split = _tiling(n, c, length, tile=1024)
+    # half the forward's tile and 4 warps: x, dy and the derivative live at once; with 8 warps ptxas
+    # capped a few gelu/softplus variants at 64-80 registers and spilled 4 B (tools/triton_aot.py)
+    block_c, block_r, chunk, split = _tiling(n, c, length, tile=2048)
     grid = (split, triton.cdiv(c, block_c))
     sums, sumds = (torch.empty((split, c), device=x.device, dtype=torch.float32) for _ in range(2))
     mean, var = mean.float().contiguous(), var.float().contiguous()
@@ -178,6 +177,12 @@ def _batch_norm_act_backward_triton(grad, x, mean, var, weight, bias, training, 
     dx = x.new_empty((0,))
     if need_x:
         dx = torch.empty_like(dy)
+        # dx on its own grid (it reads only the totals), a quarter of the forward's tile: half spilled
+        # 24-48 B at 32-64 channels NCHW with Triton 3.6, while the sums spilled 4 B at a quarter (3.8)
+        block_c, block_r, chunk, split = _tiling(n, c, length, tile=1024)
+        grid = (split, triton.cdiv(c, block_c))
+        sizes = (n, c, length, chunk, *xv.stride(), *dv.stride(), eps, slope)
+        common.update(BLOCK_R=block_r, BLOCK_C=block_c, ROWS_FIT_INT32=_rows_fit_int32(split, chunk, block_r))
         _batch_norm_bwd_dx_kernel[grid](dv, xv, as_ncl(dx), *args, dbeta, sumd, *sizes, 1.0 / (n * length),
                                         TRAINING=training,
                                         EMULATE_BF16=x.dtype == torch.bfloat16 and _INTERPRET, **common)
