@@ -1,16 +1,22 @@
-// The memory format fastgen's ops keep: channels_last when x is (strictly) in it, else contiguous.
+// The memory format fastgen's ops keep: channels_last (channels_last_3d for 5-D video tensors) when
+// x is (strictly) in it, else contiguous. The kernels see either as (N, C, L) with unit stride
+// along C or along L.
 // (fastgen/ops/_util.py memory_format is the same rule.)
 #pragma once
 #include <ATen/ATen.h>
 
 namespace fastgen {
 
+inline at::MemoryFormat channels_last_format(const at::Tensor& x) {
+  return x.dim() == 5 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
+}
+
 inline bool is_channels_last(const at::Tensor& x) {
-  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  return (x.dim() == 4 || x.dim() == 5) && !x.is_contiguous() && x.is_contiguous(channels_last_format(x));
 }
 
 inline at::MemoryFormat output_format(const at::Tensor& x) {
-  return is_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  return is_channels_last(x) ? channels_last_format(x) : at::MemoryFormat::Contiguous;
 }
 
 // x dense in the format it keeps: itself when channels_last, else a contiguous copy (or itself).

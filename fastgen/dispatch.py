@@ -191,10 +191,14 @@ def _unsupported(spec, name: str, dtype: torch.dtype) -> str:
 _warned: set[tuple[str, str, str]] = set()
 
 
+CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}  # by rank: images, video
+
+
 def layout(x: torch.Tensor) -> str:
-    """'nhwc' for a channels_last 4-D tensor (that is not also contiguous), else 'nchw' (the ops'
-    output layout follows it: fastgen.ops._util.memory_format)."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    """'nhwc' for a channels-last tensor (4-D channels_last or 5-D channels_last_3d, that is not also
+    contiguous), else 'nchw' (the ops' output layout follows it: fastgen.ops._util.memory_format)."""
+    fmt = CHANNELS_LAST.get(x.dim())
+    if fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt):
         return "nhwc"
     return "nchw"
 

@@ -107,6 +107,26 @@ def test_backward(backend, training, dtype):
         assert_close_grad(g, e, dtype)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last_3d], ids=["ncthw", "nthwc"])
+def test_video(backend, training, fmt):
+    """BatchNorm3d's input (N, C, T, H, W), contiguous or channels_last_3d: forward, running
+    statistics and every gradient."""
+    x, w, b, rm, rv = make((2, 6, 3, 5, 4), torch.float32, fmt, grad=True)
+    x64, w64, b64, rm64, rv64 = f64(x, w, b, rm, rv)
+    out = batch_norm_act(x, rm, rv, w, b, training, 0.1, 1e-5, "silu", backend=backend)
+    assert out.is_contiguous(memory_format=fmt)
+    expected = batch_norm_act_ref(x64, rm64, rv64, w64, b64, training, 0.1, 1e-5, "silu")
+    assert_close(out, expected, torch.float32)
+    assert_close(rm, rm64, torch.float32)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, w, b), grad)
+    want = torch.autograd.grad(expected, (x64, w64, b64), grad.double())
+    for g, e in zip(got, want, strict=True):
+        assert_close_grad(g, e, torch.float32)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["composite", "triton", "cuda"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -17,13 +17,14 @@ FAST = fast_backends("bias_act")
 # (N, C) activation, the bias along the last and the first dimension, one element
 CASES = [((2, 5, 7, 9), 1, torch.contiguous_format), ((2, 5, 7, 9), 1, torch.channels_last),
          ((3, 17), 1, torch.contiguous_format), ((4, 3, 6), -1, torch.contiguous_format),
-         ((6, 2, 3, 5), 0, torch.channels_last), ((1, 1, 1, 1), 1, torch.contiguous_format)]
-CASE_IDS = ["nchw", "nhwc", "fc", "last-dim", "dim0-nhwc", "one"]
+         ((6, 2, 3, 5), 0, torch.channels_last), ((1, 1, 1, 1), 1, torch.contiguous_format),
+         ((2, 5, 3, 4, 6), 1, torch.channels_last_3d), ((2, 5, 3, 4, 6), 2, torch.channels_last_3d)]
+CASE_IDS = ["nchw", "nhwc", "fc", "last-dim", "dim0-nhwc", "one", "video-nthwc", "video-time-nthwc"]
 
 
 def make(shape, dim, fmt, dtype, device="cpu", bias=True, grad=False):
     x = (torch.randn(shape, device=device) * 2).to(dtype)
-    x = x.to(memory_format=fmt) if x.dim() == 4 else x
+    x = x.to(memory_format=fmt) if x.dim() in (4, 5) else x
     b = torch.randn(shape[dim], device=device).to(dtype) if bias else None
     for t in (x, b):
         if grad and t is not None:

@@ -194,3 +194,42 @@ def test_groups_wider_than_one_tile(backend, device, fmt, shape, groups):
     want = torch.autograd.grad(expected, (x64, w64, b64), grad.double())
     for g, e in zip(got, want, strict=True):
         assert_close_grad(g, e, torch.float32)
+
+
+# Video: (N, C, T, H, W), contiguous or channels_last_3d (the layout diffusers' video VAEs keep when
+# the user converts them); one frame, odd sizes, a channel per group, a group per sample
+VIDEO_FORMATS = [torch.contiguous_format, torch.channels_last_3d]
+VIDEO_SHAPES = [((2, 8, 3, 5, 7), 4), ((1, 6, 1, 4, 3), 3), ((1, 4, 5, 3, 2), 4), ((2, 6, 2, 3, 3), 1),
+                ((1, 96, 3, 6, 5), 1)]
+
+
+@pytest.mark.parametrize("backend,device", FAST)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("fmt", VIDEO_FORMATS, ids=["ncthw", "nthwc"])
+@pytest.mark.parametrize("shape,groups", VIDEO_SHAPES, ids=SHAPE_IDS)
+def test_video_forward_and_backward(backend, device, dtype, fmt, shape, groups):
+    skip_unavailable(backend, device)
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the triton backend takes float32/16 and bfloat16")
+    x, w, b = make(shape, dtype, device, fmt, grad=True)
+    out = group_norm_act(x, groups, w, b, eps=1e-6, activation="silu", backend=backend)
+    check_layout(out, x, fmt)
+    x64, w64, b64, expected = oracle(x, w, b, groups, 1e-6, "silu")
+    assert_close(out, expected, dtype)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, w, b), grad)
+    want = torch.autograd.grad(expected, (x64, w64, b64), grad.double())
+    assert got[0].is_contiguous(memory_format=fmt) or x.is_contiguous()
+    for g, e in zip(got, want, strict=True):
+        assert_close_grad(g, e, dtype)
+
+
+def test_video_layer_loads_a_group_norm_and_keeps_channels_last_3d():
+    norm, act = nn.GroupNorm(4, 8, eps=1e-6), nn.SiLU()
+    nn.init.normal_(norm.weight), nn.init.normal_(norm.bias)
+    layer = GroupNormAct(4, 8, eps=1e-6)
+    layer.load_state_dict(norm.state_dict())
+    x = torch.randn(2, 8, 3, 6, 5).contiguous(memory_format=torch.channels_last_3d)
+    out = layer(x)
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(out, act(norm(x)), atol=1e-5, rtol=1e-5)

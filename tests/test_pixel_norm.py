@@ -24,6 +24,21 @@ def test_forward(backend, device, dtype, fmt, shape):
 
 
 @pytest.mark.parametrize("backend,device", FAST)
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last_3d], ids=["ncthw", "nthwc"])
+def test_video(backend, device, fmt):
+    skip_unavailable(backend, device)
+    x = torch.randn(2, 6, 3, 5, 4, device=device).to(memory_format=fmt).requires_grad_(True)
+    out = pixel_norm(x, backend=backend)
+    assert out.is_contiguous(memory_format=fmt)
+    x64 = x.detach().double().requires_grad_(True)
+    want = pixel_norm_ref(x64)
+    assert_close(out, want, torch.float32)
+    grad = torch.randn_like(out)
+    assert_close_grad(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(want, x64, grad.double())[0],
+                      torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", FAST)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_backward(backend, device, dtype):
     skip_unavailable(backend, device)

@@ -2,12 +2,13 @@
 
 import torch
 
-from fastgen.dispatch import layout
+from fastgen.dispatch import CHANNELS_LAST, layout
 
 
 def memory_format(x: torch.Tensor) -> torch.memory_format:
-    """The layout an op's output keeps: channels_last when the input is (strictly) in it."""
-    return torch.channels_last if layout(x) == "nhwc" else torch.contiguous_format
+    """The layout an op's output keeps: channels_last (channels_last_3d for 5-D) when the input is
+    (strictly) in it."""
+    return CHANNELS_LAST[x.dim()] if layout(x) == "nhwc" else torch.contiguous_format
 
 
 def check_tensor(name: str, t, dim: int | None = None) -> None:
@@ -31,6 +32,6 @@ def as_ncl(x: torch.Tensor) -> torch.Tensor:
     """x as (N, C, L) with unit stride along C (channels_last) or L: a view, a copy only for
     other layouts. The normalization kernels read it through its strides."""
     n, c = x.shape[:2]
-    if memory_format(x) == torch.channels_last:
-        return x.permute(0, 2, 3, 1).reshape(n, -1, c).transpose(1, 2)
+    if layout(x) == "nhwc":
+        return x.movedim(1, -1).reshape(n, -1, c).transpose(1, 2)
     return x.contiguous().view(n, c, -1)

@@ -116,12 +116,15 @@ def _bias_act_composite(x, b, dim, act, alpha, gain, clamp):
 # kernel launchers: x seen as (outer, C, inner) in memory order, b running along C
 
 def _memory_order(x: Tensor) -> list[int]:
-    """x's dimensions outermost first: (0, 2, 3, 1) for channels_last, else in order."""
-    return [0, 2, 3, 1] if memory_format(x) == torch.channels_last else list(range(x.dim()))
+    """x's dimensions outermost first: (0, 2, 3, 1) for channels_last ((0, 2, 3, 4, 1) for
+    channels_last_3d), else in order."""
+    if memory_format(x) != torch.contiguous_format:
+        return [0, *range(2, x.dim()), 1]
+    return list(range(x.dim()))
 
 
 def _dense(x: Tensor) -> Tensor:
-    """x itself when contiguous or channels_last (the kernels walk memory), else a contiguous copy."""
+    """x itself when contiguous or channels-last (the kernels walk memory), else a contiguous copy."""
     return x.contiguous(memory_format=memory_format(x))
 
 

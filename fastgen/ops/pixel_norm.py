@@ -56,8 +56,8 @@ def _pixel_norm_composite(x, eps):
 def _as_nlc(x: Tensor) -> Tensor:
     """x as (N, L, C) with unit stride along L (NCHW) or C (channels_last)."""
     n, c = x.shape[:2]
-    if memory_format(x) == torch.channels_last:
-        return x.permute(0, 2, 3, 1).reshape(n, -1, c)  # a view
+    if memory_format(x) != torch.contiguous_format:
+        return x.movedim(1, -1).reshape(n, -1, c)  # a view
     return x.contiguous().view(n, c, -1).transpose(1, 2)
 
 
