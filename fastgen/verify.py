@@ -32,6 +32,7 @@ import traceback
 import torch
 
 from fastgen.dispatch import DEVICES, backends
+from fastgen.dispatch import CHANNELS_LAST
 from fastgen.ops import REGISTRY
 from fastgen.ops._registry import Example
 from fastgen.ops.upfirdn2d import setup_filter
@@ -42,7 +43,7 @@ LAYOUTS = ("nchw", "nhwc")
 FORMAT = 2  # the record's layout: op -> backend -> dtype -> memory format -> entry
 EXIT_CUT = 3  # verify's exit status when the budget ran out before every op ran and nothing failed
 # riskiest first: a run cut short by its budget has verified what most needs it
-RISK_ORDER = ("upsample_conv2d", "group_norm_act", "batch_norm_act", "instance_norm_act", "adaptive_instance_norm",
+RISK_ORDER = ("upsample_conv2d", "group_norm_act", "rms_norm_act", "batch_norm_act", "instance_norm_act", "adaptive_instance_norm",
               "modulated_conv2d", "upfirdn2d", "bias_act", "pixel_norm")
 
 # Sizes past the small examples, where the kernels take their other tiling branches: upsample_conv2d
@@ -69,6 +70,9 @@ TILING = {
     "instance_norm_act": (
         Example("instance_norm_act_split", lambda: (torch.randn(1, 3, 96, 96), torch.randn(3), torch.randn(3)),
                 grad_of=(0, 1, 2)),),
+    "rms_norm_act": (
+        Example("rms_norm_act_video_chunks", lambda: (torch.randn(1, 192, 3, 12, 10), torch.randn(192),
+                                                      torch.randn(192)), {"clamp": True}, (0, 1, 2)),),
     "pixel_norm": (Example("pixel_norm_512", lambda: (torch.randn(2, 512, 6, 5),)),),
     "bias_act": (Example("bias_act_blocks", lambda: (torch.randn(2, 64, 9, 10), torch.randn(64)), {"act": "lrelu"},
                          (0, 1)),),
@@ -80,7 +84,7 @@ TILING = {
 def _to(t, device, dtype, layout="nchw"):
     if torch.is_tensor(t) and t.is_floating_point():
         t = t.to(device=device, dtype=dtype)
-        return t.contiguous(memory_format=torch.channels_last) if layout == "nhwc" and t.dim() == 4 else t
+        return t.contiguous(memory_format=CHANNELS_LAST[t.dim()]) if layout == "nhwc" and t.dim() in CHANNELS_LAST else t
     return t.to(device) if torch.is_tensor(t) else t
 
 
@@ -89,8 +93,8 @@ def examples(spec) -> tuple:
 
 
 def layouts(spec) -> tuple[str, ...]:
-    """Both memory formats for an op on 4-D maps (its examples' first input), else NCHW alone."""
-    return LAYOUTS if any(e.inputs()[0].dim() == 4 for e in spec.examples) else LAYOUTS[:1]
+    """Both memory formats for an op on 4-D or 5-D maps (its examples' first input), else NCHW alone."""
+    return LAYOUTS if any(e.inputs()[0].dim() in CHANNELS_LAST for e in examples(spec)) else LAYOUTS[:1]
 
 
 def _outputs(spec, example, device, dtype, backend, layout="nchw"):

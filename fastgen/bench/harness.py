@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import fastgen
-from fastgen.dispatch import auto_choices, backends
+from fastgen.dispatch import CHANNELS_LAST, auto_choices, backends
 from fastgen.ops import REGISTRY
 from fastgen.tolerances import judge
 
@@ -33,8 +33,8 @@ FASTGEN_BACKENDS = ("composite", "cpu", "cuda", "triton")  # what "best fastgen 
 def make_inputs(suite, shape, dtype, device, channels_last: bool, need_grad=False) -> list[torch.Tensor]:
     """The suite's inputs in dtype and layout on device; those in suite.grad_of require grad when
     need_grad. Filters stay float32 (the ops take them so)."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
     x, *rest = suite.inputs(shape)
+    fmt = CHANNELS_LAST[x.dim()] if channels_last else torch.contiguous_format
     out = [x.to(device=device, dtype=dtype).to(memory_format=fmt)]
     out += [t.to(device=device, dtype=dtype if suite.names[i + 1] != "filter" else t.dtype)
             for i, t in enumerate(rest)]
@@ -184,7 +184,7 @@ def _row(suite, shape, device, dtype, channels_last, kind, table, peak_tflops, r
     want = [out64.detach()] + (list(torch.autograd.grad(out64, [oracle_inputs[i] for i in grad_of], cotangent))
                                if need_grad else [])
     # the incoming gradient in x's layout, as the next layer of a channels_last model hands it back
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fmt = CHANNELS_LAST[cotangent.dim()] if channels_last and need_grad else torch.contiguous_format
     cot = cotangent.to(dtype).contiguous(memory_format=fmt) if need_grad else None
     work = suite.work(shape, inputs[0].element_size())
     ceiling = {"matmul_tflops": peak_tflops, "copy_gbps": copy_gbps(inputs[0].detach())}

@@ -53,10 +53,15 @@ class Shape:
     padding: tuple = (0, 0, 0, 0)  # upfirdn2d's (px0, px1, py0, py1)
     gain: float = 1.0
     quick: bool = False  # in the default (quick) run
+    t: int = 0  # frames: a video clip (N, C, T, H, W); 0: an image (N, C, H, W)
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        return (self.n, self.c, self.t, self.h, self.w) if self.t else (self.n, self.c, self.h, self.w)
 
     @property
     def elements(self) -> int:
-        return self.n * self.c * self.h * self.w
+        return self.n * self.c * max(1, self.t) * self.h * self.w
 
 
 def suite(cls):
@@ -79,7 +84,7 @@ def generator() -> torch.Generator:
 def norm_inputs(s: Shape):
     """x, and a per-channel weight near 1 and bias near 0, as trained norm layers have."""
     g = generator()
-    return (torch.randn(s.n, s.c, s.h, s.w, generator=g), 1 + 0.1 * torch.randn(s.c, generator=g),
+    return (torch.randn(s.dims, generator=g), 1 + 0.1 * torch.randn(s.c, generator=g),
             0.1 * torch.randn(s.c, generator=g))
 
 

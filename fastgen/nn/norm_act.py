@@ -10,6 +10,7 @@ from fastgen.ops.batch_norm_act import batch_norm_act, update_running_stats
 from fastgen.ops.group_norm_act import group_norm_act
 from fastgen.ops.instance_norm_act import adaptive_instance_norm, instance_norm_act
 from fastgen.ops.pixel_norm import pixel_norm
+from fastgen.ops.rms_norm_act import rms_norm_act
 
 
 class GroupNormAct(nn.GroupNorm):
@@ -200,3 +201,33 @@ def batch_norm_act_module(bn: nn.BatchNorm2d, x: torch.Tensor, activation: str, 
 def _world_size(group) -> int:
     dist = torch.distributed
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+class RMSNormAct(nn.Module):
+    """An RMS norm over the channels of an (N, C, *) map, its affine, then the activation, fused
+    (fastgen.ops.rms_norm_act). Arguments and state_dict keys (`weight`, `bias`) of diffusers'
+    RMSNorm(dim, eps, elementwise_affine, bias), applied over dimension 1 as the video VAEs do;
+    clamp=True is F.normalize's form of eps (Wan, QwenImage)."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-6, elementwise_affine: bool = True, bias: bool = False,
+                 activation: str = "silu", negative_slope: float = 0.01, clamp: bool = False, device=None,
+                 dtype=None):
+        super().__init__()
+        check_activation(activation, negative_slope)
+        if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
+            raise ValueError(f"num_channels must be a positive int, got {num_channels!r}")
+        factory = dict(device=device, dtype=dtype)
+        self.num_channels, self.eps, self.clamp = num_channels, eps, clamp
+        self.elementwise_affine = elementwise_affine
+        self.weight = nn.Parameter(torch.ones(num_channels, **factory)) if elementwise_affine else None
+        self.bias = nn.Parameter(torch.zeros(num_channels, **factory)) if elementwise_affine and bias else None
+        self.activation, self.negative_slope = activation, negative_slope
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm_act(x, self.weight, self.bias, self.eps, self.activation, self.negative_slope,
+                            clamp=self.clamp)
+
+    def extra_repr(self) -> str:
+        slope = f", negative_slope={self.negative_slope}" if self.activation == "leaky_relu" else ""
+        return (f"{self.num_channels}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
+                f"bias={self.bias is not None}, activation={self.activation!r}{slope}, clamp={self.clamp}")

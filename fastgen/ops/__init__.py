@@ -8,6 +8,7 @@ from fastgen.ops.instance_norm_act import (adaptive_instance_norm, adaptive_inst
                                            instance_norm_act_ref)
 from fastgen.ops.modulated_conv2d import modulated_conv2d, modulated_conv2d_ref
 from fastgen.ops.pixel_norm import pixel_norm, pixel_norm_ref
+from fastgen.ops.rms_norm_act import rms_norm_act, rms_norm_act_ref
 from fastgen.ops.upfirdn2d import upfirdn2d, upfirdn2d_ref
 from fastgen.ops.upsample_conv2d import upsample_conv2d, upsample_conv2d_ref
 from fastgen.ops._registry import REGISTRY  # noqa: E402  (filled by the imports above)

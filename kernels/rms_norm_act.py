@@ -1,0 +1,66 @@
+"""Channel RMS norm + affine + activation: y = act(x * r * weight[c] + bias[c]),
+r = 1 / sqrt(mean over channels of x^2 + eps) (CLAMP: 1 / max(sqrt(mean x^2), eps), F.normalize's form).
+
+Each program takes BLOCK_L positions of one sample and walks their channels in chunks of BLOCK_C
+twice: the sums of squares, then the output (the second read hits the cache). x is (N, L, C)
+through strides, so NCHW / NCTHW and channels-last load the same tiles. The grid is
+one-dimensional, sample-major (a CUDA grid's y and z stop at 65535). r is written per position
+(N, L) in fp32 for the backward.
+"""
+
+import triton
+import triton.language as tl
+
+from ._common import _round_to_bf16
+from .activation import _activate
+
+
+@triton.jit(do_not_specialize=['L', 'C'])  # sizes: one compiled variant, not one per size class
+def _rms_norm_act_fwd_kernel(
+    x_ptr, out_ptr,  # (N, L, C) through strides
+    w_ptr, b_ptr,    # (C,) contiguous (x itself when absent: never read)
+    r_ptr,           # (N, L) fp32, contiguous
+    L, C,
+    stride_xn, stride_xl, stride_xc,
+    stride_on, stride_ol, stride_oc,
+    EPS, SLOPE,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    CLAMP: tl.constexpr,        # r = 1 / max(rms, eps) instead of 1 / sqrt(ms + eps)
+    ACT: tl.constexpr,          # activation code (fastgen.activations)
+    EMULATE_BF16: tl.constexpr,  # bf16 under the interpreter, whose fp32 -> bf16 cast truncates
+    BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    blocks = tl.cdiv(L, BLOCK_L)
+    n = pid // blocks
+    offs_l = (pid % blocks) * BLOCK_L + tl.arange(0, BLOCK_L).to(tl.int64)
+    mask_l = offs_l < L
+    x_rows = x_ptr + n * stride_xn + offs_l[:, None] * stride_xl
+    acc = tl.zeros([BLOCK_L], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)  # c * stride_c reaches C * T * H * W: past int32
+        mask = mask_l[:, None] & (offs_c < C)[None, :]
+        x = tl.load(x_rows + offs_c[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.sum(x * x, axis=1)
+    ms = acc / C
+    if CLAMP:
+        rms = tl.sqrt(ms)
+        r = 1.0 / tl.where(rms < EPS, EPS, rms)  # a NaN passes (tl.maximum would drop it)
+    else:
+        r = 1.0 / tl.sqrt(ms + EPS)
+    tl.store(r_ptr + n * L + offs_l, r, mask=mask_l)
+    out_rows = out_ptr + n * stride_on + offs_l[:, None] * stride_ol
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+        mask_c = offs_c < C
+        mask = mask_l[:, None] & mask_c[None, :]
+        x = tl.load(x_rows + offs_c[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
+        z = x * r[:, None]
+        if HAS_WEIGHT:
+            z = z * tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            z = z + tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+        y = _activate(z, ACT, SLOPE)
+        if EMULATE_BF16:
+            y = _round_to_bf16(y)
+        tl.store(out_rows + offs_c[None, :] * stride_oc, y.to(out_ptr.dtype.element_ty), mask=mask)
