@@ -56,7 +56,10 @@ from fastgen.nn.norm_act import batch_norm_act_module
 from fastgen.ops.group_norm_act import group_norm_act
 from fastgen.ops.instance_norm_act import instance_norm_act
 from fastgen.ops.pixel_norm import pixel_norm
+from fastgen.ops.rms_norm_act import rms_norm_act
+from fastgen.paired import pair_rewrite
 from fastgen.ops.upsample_conv2d import SCALES, upsample_conv2d
+from fastgen.ops.upsample_conv3d import upsample_conv3d
 
 log = logging.getLogger("fastgen")
 
@@ -116,7 +119,7 @@ def _convert_one(m: nn.Module, path: str, report: ConversionReport) -> None:
     cls = type(m)
     if "_fastgen_base" in cls.__dict__ or cls.__module__.startswith("fastgen."):
         return  # converted already, or one of fastgen's own layers
-    known = _KNOWN.get(_qualified(cls))
+    known = _KNOWN.get(_qualified(cls)) or (_RMSNormForward if _rms_norm(m) else None)
     if known is not None:
         plans = known()
         if plans.prepare(m, path, report):
@@ -124,9 +127,16 @@ def _convert_one(m: nn.Module, path: str, report: ConversionReport) -> None:
         return
     if not _may_hold_a_pattern(m):
         return
-    plans = _TracedForwards()
-    if plans.prepare(m, path, report):
-        _recast(m, plans)
+    # fx's traced forwards where it can follow the call; then the forward rewritten at the source,
+    # for the calls fx cannot stand for (a feature cache passed in, ...)
+    traced, paired, pairs_report = _TracedForwards(), _PairedForward(), ConversionReport()
+    ready = [p for p, r in ((traced, report), (paired, pairs_report)) if p.prepare(m, path, r)]
+    if paired in ready:  # what the rewrite fuses fuses for every call: fx's refusal of the module is moot
+        report.left[:] = [(p, why) for p, why in report.left if p != path]
+        for where, what in pairs_report.fused:
+            report.add("fused", where, what)
+    if ready:
+        _recast(m, ready[0] if len(ready) == 1 else _Chain(ready))
 
 
 def _recast(m: nn.Module, plans) -> None:
@@ -164,7 +174,8 @@ def _fused_class(base: type) -> type:
 
         def __setstate__(self, state):
             base.__setstate__(self, state) if hasattr(base, "__setstate__") else self.__dict__.update(state)
-            self.__dict__["_fastgen_plans"] = _KNOWN.get(_qualified(base), _TracedForwards)()
+            known = _KNOWN.get(_qualified(base)) or (_RMSNormForward if _rms_norm_class(base) else None)
+            self.__dict__["_fastgen_plans"] = known() if known else _Chain([_TracedForwards(), _PairedForward()])
 
         _CLASSES[base] = type(name, (base,), {
             "forward": forward, "__getstate__": __getstate__, "__setstate__": __setstate__,
@@ -216,10 +227,15 @@ _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _norm_act_call(norm: nn.Module, act: nn.Module | None, call: tuple, name: str, alpha: float, x):
-    """act(norm(x)) for a GroupNorm, BatchNorm2d or InstanceNorm2d (batch statistics) `norm`; `act`
-    the activation module, or None where the forward called a function or a tensor method:
-    call = (the function or the method's name, its other arguments, its keyword arguments' items)."""
-    if not _hooked(norm) and not _hooked(act) and _plain_call(x, norm.weight, norm.bias):
+    """act(norm(x)) for a GroupNorm, BatchNorm2d, InstanceNorm2d (batch statistics) or a video VAE's
+    RMS norm (_RMS_NORMS) `norm`; `act` the activation module, or None where the forward called a
+    function or a tensor method: call = (the function or the method's name, its other arguments, its
+    keyword arguments' items)."""
+    if _rms_norm(norm):
+        settings = None if _hooked(norm) or _hooked(act) else _rms_settings(norm, x)
+        if settings is not None:
+            return rms_norm_act(x, *settings, name, alpha, clamp=True)
+    elif not _hooked(norm) and not _hooked(act) and _plain_call(x, norm.weight, norm.bias):
         kind = type(norm)
         if kind is nn.GroupNorm and x.dim() >= 2 and x.shape[1] == norm.num_channels:
             return group_norm_act(x, norm.num_groups, norm.weight, norm.bias, norm.eps, name, alpha)
@@ -244,6 +260,55 @@ def _pixel_norm_call(x, eps: float, divide: bool):
         return pixel_norm(x, eps)
     norm = torch.mean(x ** 2, dim=1, keepdim=True) + eps
     return x / torch.sqrt(norm) if divide else x * torch.rsqrt(norm)
+
+
+# The video VAEs' channel RMS norms, by class, and the hash of the forward fastgen mirrors (diffusers
+# 0.42): F.normalize(x (in fp32 for fp16/bf16), dim=1).to(x.dtype) * scale * gamma + bias, which is
+# rms_norm_act with clamp=True and eps = 1e-12 / sqrt(C), in fp32 and rounded once.
+_RMS_NORM_FORWARD = "fc44101b65138738"
+_RMS_NORMS = frozenset(f"diffusers.models.autoencoders.autoencoder_kl_{m}.{c}" for m, c in (
+    ("wan", "WanRMS_norm"), ("qwenimage", "QwenImageRMS_norm"), ("qwenimage21", "QwenImage21RMS_norm"),
+    ("hunyuanvideo15", "HunyuanVideo15RMS_norm"), ("hunyuanimage_refiner", "HunyuanImageRefinerRMS_norm")))
+
+
+@functools.lru_cache(maxsize=None)
+def _rms_norm_class(cls: type) -> bool:
+    if _qualified(cls) not in _RMS_NORMS:
+        return False
+    try:
+        return hashlib.sha256(inspect.getsource(cls.forward).encode()).hexdigest()[:16] == _RMS_NORM_FORWARD
+    except (OSError, TypeError):
+        return False
+
+
+def _rms_norm(m) -> bool:
+    """m is one of _RMS_NORMS with the forward fastgen mirrors (converted or not)."""
+    return isinstance(m, nn.Module) and _rms_norm_class(type(m).__dict__.get("_fastgen_base", type(m)))
+
+
+def _rms_settings(norm: nn.Module, x):
+    """(weight, bias, eps) of rms_norm_act for norm(x), or None where the fused op would not compute
+    what norm's forward does: channels last in the layer's sense, a gamma or bias not shaped (C, 1, ...)
+    against x's rank (they would broadcast over other dimensions), a scale other than sqrt(C), a
+    non-zero constant bias, weights in another dtype, autocast or hooks (_plain_call)."""
+    gamma, bias = getattr(norm, "gamma", None), getattr(norm, "bias", None)
+    if not getattr(norm, "channel_first", False) or not isinstance(gamma, torch.Tensor) \
+            or not isinstance(x, torch.Tensor) or x.dim() < 2:
+        return None
+    c = x.shape[1]
+    if tuple(gamma.shape) != (c, *(1,) * (x.dim() - 2)) or norm.scale != c ** 0.5:
+        return None
+    if isinstance(bias, torch.Tensor):
+        if bias.shape != gamma.shape:
+            return None
+        bias = bias.view(c)
+    elif bias != 0 or isinstance(bias, bool):
+        return None
+    else:
+        bias = None
+    if not _plain_call(x, gamma, bias):
+        return None
+    return gamma.view(c), bias, 1e-12 / c ** 0.5
 
 
 def _buffer_dtype(norm: nn.Module, x: torch.Tensor):
@@ -273,6 +338,8 @@ _NORM_LIKE = (nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.LayerNorm)
 
 def _norm_refusal(norm: nn.Module) -> str:
     """Why a norm layer followed by an activation does not fuse ('' when it does)."""
+    if _rms_norm(norm):
+        return ""
     if type(norm) not in _NORMS:
         base = next((b.__name__ for b in _NORMS if isinstance(norm, b)), None)
         return (f"{type(norm).__name__} is a subclass of nn.{base}: its forward may differ" if base
@@ -374,7 +441,7 @@ def _rewrite(graph: fx.Graph, modules: dict, path: str, report: ConversionReport
     for node in list(graph.nodes):
         if node._erased:  # erased with its pair
             continue
-        if node.op == "call_module" and isinstance(modules.get(node.target), _NORM_LIKE) \
+        if node.op == "call_module" and _norm_like(modules.get(node.target)) \
                 and len(node.args) == 1 and not node.kwargs:
             if len(node.users) == 1:
                 fused += _fuse_norm(graph, node, modules, path, report)
@@ -414,12 +481,21 @@ def _fuse_norm(graph, node, modules, path, report) -> int:
     user.replace_all_uses_with(new)
     graph.erase_node(user)
     graph.erase_node(node)
-    slope = f"({alpha})" if name == "leaky_relu" else ""
-    report.add("fused", where, f"{type(norm).__name__} + {name}{slope} -> {_FUSED_OP[type(norm)]}")
+    report.add("fused", where, _norm_act_text(norm, name, alpha))
     return 1
 
 
 _FUSED_OP = {nn.GroupNorm: "group_norm_act", nn.BatchNorm2d: "batch_norm_act", nn.InstanceNorm2d: "instance_norm_act"}
+
+
+def _norm_act_text(norm: nn.Module, name: str, alpha: float) -> str:
+    base = type(norm).__dict__.get("_fastgen_base", type(norm))
+    slope = f"({alpha})" if name == "leaky_relu" else ""
+    return f"{base.__name__} + {name}{slope} -> {'rms_norm_act' if _rms_norm(norm) else _FUSED_OP[base]}"
+
+
+def _norm_like(m) -> bool:
+    return isinstance(m, _NORM_LIKE) or _rms_norm(m)
 
 
 def _upsampling_settings(node: fx.Node, modules: dict):
@@ -563,7 +639,7 @@ def _may_hold_a_pattern(m: nn.Module) -> bool:
     layers = []
     for child in m.children():
         layers += list(child.children()) if isinstance(child, (nn.ModuleList, nn.ModuleDict)) else [child]
-    has_norm = any(isinstance(c, _NORM_LIKE) for c in layers)
+    has_norm = any(_norm_like(c) for c in layers)
     has_conv = any(isinstance(c, nn.Conv2d) for c in layers)
     if cls is nn.Sequential:
         return has_norm or has_conv
@@ -861,6 +937,88 @@ def _dataclass_dict(cls: type) -> bool:
     return issubclass(cls, dict) and dataclasses.is_dataclass(cls)
 
 
+class _Chain:
+    """Plans tried in turn; the first that runs the call answers."""
+
+    def __init__(self, plans):
+        self.plans = list(plans)
+
+    def run(self, m, args, kwargs):
+        for plan in self.plans:
+            out = plan.run(m, args, kwargs)
+            if out is not _MISS:
+                return out
+        return _MISS
+
+
+class _PairedForward:
+    """The module's forward compiled again from its source with each norm + activation pair written
+    as two statements made one call to _module_pair_call (fastgen/paired.py): for forwards fx cannot
+    follow. Made again on first use after a copy or unpickling."""
+
+    def __init__(self):
+        self.fn, self.tried = None, False
+
+    def prepare(self, m, path, report) -> bool:
+        self.tried = True
+        base = type(m).__dict__.get("_fastgen_base", type(m))
+        modules = dict(m.named_children())
+
+        def accept(norm_name, act_name):
+            norm, act = modules.get(norm_name), modules.get(act_name)
+            if not _norm_like(norm) or _norm_refusal(norm) or type(act).__module__ != "torch.nn.modules.activation":
+                return False
+            try:
+                activation_of(act)
+            except TypeError:
+                return False
+            return True
+
+        try:
+            self.fn, pairs = pair_rewrite(base.forward, accept, _module_pair_call)
+        except (SyntaxError, ValueError, TypeError, OSError):  # a source that does not compile again
+            self.fn, pairs = None, []
+        for norm_name, act_name in pairs:
+            report.add("fused", _join(path, norm_name), _norm_act_text(modules[norm_name], *activation_of(modules[act_name])))
+        return self.fn is not None
+
+    def run(self, m, args, kwargs):
+        if not self.tried:
+            self.prepare(m, "", ConversionReport())
+        return _MISS if self.fn is None else self.fn(m, *args, **kwargs)
+
+
+def _module_pair_call(norm, act, x):
+    """act(norm(x)) for two layers a forward called one after the other: fused where both are what
+    they were at conversion (a norm fastgen fuses, an activation of the table), else the two calls."""
+    if _norm_like(norm) and not _norm_refusal(norm) and type(act).__module__ == "torch.nn.modules.activation":
+        try:
+            name, alpha = activation_of(act)
+        except TypeError:
+            return act(norm(x))
+        return _norm_act_call(norm, act, (), name, alpha, x)
+    return act(norm(x))
+
+
+class _RMSNormForward:
+    """A video VAE's RMS norm (_RMS_NORMS) on its own, not followed by an activation in a forward
+    fastgen fuses: the norm alone as rms_norm_act with the identity (one read and one write instead
+    of five passes)."""
+
+    def prepare(self, m, path, report) -> bool:
+        if not m.channel_first:
+            report.add("left", path, f"{type(m).__name__} over the last dimension (channel_first=False): not fused")
+            return False
+        report.add("fused", path, f"{type(m).__name__} -> rms_norm_act(identity)")
+        return True
+
+    def run(self, m, args, kwargs):
+        if len(args) != 1 or kwargs or _hooked(m):
+            return _MISS
+        settings = _rms_settings(m, args[0])
+        return _MISS if settings is None else rms_norm_act(args[0], *settings, "identity", clamp=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # diffusers' Upsample2D: its forward reads shapes and dtypes in Python, which fx cannot trace; this
 # is that forward (diffusers 0.42) with the interpolation and the convolution as one op. It is used
@@ -906,4 +1064,77 @@ class _Upsample2D:
         return upsample_conv2d(x, conv.weight, conv.bias, scale_factor=2, mode="nearest", padding=conv.padding[0])
 
 
-_KNOWN = {"diffusers.models.upsampling.Upsample2D": _Upsample2D}
+# ---------------------------------------------------------------------------------------------
+# The video VAEs' causal 3-D convolutions (diffusers 0.42; each used only where the installed
+# forward is the one mirrored, by its source's hash): the causal padding and the convolution as
+# upsample_conv3d, whose CPU backend hands the convolution to oneDNN (aten sends these small-batch
+# 3-D convolutions to its slow im2col path).
+
+def _plain_conv3d(conv) -> bool:
+    return isinstance(conv, nn.Conv3d) and tuple(conv.stride) == (1, 1, 1) and tuple(conv.dilation) == (1, 1, 1) \
+        and conv.groups == 1 and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
+
+
+def _source_hash(cls) -> str:
+    try:
+        return hashlib.sha256(inspect.getsource(cls.forward).encode()).hexdigest()[:16]
+    except (OSError, TypeError):
+        return ""
+
+
+class _CausalConv3d:
+    """A causal convolution written as F.pad then the convolution: Wan's and QwenImage's
+    WanCausalConv3d(nn.Conv3d) (zeros, a feature cache prepended in time), or HunyuanVideo's
+    (F.pad in the layer's pad_mode, then its child nn.Conv3d)."""
+    SOURCES = {"afffb99acd515ba2": "cached", "70f04cf3106c379f": "padded"}
+
+    def prepare(self, m, path, report) -> bool:
+        kind = self.SOURCES.get(_source_hash(type(m)))
+        conv = m if kind == "cached" else getattr(m, "conv", None)
+        if kind is None:
+            report.add("left", path, f"this diffusers version's {type(m).__name__}.forward is not the one fastgen mirrors")
+        elif not _plain_conv3d(conv):
+            report.add("left", path, f"{type(m).__name__} with a stride, dilation, groups or padding mode fastgen does "
+                                     "not fold")
+        else:
+            report.add("fused", path, f"{type(m).__name__}'s causal padding + Conv3d -> upsample_conv3d")
+            return True
+        return False
+
+    def run(self, m, args, kwargs):
+        kind = self.SOURCES.get(_source_hash(type(m)._fastgen_base))
+        if kind == "cached":
+            if len(args) + len(kwargs) > 2 or set(kwargs) - {"x", "cache_x"}:
+                return _MISS
+            x = args[0] if args else kwargs.get("x")
+            cache_x = args[1] if len(args) > 1 else kwargs.get("cache_x")
+            conv, pads = m, list(m._padding)
+        else:
+            if len(args) + len(kwargs) != 1 or set(kwargs) - {"hidden_states"}:
+                return _MISS
+            x = args[0] if args else kwargs["hidden_states"]
+            conv, pads, cache_x = m.conv, None, None
+        if not isinstance(x, torch.Tensor) or x.dim() != 5 or not _plain_conv3d(conv) or _hooked(conv) \
+                or not _plain_call(x, conv.weight, conv.bias) or (cache_x is not None and not isinstance(cache_x, torch.Tensor)):
+            return _MISS
+        if kind == "padded":  # HunyuanVideo: F.pad in the layer's mode (replicate), then the child conv
+            x = F.pad(x, m.time_causal_padding, mode=m.pad_mode)
+            pt, ph, pw = conv.padding
+            return upsample_conv3d(x, conv.weight, conv.bias, 1, (pw, pw, ph, ph, pt, pt))
+        if cache_x is not None and pads[4] > 0:  # Wan: the cached frames stand in for the causal zeros
+            x = torch.cat([cache_x.to(x.device), x], dim=2)
+            pads[4] -= cache_x.shape[2]
+        pt, ph, pw = conv.padding  # zero after WanCausalConv3d's __init__, but a user may set it
+        pads = [pads[0] + pw, pads[1] + pw, pads[2] + ph, pads[3] + ph, pads[4] + pt, pads[5] + pt]
+        if min(pads) < 0:  # F.pad would crop
+            return _MISS
+        return upsample_conv3d(x, conv.weight, conv.bias, 1, tuple(pads))
+
+
+_CAUSAL_CONVS = ("diffusers.models.autoencoders.autoencoder_kl_wan.WanCausalConv3d",
+                 "diffusers.models.autoencoders.autoencoder_kl_qwenimage.QwenImageCausalConv3d",
+                 "diffusers.models.autoencoders.autoencoder_kl_hunyuan_video.HunyuanVideoCausalConv3d",
+                 "diffusers.models.autoencoders.autoencoder_kl_hunyuanvideo15.HunyuanVideo15CausalConv3d",
+                 "diffusers.models.autoencoders.autoencoder_kl_hunyuanimage_refiner.HunyuanImageRefinerCausalConv3d")
+
+_KNOWN = {"diffusers.models.upsampling.Upsample2D": _Upsample2D, **{name: _CausalConv3d for name in _CAUSAL_CONVS}}

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderDC, AutoencoderKL, AutoencoderKLWan, AutoencoderOobleck, UNet2DModel
+from diffusers import (AutoencoderDC, AutoencoderKL, AutoencoderKLHunyuanVideo, AutoencoderKLQwenImage, AutoencoderKLWan,
+                       AutoencoderOobleck, UNet2DModel)
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.upsampling import Upsample2D
 
@@ -167,6 +168,18 @@ def wan():
                             latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
 
 
+def hunyuan_video():
+    return AutoencoderKLHunyuanVideo(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16),
+                                     down_block_types=("HunyuanVideoDownBlock3D",) * 3,
+                                     up_block_types=("HunyuanVideoUpBlock3D",) * 3, layers_per_block=1,
+                                     norm_num_groups=4, spatial_compression_ratio=4, temporal_compression_ratio=4)
+
+
+def qwen_image():
+    return AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                                  latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+
+
 # name -> (builder, inputs, call, layer pairs fused (at least), what `left` must mention)
 DIFFUSERS = {
     "resnet": (resnet(temb_channels=None), lambda: (torch.randn(2, 8, 5, 6), None), None, 2, ()),
@@ -177,7 +190,11 @@ DIFFUSERS = {
     "unet2d": (unet, lambda: (torch.randn(2, 3, 8, 8), 10), None, 8, ()),
     "autoencoder-kl": (lambda: vae("reduced"), lambda: (torch.randn(1, 4, 4, 4),), decode, 25, ()),
     "autoencoder-dc": (dc, lambda: (torch.randn(1, 4, 2, 2),), decode, None, ()),
-    "wan": (wan, lambda: (torch.randn(1, 4, 2, 4, 4),), decode, 1, ()),
+    # the video VAEs decode clips frame by frame through feature caches (Wan, QwenImage) or whole:
+    # RMS norm + SiLU pairs, causal 3-D convolutions, the per-frame upsampling
+    "wan": (wan, lambda: (torch.randn(1, 4, 3, 4, 4),), decode, 30, ()),
+    "qwenimage": (qwen_image, lambda: (torch.randn(1, 4, 3, 4, 4),), decode, 30, ()),
+    "hunyuan-video": (hunyuan_video, lambda: (torch.randn(1, 4, 2, 4, 4),), decode, 40, ()),
 }
 
 
@@ -193,3 +210,31 @@ def test_legacy_weight_norm_model_says_inplace_works():
     with pytest.raises(RuntimeError, match="inplace=True"):
         fastgen.convert(model)
     assert fastgen.convert(model, inplace=True) is model
+
+
+@pytest.mark.parametrize("build,shape,ops", [
+    (wan, (1, 4, 3, 4, 4), {"rms_norm_act": 40, "upsample_conv3d": 40, "upsample_conv2d": 3}),
+    (qwen_image, (1, 4, 3, 4, 4), {"rms_norm_act": 40, "upsample_conv3d": 40, "upsample_conv2d": 3}),
+    (hunyuan_video, (1, 4, 2, 4, 4), {"group_norm_act": 17, "upsample_conv3d": 21}),
+], ids=["wan", "qwenimage", "hunyuan-video"])
+def test_video_vaes_decode_through_the_fused_ops(build, shape, ops):
+    """Wan and QwenImage decode frame by frame through feature caches (lists their blocks' forwards
+    mutate, which fx cannot follow): the fused ops must run on those calls, not only on traced ones."""
+    from collections import Counter
+
+    from fastgen.dispatch import auto_choices
+
+    torch.manual_seed(0)
+    model = build().eval()
+    with torch.no_grad():  # RMS norm gammas and biases away from 1 and 0
+        for name, p in model.named_parameters():
+            if name.endswith("gamma") or name.endswith("norm1.weight") or name.endswith("norm2.weight"):
+                p.uniform_(0.5, 1.5)
+    converted = fastgen.convert(model)
+    z = torch.randn(shape)
+    with torch.no_grad(), auto_choices() as picks:
+        got = converted.decode(z).sample
+    want = copy.deepcopy(model).double().decode(z.double()).sample
+    assert_close(got, want, torch.float32, scale=8.0)
+    ran = Counter(op for op, _ in picks)
+    assert all(ran[op] >= n for op, n in ops.items()), ran

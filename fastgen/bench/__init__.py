@@ -11,7 +11,7 @@ benchmarks/bench_<op>.py run the same suites under pytest-benchmark.
 """
 
 from fastgen.bench import (batch_norm_act, bias_act, group_norm_act, modulated_conv2d,  # noqa: F401 (registers)
-                           pixel_norm, rms_norm_act, upfirdn2d, upsample_conv2d)
+                           pixel_norm, rms_norm_act, upfirdn2d, upsample_conv2d, upsample_conv3d)
 from fastgen.bench.harness import environment, make_inputs, providers, time_ms  # noqa: F401
 from fastgen.bench.suite import _SUITES, Shape, suite  # noqa: F401
 from fastgen.ops import REGISTRY

@@ -11,6 +11,7 @@ from fastgen.ops.pixel_norm import pixel_norm, pixel_norm_ref
 from fastgen.ops.rms_norm_act import rms_norm_act, rms_norm_act_ref
 from fastgen.ops.upfirdn2d import upfirdn2d, upfirdn2d_ref
 from fastgen.ops.upsample_conv2d import upsample_conv2d, upsample_conv2d_ref
+from fastgen.ops.upsample_conv3d import upsample_conv3d, upsample_conv3d_ref
 from fastgen.ops._registry import REGISTRY  # noqa: E402  (filled by the imports above)
 
 __all__ = ["REGISTRY", *(name for spec in REGISTRY.values() for name in (spec.name, spec.name + "_ref"))]

@@ -87,6 +87,7 @@ class OpSpec:
 
 REGISTRY: dict[str, OpSpec] = {}
 _EAGER: dict[str, type] = {}  # name -> the custom op's implementation and autograd as an autograd.Function
+_RUN: dict[str, Callable] = {}  # name -> the custom op's implementation (its arguments, backend last)
 
 
 def call(spec: OpSpec, *args):
@@ -94,10 +95,14 @@ def call(spec: OpSpec, *args):
     tensors run the same implementation and autograd formula through a plain autograd.Function:
     torch.library's Python layers around a custom op (its autograd wrapper, the redispatch, the
     backend wrapper) cost about 70 us a forward+backward, as much as a 1M-element norm's compute
-    on 2 cores (benchmarks/NOTES.md). Traced code (torch.compile, torch.export), XLA and other
-    devices call the custom op itself."""
+    on 2 cores (benchmarks/NOTES.md); where nothing needs a gradient (inference: a decode under
+    no_grad) the implementation runs without the autograd.Function too (another 40-80 us a call, a
+    video VAE makes hundreds). Traced code (torch.compile, torch.export), XLA and other devices call
+    the custom op itself."""
     if torch.compiler.is_compiling() or args[0].device.type not in ("cpu", "cuda"):
         return getattr(torch.ops.fastgen, spec.name)(*args)
+    if not torch.is_grad_enabled() or not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return _RUN[spec.name](*args)
     return _EAGER[spec.name].apply(*args)
 
 
@@ -132,6 +137,7 @@ def define(spec: OpSpec) -> OpSpec:
         with on_device(args[0]):
             return impls[backend].run(*args)
 
+    _RUN[spec.name] = run
     xla = spec.xla or impls["composite"].run
     op = torch.library.custom_op(f"fastgen::{spec.name}", run, mutates_args=(), device_types=("cpu", "cuda"),
                                  schema=torch.library.infer_schema(fake, mutates_args=()))
