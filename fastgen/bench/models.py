@@ -23,6 +23,7 @@ import torch
 
 import fastgen
 from fastgen.bench.harness import time_ms
+from fastgen.dispatch import CHANNELS_LAST
 
 PROVIDERS = ("eager", "compile", "converted")
 
@@ -79,6 +80,26 @@ def _stylegan2_256_official(fused: bool):
     return model if fused else _OnBackend(model, "composite")
 
 
+def _wan(fused: bool):
+    from diffusers import AutoencoderKLWan
+
+    # Wan 2.1's VAE at a third of its width (base 32 instead of 96), its depth and temporal layout:
+    # 3 latent frames decode to 9 (through its per-frame feature caches), 8x8 -> 64x64
+    model = AutoencoderKLWan(base_dim=32, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                             temperal_downsample=[False, True, True])
+    return fastgen.convert(model, inplace=True) if fused else model
+
+
+def _hunyuan_video(fused: bool):
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    # HunyuanVideo's VAE at a quarter of its width (32..128 instead of 128..512), its depth and its
+    # 8x spatial, 4x temporal compression: 3 latent frames decode to 9, 8x8 -> 64x64
+    model = AutoencoderKLHunyuanVideo(latent_channels=16, block_out_channels=(32, 64, 128, 128), layers_per_block=2,
+                                      norm_num_groups=32)
+    return fastgen.convert(model, inplace=True) if fused else model
+
+
 def _dcgan_64(fused: bool):
     from fastgen.models import DCGANGenerator
 
@@ -99,7 +120,12 @@ MODELS = {
                                "transposed convolution + FIR), batch 4"),
     "dcgan-64": (_dcgan_64, lambda: torch.randn(64, 100), lambda m, z: m(z),
                  "DCGAN 64x64 generator, upsample + conv variant, batch 64 (eval)"),
+    "wan-decode": (_wan, lambda: torch.randn(1, 16, 3, 8, 8), lambda m, z: m.decode(z).sample,
+                   "AutoencoderKLWan (base 32, Wan 2.1's depth) decode 3x8x8 -> 9 frames of 64x64, batch 1"),
+    "hunyuan-video-decode": (_hunyuan_video, lambda: torch.randn(1, 16, 3, 8, 8), lambda m, z: m.decode(z).sample,
+                             "AutoencoderKLHunyuanVideo (32..128 wide) decode 3x8x8 -> 9 frames of 64x64, batch 1"),
 }
+VIDEO_MODELS = ("wan-decode", "hunyuan-video-decode")
 # the GPU's rows (--device cuda; bf16 by default there): the sizes people serve
 GPU_MODELS = {
     "sd-vae-decode-1024": (_sd_vae, lambda: torch.randn(1, 4, 128, 128), lambda m, z: m.decode(z).sample,
@@ -119,10 +145,13 @@ def _measure_in_this_process(name: str, provider: str, channels_last: bool, reps
     torch.manual_seed(0)
     model = build(provider == "converted").eval()
     z = make_input()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(device=device, dtype=getattr(torch, dtype), memory_format=fmt)
+    model = model.to(device=device, dtype=getattr(torch, dtype))
     z = z.to(device=device, dtype=getattr(torch, dtype))
-    z = z.to(memory_format=fmt) if z.dim() == 4 else z
+    if channels_last:  # each 4-D or 5-D tensor in its channels-last format (a video VAE has both ranks)
+        for p in model.parameters():
+            if p.dim() in CHANNELS_LAST:
+                p.data = p.data.contiguous(memory_format=CHANNELS_LAST[p.dim()])
+        z = z.contiguous(memory_format=CHANNELS_LAST[z.dim()]) if z.dim() in CHANNELS_LAST else z
     step = functools.partial(run, model)
     if provider == "compile":
         step = torch.compile(step)  # what is timed (decode, generate), not only forward
