@@ -143,11 +143,11 @@ SIZES = {"one": (1, 1, 1, 1), "x16": (2, 16, 16, 16), "other": (3, 5, 7, 9)}  # 
 
 def _tensor(shape, dtype, layout, grad=False, lazy=False):
     """Random values; or, `lazy`, memory never touched (the large shapes: only sizes and strides count)."""
-    nhwc = layout == "nhwc" and len(shape) == 4
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(len(shape)) if layout == "nhwc" else None
+    fmt = fmt or torch.contiguous_format
     if lazy:
-        return torch.empty(shape, dtype=dtype, memory_format=torch.channels_last if nhwc else torch.contiguous_format)
-    x = torch.randn(shape).to(dtype)
-    return (x.contiguous(memory_format=torch.channels_last) if nhwc else x).requires_grad_(grad)
+        return torch.empty(shape, dtype=dtype, memory_format=fmt)
+    return torch.randn(shape).to(dtype).contiguous(memory_format=fmt).requires_grad_(grad)
 
 
 def _run(fn, grad_of):
@@ -225,6 +225,14 @@ def cases(full=False, quick=False):
             _run(lambda: ops.pixel_norm(x, backend="triton"), [x])
         yield "pixel_norm", tag, pixel_norm
 
+        for o in configs(full, {"act": norm_acts, "affine": (True, False), "clamp": (True, False)}, "act"):
+            def rms_norm(o=o, dtype=dtype, layout=layout, shape=shape):
+                x = _tensor(shape, dtype, layout, True)
+                wb = [_tensor((shape[1],), dtype, "", True) for _ in range(2)] if o["affine"] else [None, None]
+                _run(lambda: ops.rms_norm_act(x, *wb, 1e-6, o["act"], clamp=o["clamp"], backend="triton"),
+                     [x] + [t for t in wb if t is not None])
+            yield "rms_norm_act", f"{tag}/{o}", rms_norm
+
         ushape = (n, c, max(h, 4), max(w, 4))
         for o in configs(full, {"up_down": ((2, 1), (1, 1), (1, 2), (2, 2)), "taps": (4, 2, 3), "pad": (2, 0)}):
             def upfirdn(o=o, dtype=dtype, layout=layout, ushape=ushape):
@@ -293,6 +301,23 @@ def size_cases(dtypes=DTYPES):
             if norms:
                 yield "pixel_norm", f"{tag}/{shape}", pixel_norm
 
+        # video clips (N, C, T, H, W): channel tiles of 4 (3 channels) up to chunks of 64 (Wan's 96, 384,
+        # LTX's 1024), and HunyuanVideo's GroupNorm(32) at its decoder's widths
+        for shape in ((1, 3, 2, 4, 4), (1, 96, 2, 4, 4), (1, 384, 2, 4, 4), (1, 1024, 2, 2, 2)):
+            def rms_norm(shape=shape, dtype=dtype, layout=layout):
+                x = _tensor(shape, dtype, layout, True)
+                wb = [_tensor((shape[1],), dtype, "", True) for _ in range(2)]
+                _run(lambda: ops.rms_norm_act(x, *wb, 1e-12 / shape[1] ** 0.5, clamp=True, backend="triton"), [x, *wb])
+            if norms:
+                yield "rms_norm_act", f"{tag}/{shape}", rms_norm
+        for shape in ((1, 128, 3, 8, 8), (1, 512, 2, 4, 4)):
+            def group_norm_video(shape=shape, dtype=dtype, layout=layout):
+                x = _tensor(shape, dtype, layout, True)
+                wb = [_tensor((shape[1],), dtype, "", True) for _ in range(2)]
+                _run(lambda: ops.group_norm_act(x, 32, *wb, 1e-6, activation="silu", backend="triton"), [x, *wb])
+            if norms:
+                yield "group_norm_act", f"{tag}/{shape}/G=32", group_norm_video
+
         for (c, co), (mode, scale, k) in itertools.product(
                 ((16, 64), (64, 16), (64, 32), (64, 64)),
                 (("nearest", 2, 3), ("nearest", 3, 3), ("nearest", 4, 3), ("bilinear", 2, 3), ("bilinear", 2, 1),
@@ -326,6 +351,14 @@ def large_cases():
         yield "pixel_norm", tag, lambda big=big, layout=layout: ops.pixel_norm(_tensor(big, bf, layout, lazy=True), backend="triton")
         yield "batch_norm_act", tag, lambda big=big, layout=layout: ops.batch_norm_act(
             _tensor(big, bf, layout, lazy=True), torch.zeros(128), torch.ones(128), training=True, backend="triton")
+    # video VAE decodes: HunyuanVideo's widest map at 720p (512 channels, 16 latent frames, 1/4 size) and a
+    # 21-frame 720p clip at 128 channels (2.5e9 elements: offsets past 2^31), both layouts
+    for shape, layout in itertools.product(((1, 512, 16, 180, 320), (1, 128, 21, 720, 1280)), LAYOUTS):
+        tag = f"video-{'x'.join(map(str, shape))}/{layout}"
+        yield "group_norm_act", tag, lambda shape=shape, layout=layout: ops.group_norm_act(
+            _tensor(shape, bf, layout, lazy=True), 32, activation="silu", backend="triton")
+        yield "rms_norm_act", tag, lambda shape=shape, layout=layout: ops.rms_norm_act(
+            _tensor(shape, bf, layout, lazy=True), clamp=True, backend="triton")
     # 2^31 rows and more (N * H * W, one channel): batch norm's int64 row branch
     yield "batch_norm_act", "rows=2^31+2^16/nchw", lambda: ops.batch_norm_act(
         _tensor((2, 1, 2 ** 15, 2 ** 15 + 1), bf, "nchw", lazy=True), torch.zeros(1), torch.ones(1), training=True,
