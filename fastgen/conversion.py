@@ -1131,10 +1131,58 @@ class _CausalConv3d:
         return upsample_conv3d(x, conv.weight, conv.bias, 1, tuple(pads))
 
 
+class _HunyuanUpsample:
+    """HunyuanVideoUpsampleCausal3D: the first frame upsampled in space only, the others in time and
+    space (nearest), concatenated, then its causal convolution (replicate padding: two copies of the
+    first frame in front, a pixel around). The same frames come out of upsampling the clip with one
+    copy of its first frame in front (and a replicated pixel around) and dropping the first output
+    frame (and the outermost pixels): upsample_conv3d without the upsampled clip. Kernels of 3, stride
+    1, replicate padding, factors (2, 2, 2) or (1, 2, 2); XLA has no upsample_nearest3d lowering, so
+    this is also what keeps a HunyuanVideo decode on a TPU."""
+    SOURCE = "1a034fe4c3b920df"
+
+    def prepare(self, m, path, report) -> bool:
+        if _source_hash(type(m)) != self.SOURCE:
+            report.add("left", path, f"this diffusers version's {type(m).__name__}.forward is not the one fastgen mirrors")
+        elif not self._foldable(m):
+            report.add("left", path, f"{type(m).__name__} with a kernel, stride, padding or factor fastgen does not fold")
+        else:
+            report.add("fused", path, f"{type(m).__name__}'s nearest upsampling + causal Conv3d -> upsample_conv3d")
+            return True
+        return False
+
+    @staticmethod
+    def _foldable(m) -> bool:
+        conv = getattr(m, "conv", None)
+        inner = getattr(conv, "conv", None)
+        return _source_hash(type(conv).__dict__.get("_fastgen_base", type(conv))) == "70f04cf3106c379f" \
+            and _plain_conv3d(inner) and tuple(inner.kernel_size) == (3, 3, 3) and tuple(inner.padding) == (0, 0, 0) \
+            and conv.pad_mode == "replicate" and tuple(conv.time_causal_padding) == (1, 1, 1, 1, 2, 0) \
+            and tuple(m.upsample_factor) in ((2, 2, 2), (1, 2, 2))
+
+    def run(self, m, args, kwargs):
+        if len(args) + len(kwargs) != 1 or set(kwargs) - {"hidden_states"}:
+            return _MISS
+        x = args[0] if args else kwargs["hidden_states"]
+        conv = m.conv
+        if not isinstance(x, torch.Tensor) or x.dim() != 5 or not self._foldable(m) or _hooked(conv) \
+                or _hooked(conv.conv) or not _plain_call(x, conv.conv.weight, conv.conv.bias):
+            return _MISS
+        fmt = x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+        if tuple(m.upsample_factor) == (2, 2, 2) and x.shape[2] > 1:
+            small = F.pad(x, (1, 1, 1, 1, 1, 0), mode="replicate")
+            y = upsample_conv3d(small, conv.conv.weight, conv.conv.bias, 2, 0)[:, :, 1:, 1:-1, 1:-1]
+        else:  # every frame in space only (one frame, or a (1, 2, 2) factor)
+            small = F.pad(x, (1, 1, 1, 1, 2, 0), mode="replicate")
+            y = upsample_conv3d(small, conv.conv.weight, conv.conv.bias, (1, 2, 2), 0)[:, :, :, 1:-1, 1:-1]
+        return y.contiguous(memory_format=torch.channels_last_3d if fmt else torch.contiguous_format)
+
+
 _CAUSAL_CONVS = ("diffusers.models.autoencoders.autoencoder_kl_wan.WanCausalConv3d",
                  "diffusers.models.autoencoders.autoencoder_kl_qwenimage.QwenImageCausalConv3d",
                  "diffusers.models.autoencoders.autoencoder_kl_hunyuan_video.HunyuanVideoCausalConv3d",
                  "diffusers.models.autoencoders.autoencoder_kl_hunyuanvideo15.HunyuanVideo15CausalConv3d",
                  "diffusers.models.autoencoders.autoencoder_kl_hunyuanimage_refiner.HunyuanImageRefinerCausalConv3d")
 
-_KNOWN = {"diffusers.models.upsampling.Upsample2D": _Upsample2D, **{name: _CausalConv3d for name in _CAUSAL_CONVS}}
+_KNOWN = {"diffusers.models.upsampling.Upsample2D": _Upsample2D, **{name: _CausalConv3d for name in _CAUSAL_CONVS},
+          "diffusers.models.autoencoders.autoencoder_kl_hunyuan_video.HunyuanVideoUpsampleCausal3D": _HunyuanUpsample}

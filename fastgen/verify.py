@@ -43,8 +43,9 @@ LAYOUTS = ("nchw", "nhwc")
 FORMAT = 2  # the record's layout: op -> backend -> dtype -> memory format -> entry
 EXIT_CUT = 3  # verify's exit status when the budget ran out before every op ran and nothing failed
 # riskiest first: a run cut short by its budget has verified what most needs it
-RISK_ORDER = ("upsample_conv2d", "group_norm_act", "rms_norm_act", "batch_norm_act", "instance_norm_act", "adaptive_instance_norm",
-              "modulated_conv2d", "upfirdn2d", "bias_act", "pixel_norm")
+# (upsample_conv3d last: aten convolutions, cuDNN's on a GPU)
+RISK_ORDER = ("upsample_conv2d", "group_norm_act", "rms_norm_act", "batch_norm_act", "instance_norm_act",
+              "adaptive_instance_norm", "modulated_conv2d", "upfirdn2d", "bias_act", "pixel_norm", "upsample_conv3d")
 
 # Sizes past the small examples, where the kernels take their other tiling branches: upsample_conv2d
 # with 80 input channels (three K tiles of 32, the last partial) and 150 output channels (three blocks

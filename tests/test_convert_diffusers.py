@@ -238,3 +238,25 @@ def test_video_vaes_decode_through_the_fused_ops(build, shape, ops):
     assert_close(got, want, torch.float32, scale=8.0)
     ran = Counter(op for op, _ in picks)
     assert all(ran[op] >= n for op, n in ops.items()), ran
+
+
+@pytest.mark.parametrize("factor", [(2, 2, 2), (1, 2, 2)])
+@pytest.mark.parametrize("frames", [1, 2, 5])
+def test_hunyuan_upsampler_folds_its_first_frame_and_replicate_padding(factor, frames):
+    """HunyuanVideoUpsampleCausal3D (first frame in space only, replicate causal padding) as one
+    upsample_conv3d of the clip with its first frame repeated: float64, exact to rounding; a hook on
+    its convolution brings the original forward back."""
+    from diffusers.models.autoencoders.autoencoder_kl_hunyuan_video import HunyuanVideoUpsampleCausal3D
+
+    torch.manual_seed(0)
+    model = HunyuanVideoUpsampleCausal3D(6, 5, upsample_factor=factor).double()
+    converted = fastgen.convert(model)
+    assert any("upsample_conv3d" in what for _, what in converted.fastgen_report.fused)
+    x = torch.randn(2, 6, frames, 5, 4, dtype=torch.float64)
+    torch.testing.assert_close(converted(x), model(x))
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(converted(x), model(x))
+    calls = []
+    converted.conv.conv.register_forward_hook(lambda *a: calls.append(1))
+    torch.testing.assert_close(converted(x), model(x))
+    assert calls == [1]
