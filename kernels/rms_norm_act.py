@@ -1,11 +1,12 @@
 """Channel RMS norm + affine + activation: y = act(x * r * weight[c] + bias[c]),
-r = 1 / sqrt(mean over channels of x^2 + eps) (CLAMP: 1 / max(sqrt(mean x^2), eps), F.normalize's form).
+r = 1 / sqrt(mean over channels of x^2 + eps) (clamp: 1 / max(sqrt(mean x^2), eps), F.normalize's form).
 
 Each program takes BLOCK_L positions of one sample and walks their channels in chunks of BLOCK_C
 twice: the sums of squares, then the output (the second read hits the cache). x is (N, L, C)
-through strides, so NCHW / NCTHW and channels-last load the same tiles. The grid is
-one-dimensional, sample-major (a CUDA grid's y and z stop at 65535). r is written per position
-(N, L) in fp32 for the backward.
+through strides, so NCHW / NCTHW and channels-last load the same tiles. The grid is (position
+blocks, samples): no division by the block count (as a 64-bit division it compiled to a called
+routine whose stack frame spilled in some variants); a batch stays far below the y dimension's
+65535. r is written per position (N, L) in fp32 for the backward.
 """
 
 import triton
@@ -23,17 +24,14 @@ def _rms_norm_act_fwd_kernel(
     L, C,
     stride_xn, stride_xl, stride_xc,
     stride_on, stride_ol, stride_oc,
-    EPS, SLOPE,
+    INV_C, EPS_ADDED, FLOOR, SLOPE,  # 1 / C; eps added to the mean square; its floor (clamp: eps^2)
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    CLAMP: tl.constexpr,        # r = 1 / max(rms, eps) instead of 1 / sqrt(ms + eps)
     ACT: tl.constexpr,          # activation code (fastgen.activations)
     EMULATE_BF16: tl.constexpr,  # bf16 under the interpreter, whose fp32 -> bf16 cast truncates
     BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    blocks = tl.cdiv(L, BLOCK_L)
-    n = pid // blocks
-    offs_l = (pid % blocks) * BLOCK_L + tl.arange(0, BLOCK_L).to(tl.int64)
+    n = tl.program_id(1).to(tl.int64)
+    offs_l = tl.program_id(0).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L).to(tl.int64)
     mask_l = offs_l < L
     x_rows = x_ptr + n * stride_xn + offs_l[:, None] * stride_xl
     acc = tl.zeros([BLOCK_L], dtype=tl.float32)
@@ -42,12 +40,10 @@ def _rms_norm_act_fwd_kernel(
         mask = mask_l[:, None] & (offs_c < C)[None, :]
         x = tl.load(x_rows + offs_c[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
         acc += tl.sum(x * x, axis=1)
-    ms = acc / C
-    if CLAMP:
-        rms = tl.sqrt(ms)
-        r = 1.0 / tl.where(rms < EPS, EPS, rms)  # a NaN passes (tl.maximum would drop it)
-    else:
-        r = 1.0 / tl.sqrt(ms + EPS)
+    # r = 1 / sqrt(ms + eps), or (clamp) 1 / max(rms, eps) = 1 / sqrt(max(ms, eps^2)): one formula,
+    # no division (rsqrt is within 2 ulp); a NaN passes the floor (the comparison is false)
+    ms = acc * INV_C + EPS_ADDED
+    r = tl.math.rsqrt(tl.where(ms < FLOOR, FLOOR, ms))
     tl.store(r_ptr + n * L + offs_l, r, mask=mask_l)
     out_rows = out_ptr + n * stride_on + offs_l[:, None] * stride_ol
     for c0 in range(0, C, BLOCK_C):

@@ -1,3 +1,4 @@
+import importlib
 import math
 
 import pytest
@@ -156,3 +157,18 @@ def test_bad_arguments(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         rms_norm_act(**args)
+
+
+def test_triton_launches_batches_past_the_grid_limit_in_chunks(monkeypatch):
+    """The Triton grid's second dimension is the batch (at most 65535 samples a launch): a larger
+    batch is launched in chunks (forced here at 2 samples a launch)."""
+    import os
+
+    module = importlib.import_module("fastgen.ops.rms_norm_act")  # the module (fastgen.ops.rms_norm_act is the op)
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1")
+    monkeypatch.setattr(module, "_MAX_GRID_Y", 2)
+    x, w, b = make((5, 6, 3, 4), torch.float32)
+    out = rms_norm_act(x, w, b, 1e-5, "silu", clamp=True, backend="triton")
+    assert_close(out, rms_norm_act_ref(*f64(x, w, b), 1e-5, "silu", clamp=True), torch.float32)

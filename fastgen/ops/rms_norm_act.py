@@ -125,14 +125,23 @@ def _rms_norm_act_triton(x, weight, bias, eps, clamp, act, slope):
     n, length, c = xv.shape
     r = torch.empty((n, length), device=x.device, dtype=torch.float32)
     weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
-    block_c = min(64, triton.next_power_of_2(c))
-    block_l = max(16, min(256, 4096 // block_c))
-    _rms_norm_act_fwd_kernel[(n * triton.cdiv(length, block_l),)](
-        xv, ov, weight if weight is not None else xv, bias if bias is not None else xv, r, length, c,
-        *xv.stride(), *ov.stride(), eps, slope, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        CLAMP=clamp, ACT=activation_row(act).code, EMULATE_BF16=x.dtype == torch.bfloat16 and _INTERPRET,
-        BLOCK_L=block_l, BLOCK_C=block_c)
+    block_c = min(32, triton.next_power_of_2(c))
+    block_l = max(16, min(128, 2048 // block_c))
+    for n0 in range(0, n, _MAX_GRID_Y):  # the grid's y dimension (samples) stops at 65535
+        xs, os_, rs = (t[n0:n0 + _MAX_GRID_Y] for t in (xv, ov, r))
+        _rms_norm_act_fwd_kernel[(triton.cdiv(length, block_l), xs.shape[0])](
+            xs, os_, weight if weight is not None else xs, bias if bias is not None else xs, rs, length, c,
+            *xs.stride(), *os_.stride(), 1.0 / c, 0.0 if clamp else eps, eps * eps if clamp else 0.0, slope,
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT=activation_row(act).code,
+            EMULATE_BF16=x.dtype == torch.bfloat16 and _INTERPRET,
+            # tiles of up to 32 channels x 64 positions (128 x 8 for few channels), 8 warps: 64-channel
+            # tiles spilled 4-16 B in a few fp16 / bf16 variants on sm_80 / sm_90 with 4 or 8 warps, and
+            # 256 x 8 tiles 4 B in fp16 softplus with 5 channels on sm_90 (tools/triton_aot.py, cold)
+            BLOCK_L=block_l, BLOCK_C=block_c, num_warps=8)
     return out, r
+
+
+_MAX_GRID_Y = 65535
 
 
 def _rms_norm_act_cpu(x, weight, bias, eps, clamp, act, slope):
