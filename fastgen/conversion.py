@@ -56,6 +56,7 @@ from fastgen.nn.norm_act import batch_norm_act_module
 from fastgen.ops.group_norm_act import group_norm_act
 from fastgen.ops.instance_norm_act import instance_norm_act
 from fastgen.ops.pixel_norm import pixel_norm
+from fastgen.ops._util import memory_format
 from fastgen.ops.rms_norm_act import rms_norm_act
 from fastgen.paired import pair_rewrite
 from fastgen.ops.upsample_conv2d import SCALES, upsample_conv2d
@@ -271,14 +272,18 @@ _RMS_NORMS = frozenset(f"diffusers.models.autoencoders.autoencoder_kl_{m}.{c}" f
     ("hunyuanvideo15", "HunyuanVideo15RMS_norm"), ("hunyuanimage_refiner", "HunyuanImageRefinerRMS_norm")))
 
 
-@functools.lru_cache(maxsize=None)
 def _rms_norm_class(cls: type) -> bool:
-    if _qualified(cls) not in _RMS_NORMS:
-        return False
+    return _qualified(cls) in _RMS_NORMS and _source_hash(cls) == _RMS_NORM_FORWARD
+
+
+@functools.lru_cache(maxsize=None)
+def _source_hash(cls: type) -> str:
+    """The hash of cls.forward's source ('' where it cannot be read): which forward fastgen mirrors.
+    Once per class: the known forwards' run() reads it on every call."""
     try:
-        return hashlib.sha256(inspect.getsource(cls.forward).encode()).hexdigest()[:16] == _RMS_NORM_FORWARD
+        return hashlib.sha256(inspect.getsource(cls.forward).encode()).hexdigest()[:16]
     except (OSError, TypeError):
-        return False
+        return ""
 
 
 def _rms_norm(m) -> bool:
@@ -965,21 +970,15 @@ class _PairedForward:
         modules = dict(m.named_children())
 
         def accept(norm_name, act_name):
-            norm, act = modules.get(norm_name), modules.get(act_name)
-            if not _norm_like(norm) or _norm_refusal(norm) or type(act).__module__ != "torch.nn.modules.activation":
-                return False
-            try:
-                activation_of(act)
-            except TypeError:
-                return False
-            return True
+            return _fusable_pair(modules.get(norm_name), modules.get(act_name)) is not None
 
         try:
             self.fn, pairs = pair_rewrite(base.forward, accept, _module_pair_call)
         except (SyntaxError, ValueError, TypeError, OSError):  # a source that does not compile again
             self.fn, pairs = None, []
         for norm_name, act_name in pairs:
-            report.add("fused", _join(path, norm_name), _norm_act_text(modules[norm_name], *activation_of(modules[act_name])))
+            report.add("fused", _join(path, norm_name),
+                       _norm_act_text(modules[norm_name], *_fusable_pair(modules[norm_name], modules[act_name])))
         return self.fn is not None
 
     def run(self, m, args, kwargs):
@@ -988,16 +987,22 @@ class _PairedForward:
         return _MISS if self.fn is None else self.fn(m, *args, **kwargs)
 
 
+def _fusable_pair(norm, act):
+    """(activation name, alpha) where `norm` is a norm fastgen fuses and `act` an activation layer of
+    the table, else None."""
+    if not _norm_like(norm) or _norm_refusal(norm) or type(act).__module__ != "torch.nn.modules.activation":
+        return None
+    try:
+        return activation_of(act)
+    except TypeError:
+        return None
+
+
 def _module_pair_call(norm, act, x):
-    """act(norm(x)) for two layers a forward called one after the other: fused where both are what
-    they were at conversion (a norm fastgen fuses, an activation of the table), else the two calls."""
-    if _norm_like(norm) and not _norm_refusal(norm) and type(act).__module__ == "torch.nn.modules.activation":
-        try:
-            name, alpha = activation_of(act)
-        except TypeError:
-            return act(norm(x))
-        return _norm_act_call(norm, act, (), name, alpha, x)
-    return act(norm(x))
+    """act(norm(x)) for two layers a forward called one after the other: fused where both are still
+    a fusable pair (checked at each call: the layers may have been replaced), else the two calls."""
+    pair = _fusable_pair(norm, act)
+    return act(norm(x)) if pair is None else _norm_act_call(norm, act, (), *pair, x)
 
 
 class _RMSNormForward:
@@ -1029,10 +1034,7 @@ _UPSAMPLE2D_SOURCE = "3c0e13df5e4ac796"
 
 class _Upsample2D:
     def prepare(self, m, path, report) -> bool:
-        try:
-            digest = hashlib.sha256(inspect.getsource(type(m).forward).encode()).hexdigest()[:16]
-        except (OSError, TypeError):
-            digest = None
+        digest = _source_hash(type(m))
         conv_name = "conv" if m.name == "conv" else "Conv2d_0"
         where = _join(path, conv_name)
         if digest != _UPSAMPLE2D_SOURCE:
@@ -1073,13 +1075,6 @@ class _Upsample2D:
 def _plain_conv3d(conv) -> bool:
     return isinstance(conv, nn.Conv3d) and tuple(conv.stride) == (1, 1, 1) and tuple(conv.dilation) == (1, 1, 1) \
         and conv.groups == 1 and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
-
-
-def _source_hash(cls) -> str:
-    try:
-        return hashlib.sha256(inspect.getsource(cls.forward).encode()).hexdigest()[:16]
-    except (OSError, TypeError):
-        return ""
 
 
 class _CausalConv3d:
@@ -1168,14 +1163,13 @@ class _HunyuanUpsample:
         if not isinstance(x, torch.Tensor) or x.dim() != 5 or not self._foldable(m) or _hooked(conv) \
                 or _hooked(conv.conv) or not _plain_call(x, conv.conv.weight, conv.conv.bias):
             return _MISS
-        fmt = x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
         if tuple(m.upsample_factor) == (2, 2, 2) and x.shape[2] > 1:
             small = F.pad(x, (1, 1, 1, 1, 1, 0), mode="replicate")
             y = upsample_conv3d(small, conv.conv.weight, conv.conv.bias, 2, 0)[:, :, 1:, 1:-1, 1:-1]
         else:  # every frame in space only (one frame, or a (1, 2, 2) factor)
             small = F.pad(x, (1, 1, 1, 1, 2, 0), mode="replicate")
             y = upsample_conv3d(small, conv.conv.weight, conv.conv.bias, (1, 2, 2), 0)[:, :, :, 1:-1, 1:-1]
-        return y.contiguous(memory_format=torch.channels_last_3d if fmt else torch.contiguous_format)
+        return y.contiguous(memory_format=memory_format(x))
 
 
 _CAUSAL_CONVS = ("diffusers.models.autoencoders.autoencoder_kl_wan.WanCausalConv3d",

@@ -19,6 +19,11 @@ from fastgen.ops import REGISTRY
 from fastgen.tolerances import judge
 
 
+def f64(*ts):
+    """Float64 copies for the oracle, leaves that keep each tensor's requires_grad (None stays None)."""
+    return [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in ts]
+
+
 def fast_backends(op: str) -> list:
     """pytest params (backend, device): every fast backend of `op` on CPU tensors, then on CUDA
     tensors (marked `cuda`, skipped cleanly without a GPU)."""

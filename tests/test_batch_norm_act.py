@@ -11,7 +11,7 @@ from torch import nn
 from fastgen.nn import BatchNormAct2d
 from fastgen.ops import batch_norm_act, batch_norm_act_ref
 from fastgen.activations import ACTIVATIONS
-from cases import check_compiled_layer, cpu_backends
+from cases import check_compiled_layer, cpu_backends, f64
 from tolerances import assert_close, assert_close_grad
 
 BACKENDS = cpu_backends("batch_norm_act")
@@ -39,9 +39,6 @@ def make(shape, dtype, fmt=torch.contiguous_format, grad=False):
             t.requires_grad_(True)
     return x, w, b, rm, rv
 
-
-def f64(*ts):
-    return [t.detach().double().requires_grad_(t.requires_grad) for t in ts]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -4,14 +4,11 @@ from torch import nn
 
 from fastgen.nn import AdaIN, InstanceNormAct2d
 from fastgen.ops import adaptive_instance_norm, adaptive_instance_norm_ref, instance_norm_act, instance_norm_act_ref
-from cases import fast_backends, skip_unavailable
+from cases import f64, fast_backends, skip_unavailable
 from tolerances import assert_close, assert_close_grad
 
 FAST = fast_backends("instance_norm_act")
 
-
-def f64(*ts):
-    return [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in ts]
 
 
 @pytest.mark.parametrize("backend,device", FAST)

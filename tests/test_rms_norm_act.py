@@ -9,7 +9,7 @@ from torch import nn
 from fastgen.activations import ACTIVATIONS
 from fastgen.nn import RMSNormAct
 from fastgen.ops import rms_norm_act, rms_norm_act_ref
-from cases import check_compiled_layer, fast_backends, skip_unavailable
+from cases import check_compiled_layer, f64, fast_backends, skip_unavailable
 from tolerances import assert_close, assert_close_grad
 
 FAST = fast_backends("rms_norm_act")
@@ -33,9 +33,6 @@ def make(shape, dtype, device="cpu", channels_last_=False, affine=(True, True), 
             t.requires_grad_(True)
     return x, w, b
 
-
-def f64(*ts):
-    return [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in ts]
 
 
 @pytest.mark.parametrize("backend,device", FAST)

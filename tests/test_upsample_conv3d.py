@@ -6,7 +6,7 @@ from torch import nn
 
 from fastgen.nn import UpsampleConv3d
 from fastgen.ops import upsample_conv3d, upsample_conv3d_ref
-from cases import cpu_backends
+from cases import cpu_backends, f64
 from tolerances import assert_close, assert_close_grad
 
 BACKENDS = cpu_backends("upsample_conv3d")
@@ -35,9 +35,6 @@ def make(shape, co, k, dtype=torch.float32, bias=True, grad=False):
             t.requires_grad_(True)
     return x, w, b
 
-
-def f64(*ts):
-    return [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in ts]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

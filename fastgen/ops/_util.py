@@ -18,6 +18,17 @@ def check_tensor(name: str, t, dim: int | None = None) -> None:
         raise RuntimeError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
 
 
+def check_affine(name: str, t, x: torch.Tensor, shapes: tuple) -> None:
+    """A norm's weight or bias: None, or a tensor of x's dtype and device in one of `shapes`."""
+    if t is None:
+        return
+    check_tensor(name, t)
+    if t.dtype != x.dtype or t.device != x.device:
+        raise RuntimeError(f"{name} must have x's dtype and device ({x.dtype}, {x.device}), got {t.dtype}, {t.device}")
+    if tuple(t.shape) not in shapes:
+        raise RuntimeError(f"{name} must be {' or '.join(map(str, shapes))}, got {tuple(t.shape)}")
+
+
 def check_floating(name: str, t: torch.Tensor) -> None:
     if not t.is_floating_point():
         raise RuntimeError(f"{name} must be a floating-point tensor, got {t.dtype}")

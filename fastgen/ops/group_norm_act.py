@@ -18,7 +18,7 @@ from fastgen.activations import activation as activation_row, activation_backwar
 from fastgen.dispatch import _EXT_WHY, _INTERPRET, select
 from fastgen.ops._registry import (EAGER_IN_LOW_PRECISION, KERNELS_FIRST, NO_FLOAT64, Example, Impl, OpSpec, call,
                                    cpp_impls, define, on_device)
-from fastgen.ops._util import check_floating, check_tensor, as_ncl, memory_format, opmath_dtype
+from fastgen.ops._util import as_ncl, check_affine, check_floating, check_tensor, memory_format, opmath_dtype
 
 
 def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor] = None,
@@ -78,13 +78,7 @@ def _check_group_norm_act(x, num_groups, weight, bias, eps, act, negative_slope)
         raise ValueError(f"Expected more than 1 value per channel when training, got x of shape {tuple(x.shape)} "
                          f"and num_groups={num_groups}")
     for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        check_tensor(name, t)
-        if t.dtype != x.dtype or t.device != x.device:
-            raise RuntimeError(f"{name} must have x's dtype and device ({x.dtype}, {x.device}), got {t.dtype}, {t.device}")
-        if tuple(t.shape) not in ((c,), (n, c)):
-            raise RuntimeError(f"{name} must be ({c},) or ({n}, {c}), got {tuple(t.shape)}")
+        check_affine(name, t, x, ((c,), (n, c)))
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a non-negative number, got {eps!r}")
     check_activation(act, negative_slope)

@@ -19,7 +19,7 @@ from torch import Tensor
 from fastgen.activations import activation as activation_row, check_activation, torch_layer
 from fastgen.dispatch import _EXT_WHY, _INTERPRET, select
 from fastgen.ops._registry import EAGER_IN_LOW_PRECISION, KERNELS_FIRST, NO_FLOAT64, Example, Impl, OpSpec, call, define
-from fastgen.ops._util import as_ncl, check_floating, check_tensor, memory_format, opmath_dtype
+from fastgen.ops._util import as_ncl, check_affine, check_floating, check_tensor, memory_format, opmath_dtype
 
 
 def rms_norm_act(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-6,
@@ -76,13 +76,7 @@ def _check_rms_norm_act(x, weight, bias, eps, clamp, act, negative_slope) -> Non
         raise RuntimeError(f"x must be (N, C, *), got shape {tuple(x.shape)}")
     c = x.shape[1]
     for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        check_tensor(name, t)
-        if t.dtype != x.dtype or t.device != x.device:
-            raise RuntimeError(f"{name} must have x's dtype and device ({x.dtype}, {x.device}), got {t.dtype}, {t.device}")
-        if tuple(t.shape) != (c,):
-            raise RuntimeError(f"{name} must be ({c},), got {tuple(t.shape)}")
+        check_affine(name, t, x, ((c,),))
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a non-negative number, got {eps!r}")
     if not isinstance(clamp, bool):
