@@ -236,6 +236,13 @@ def _norm_act_call(norm: nn.Module, act: nn.Module | None, call: tuple, name: st
         settings = None if _hooked(norm) or _hooked(act) else _rms_settings(norm, x)
         if settings is not None:
             return rms_norm_act(x, *settings, name, alpha, clamp=True)
+    elif _chunked_group_norm(norm):
+        inner = norm.norm_layer
+        if not _hooked(norm) and not _hooked(inner) and not _hooked(act) and _plain_call(x, inner.weight, inner.bias) \
+                and x.dim() == 5 and x.shape[1] == inner.num_channels and x.numel() > 0:
+            frames = x.permute(0, 2, 1, 3, 4).flatten(0, 1)  # the frames as a batch, as Mochi's forward has them
+            y = group_norm_act(frames, inner.num_groups, inner.weight, inner.bias, inner.eps, name, alpha)
+            return y.unflatten(0, (x.shape[0], -1)).permute(0, 2, 1, 3, 4)
     elif not _hooked(norm) and not _hooked(act) and _plain_call(x, norm.weight, norm.bias):
         kind = type(norm)
         if kind is nn.GroupNorm and x.dim() >= 2 and x.shape[1] == norm.num_channels:
@@ -246,12 +253,61 @@ def _norm_act_call(norm: nn.Module, act: nn.Module | None, call: tuple, name: st
         if kind is nn.InstanceNorm2d and x.dim() == 4 and not norm.track_running_stats \
                 and x.shape[-1] * x.shape[-2] > 1 and (not norm.affine or norm.weight.shape[0] == x.shape[1]):
             return instance_norm_act(x, norm.weight, norm.bias, norm.eps, name, alpha)
-    y = norm(x)
+    return _activation(act, call, norm(x))
+
+
+def _activation(act: nn.Module | None, call: tuple, y):
+    """act(y), or the function or tensor method `call` stands for (see _norm_act_call); y itself for
+    neither."""
     if act is not None:
         return act(y)
+    if not call:
+        return y
     target, args, kwargs = call  # a method's name, or the function's place in _FUNCTIONS
     function = getattr(y, target) if isinstance(target, str) else _FUNCTION_LIST[target]
     return function(*args, **dict(kwargs)) if isinstance(target, str) else function(y, *args, **dict(kwargs))
+
+
+def _channel_rms_call(norm: nn.Module, act: nn.Module | None, call: tuple, name: str, alpha: float, x):
+    """act(norm(x.movedim(1, -1)).movedim(-1, 1)) for diffusers' RMSNorm over the channels, as LTX
+    writes it (see _norm_act_call for act and call; neither: the norm alone, name 'identity')."""
+    settings = None if _hooked(norm) or _hooked(act) else _channel_rms_settings(norm, x)
+    if settings is not None:
+        return rms_norm_act(x, *settings, name, alpha)
+    return _activation(act, call, norm(x.movedim(1, -1)).movedim(-1, 1))
+
+
+def _channel_rms_settings(norm: nn.Module, x):
+    """(weight, bias, eps) of rms_norm_act for diffusers' RMSNorm over x's channels, or None where the
+    fused op would not compute what the forward does: its NPU branch, float64 (the forward takes the
+    mean square in float32), weights in another dtype (the forward rounds to the weight's dtype),
+    a shape other than (C,), autocast or hooks (_plain_call)."""
+    weight, bias = norm.weight, norm.bias
+    if not isinstance(x, torch.Tensor) or x.dim() not in (4, 5) or x.dtype == torch.float64 \
+            or norm.dim != (x.shape[1],) or (weight is None and bias is not None) \
+            or any(t is not None and (not isinstance(t, torch.Tensor) or t.shape != norm.dim) for t in (weight, bias)) \
+            or not _plain_call(x, weight, bias) or type(norm).forward.__globals__["is_torch_npu_available"]():
+        return None
+    return weight, bias, norm.eps
+
+
+# diffusers' RMSNorm (over the last dimension; LTX calls it on x.movedim(1, -1)) and Mochi's
+# per-frame GroupNorm, by class and the hash of the forward fastgen mirrors (diffusers 0.42)
+_CHANNEL_RMS = ("diffusers.models.normalization.RMSNorm", "ab9075d036873ac9")
+_CHUNKED_GROUP_NORM = ("diffusers.models.autoencoders.autoencoder_kl_mochi.MochiChunkedGroupNorm3D", "765ff3f4a4c02dc4")
+
+
+def _known_class(m, known: tuple[str, str]) -> bool:
+    cls = type(m).__dict__.get("_fastgen_base", type(m))
+    return isinstance(m, nn.Module) and _qualified(cls) == known[0] and _source_hash(cls) == known[1]
+
+
+def _channel_rms(m) -> bool:
+    return _known_class(m, _CHANNEL_RMS)
+
+
+def _chunked_group_norm(m) -> bool:
+    return _known_class(m, _CHUNKED_GROUP_NORM) and isinstance(getattr(m, "norm_layer", None), nn.GroupNorm)
 
 
 def _pixel_norm_call(x, eps: float, divide: bool):
@@ -345,6 +401,8 @@ def _norm_refusal(norm: nn.Module) -> str:
     """Why a norm layer followed by an activation does not fuse ('' when it does)."""
     if _rms_norm(norm):
         return ""
+    if _chunked_group_norm(norm):
+        norm = norm.norm_layer
     if type(norm) not in _NORMS:
         base = next((b.__name__ for b in _NORMS if isinstance(norm, b)), None)
         return (f"{type(norm).__name__} is a subclass of nn.{base}: its forward may differ" if base
@@ -446,7 +504,9 @@ def _rewrite(graph: fx.Graph, modules: dict, path: str, report: ConversionReport
     for node in list(graph.nodes):
         if node._erased:  # erased with its pair
             continue
-        if node.op == "call_module" and _norm_like(modules.get(node.target)) \
+        if node.op == "call_module" and _channel_rms(modules.get(node.target)):
+            fused += _fuse_channel_rms(graph, node, modules, path, report)
+        elif node.op == "call_module" and _norm_like(modules.get(node.target)) \
                 and len(node.args) == 1 and not node.kwargs:
             if len(node.users) == 1:
                 fused += _fuse_norm(graph, node, modules, path, report)
@@ -490,17 +550,56 @@ def _fuse_norm(graph, node, modules, path, report) -> int:
     return 1
 
 
+def _moved(node, source: int, destination: int) -> bool:
+    return node.op == "call_method" and node.target == "movedim" and len(node.args) == 3 and not node.kwargs \
+        and tuple(node.args[1:]) == (source, destination)
+
+
+def _fuse_channel_rms(graph, node, modules, path, report) -> int:
+    """x.movedim(1, -1) -> diffusers' RMSNorm -> .movedim(-1, 1), then an activation or not: the
+    norm over the channels, one rms_norm_act."""
+    before = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+    if not (isinstance(before, fx.Node) and _moved(before, 1, -1) and len(before.users) == 1
+            and len(node.users) == 1 and _moved(next(iter(node.users)), -1, 1)):
+        return 0
+    (after,) = node.users
+    module, name, alpha, last = None, "identity", 0.0, after
+    if len(after.users) == 1:
+        (user,) = after.users
+        act = _activation_call(user, modules)
+        if act is not None and act[1] is not None and user.args[0] is after and after not in user.args[1:] \
+                and after not in user.kwargs.values():
+            (module, name, alpha), last = act, user
+    with graph.inserting_before(last):
+        norm_ref = graph.get_attr(node.target)
+        act_ref = graph.get_attr(last.target) if last is not after and module is not None else None
+        call = ()
+        if last is not after and module is None:
+            target = last.target if last.op == "call_method" else _FUNCTION_LIST.index(last.target)
+            call = (target, tuple(last.args[1:]), tuple(last.kwargs.items()))
+        new = graph.call_function(_channel_rms_call, (norm_ref, act_ref, call, name, alpha, before.args[0]))
+    last.replace_all_uses_with(new)
+    for n in dict.fromkeys((last, after, node, before)):
+        graph.erase_node(n)
+    paired = f" + {name}{f'({alpha})' if name == 'leaky_relu' else ''}" if last is not after else ""
+    report.add("fused", _join(path, node.target),
+               f"RMSNorm over the channels (movedim){paired} -> rms_norm_act{'' if paired else '(identity)'}")
+    return 1
+
+
 _FUSED_OP = {nn.GroupNorm: "group_norm_act", nn.BatchNorm2d: "batch_norm_act", nn.InstanceNorm2d: "instance_norm_act"}
 
 
 def _norm_act_text(norm: nn.Module, name: str, alpha: float) -> str:
     base = type(norm).__dict__.get("_fastgen_base", type(norm))
     slope = f"({alpha})" if name == "leaky_relu" else ""
-    return f"{base.__name__} + {name}{slope} -> {'rms_norm_act' if _rms_norm(norm) else _FUSED_OP[base]}"
+    op = "rms_norm_act" if _rms_norm(norm) else "group_norm_act (per frame)" if _chunked_group_norm(norm) \
+        else _FUSED_OP[base]
+    return f"{base.__name__} + {name}{slope} -> {op}"
 
 
 def _norm_like(m) -> bool:
-    return isinstance(m, _NORM_LIKE) or _rms_norm(m)
+    return isinstance(m, _NORM_LIKE) or _rms_norm(m) or _chunked_group_norm(m)
 
 
 def _upsampling_settings(node: fx.Node, modules: dict):
@@ -644,7 +743,7 @@ def _may_hold_a_pattern(m: nn.Module) -> bool:
     layers = []
     for child in m.children():
         layers += list(child.children()) if isinstance(child, (nn.ModuleList, nn.ModuleDict)) else [child]
-    has_norm = any(_norm_like(c) for c in layers)
+    has_norm = any(_norm_like(c) or _channel_rms(c) for c in layers)
     has_conv = any(isinstance(c, nn.Conv2d) for c in layers)
     if cls is nn.Sequential:
         return has_norm or has_conv
@@ -655,7 +754,8 @@ def _may_hold_a_pattern(m: nn.Module) -> bool:
     upsampling = "interpolate" in source or any(isinstance(c, nn.Upsample) for c in layers)
     activation = any(word in source for word in _ACTIVATION_WORDS)
     pixel_norm = "sqrt" in source and "mean" in source
-    return (has_norm and activation) or (has_conv and upsampling) or pixel_norm
+    channel_rms = "movedim" in source and any(_channel_rms(c) for c in layers)  # fused with or without an activation
+    return (has_norm and activation) or (has_conv and upsampling) or pixel_norm or channel_rms
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1078,49 +1178,76 @@ def _plain_conv3d(conv) -> bool:
 
 
 class _CausalConv3d:
-    """A causal convolution written as F.pad then the convolution: Wan's and QwenImage's
-    WanCausalConv3d(nn.Conv3d) (zeros, a feature cache prepended in time), or HunyuanVideo's
-    (F.pad in the layer's pad_mode, then its child nn.Conv3d)."""
-    SOURCES = {"afffb99acd515ba2": "cached", "70f04cf3106c379f": "padded"}
+    """A causal convolution written as padding in time, then the convolution: Wan's and QwenImage's
+    WanCausalConv3d(nn.Conv3d) (zeros, a feature cache prepended in time), HunyuanVideo's (F.pad in the
+    layer's pad_mode, then its child nn.Conv3d), LTX's (copies of the first frame, and of the last
+    where not causal, then its child) and CogVideoX's, which Mochi uses too (its own padding method,
+    replicate or the first frame / a cache, then its child CogVideoXSafeConv3d; it returns the
+    convolution and the next cache). Only the zero padding of the convolution is folded: the frames
+    put in front are the original's copies."""
+    SOURCES = {"afffb99acd515ba2": "cached", "70f04cf3106c379f": "padded", "f59da342199a71d6": "ltx",
+               "ce0570bf0ae334bd": "cogvideox"}
+    SAFE_CONV = "b94af19627fdfc1c"  # CogVideoXSafeConv3d.forward: the convolution, in time chunks past 2 GiB
+
+    @classmethod
+    def _conv(cls, m, kind):
+        conv = m if kind == "cached" else getattr(m, "conv", None)
+        if kind == "cogvideox" and type(conv) is not nn.Conv3d and _source_hash(type(conv)) != cls.SAFE_CONV:
+            return None
+        return conv if _plain_conv3d(conv) else None
 
     def prepare(self, m, path, report) -> bool:
         kind = self.SOURCES.get(_source_hash(type(m)))
-        conv = m if kind == "cached" else getattr(m, "conv", None)
         if kind is None:
             report.add("left", path, f"this diffusers version's {type(m).__name__}.forward is not the one fastgen mirrors")
-        elif not _plain_conv3d(conv):
-            report.add("left", path, f"{type(m).__name__} with a stride, dilation, groups or padding mode fastgen does "
-                                     "not fold")
+        elif self._conv(m, kind) is None:
+            report.add("left", path, f"{type(m).__name__} with a stride, dilation, groups, padding mode or convolution "
+                                     "class fastgen does not fold")
         else:
             report.add("fused", path, f"{type(m).__name__}'s causal padding + Conv3d -> upsample_conv3d")
             return True
         return False
 
+    @staticmethod
+    def _arguments(kind, args, kwargs):
+        """(x, cache) of the call, or None for a call the mirrored forward would not take."""
+        names = {"cached": ("x", "cache_x"), "cogvideox": ("inputs", "conv_cache")}.get(kind, ("hidden_states",))
+        if len(args) > len(names) or set(kwargs) - set(names[len(args):]):
+            return None
+        values = [*args, *(kwargs.get(n) for n in names[len(args):])]
+        x, cache = values[0], values[1] if len(values) > 1 else None
+        if not isinstance(x, torch.Tensor) or x.dim() != 5 or (cache is not None and not isinstance(cache, torch.Tensor)):
+            return None
+        return x, cache
+
     def run(self, m, args, kwargs):
         kind = self.SOURCES.get(_source_hash(type(m)._fastgen_base))
-        if kind == "cached":
-            if len(args) + len(kwargs) > 2 or set(kwargs) - {"x", "cache_x"}:
-                return _MISS
-            x = args[0] if args else kwargs.get("x")
-            cache_x = args[1] if len(args) > 1 else kwargs.get("cache_x")
-            conv, pads = m, list(m._padding)
-        else:
-            if len(args) + len(kwargs) != 1 or set(kwargs) - {"hidden_states"}:
-                return _MISS
-            x = args[0] if args else kwargs["hidden_states"]
-            conv, pads, cache_x = m.conv, None, None
-        if not isinstance(x, torch.Tensor) or x.dim() != 5 or not _plain_conv3d(conv) or _hooked(conv) \
-                or not _plain_call(x, conv.weight, conv.bias) or (cache_x is not None and not isinstance(cache_x, torch.Tensor)):
+        call = self._arguments(kind, args, kwargs)
+        conv = self._conv(m, kind)
+        if call is None or conv is None or _hooked(conv) or not _plain_call(call[0], conv.weight, conv.bias):
             return _MISS
-        if kind == "padded":  # HunyuanVideo: F.pad in the layer's mode (replicate), then the child conv
+        x, cache = call
+        pt, ph, pw = conv.padding  # zero in time in these layers (and for Wan's in space), but a user may set it
+        pads = [pw, pw, ph, ph, pt, pt]
+        if kind == "padded":  # HunyuanVideo
             x = F.pad(x, m.time_causal_padding, mode=m.pad_mode)
-            pt, ph, pw = conv.padding
-            return upsample_conv3d(x, conv.weight, conv.bias, 1, (pw, pw, ph, ph, pt, pt))
-        if cache_x is not None and pads[4] > 0:  # Wan: the cached frames stand in for the causal zeros
-            x = torch.cat([cache_x.to(x.device), x], dim=2)
-            pads[4] -= cache_x.shape[2]
-        pt, ph, pw = conv.padding  # zero after WanCausalConv3d's __init__, but a user may set it
-        pads = [pads[0] + pw, pads[1] + pw, pads[2] + ph, pads[3] + ph, pads[4] + pt, pads[5] + pt]
+        elif kind == "ltx":
+            k = m.kernel_size[0]
+            front = x[:, :, :1].repeat((1, 1, k - 1 if m.is_causal else (k - 1) // 2, 1, 1))
+            back = x[:, :, -1:].repeat((1, 1, 0 if m.is_causal else (k - 1) // 2, 1, 1))
+            x = torch.concatenate([front, x, back], dim=2)
+        elif kind == "cogvideox":
+            x = m.fake_context_parallel_forward(x, cache)
+            cache = None if m.pad_mode == "replicate" else x[:, :, -m.time_kernel_size + 1:].clone()
+            if x.numel() * 2 / 1024 ** 3 > 2:  # CogVideoXSafeConv3d convolves such clips in time chunks
+                return conv(x), cache
+            return upsample_conv3d(x, conv.weight, conv.bias, 1, tuple(pads)), cache
+        else:  # Wan: the cached frames stand in for the causal zeros
+            if cache is not None and m._padding[4] > 0:
+                x = torch.cat([cache.to(x.device), x], dim=2)
+            pads = [a + b for a, b in zip(pads, m._padding)]
+            if cache is not None and m._padding[4] > 0:
+                pads[4] -= cache.shape[2]
         if min(pads) < 0:  # F.pad would crop
             return _MISS
         return upsample_conv3d(x, conv.weight, conv.bias, 1, tuple(pads))
@@ -1176,7 +1303,9 @@ _CAUSAL_CONVS = ("diffusers.models.autoencoders.autoencoder_kl_wan.WanCausalConv
                  "diffusers.models.autoencoders.autoencoder_kl_qwenimage.QwenImageCausalConv3d",
                  "diffusers.models.autoencoders.autoencoder_kl_hunyuan_video.HunyuanVideoCausalConv3d",
                  "diffusers.models.autoencoders.autoencoder_kl_hunyuanvideo15.HunyuanVideo15CausalConv3d",
-                 "diffusers.models.autoencoders.autoencoder_kl_hunyuanimage_refiner.HunyuanImageRefinerCausalConv3d")
+                 "diffusers.models.autoencoders.autoencoder_kl_hunyuanimage_refiner.HunyuanImageRefinerCausalConv3d",
+                 "diffusers.models.autoencoders.autoencoder_kl_ltx.LTXVideoCausalConv3d",
+                 "diffusers.models.autoencoders.autoencoder_kl_cogvideox.CogVideoXCausalConv3d")
 
 _KNOWN = {"diffusers.models.upsampling.Upsample2D": _Upsample2D, **{name: _CausalConv3d for name in _CAUSAL_CONVS},
           "diffusers.models.autoencoders.autoencoder_kl_hunyuan_video.HunyuanVideoUpsampleCausal3D": _HunyuanUpsample}

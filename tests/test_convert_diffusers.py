@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import (AutoencoderDC, AutoencoderKL, AutoencoderKLHunyuanVideo, AutoencoderKLQwenImage, AutoencoderKLWan,
-                       AutoencoderOobleck, UNet2DModel)
+from diffusers import (AutoencoderDC, AutoencoderKL, AutoencoderKLAllegro, AutoencoderKLCogVideoX, AutoencoderKLHunyuanVideo,
+                       AutoencoderKLLTXVideo, AutoencoderKLMochi, AutoencoderKLQwenImage, AutoencoderKLTemporalDecoder,
+                       AutoencoderKLWan, AutoencoderOobleck, UNet2DModel)
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.upsampling import Upsample2D
 
@@ -180,6 +181,55 @@ def qwen_image():
                                   latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
 
 
+def ltx(timestep_conditioning=False):
+    # the encoder's convolutions causal, the decoder's not (LTX's defaults); patches of one pixel
+    return lambda: AutoencoderKLLTXVideo(
+        latent_channels=4, block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+        layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1),
+        spatio_temporal_scaling=(True, True, False, False), decoder_spatio_temporal_scaling=(True, True, False, False),
+        decoder_inject_noise=(False,) * 5, upsample_residual=(False,) * 4, upsample_factor=(1,) * 4,
+        timestep_conditioning=timestep_conditioning, patch_size=1, patch_size_t=1)
+
+
+def cogvideox():
+    return AutoencoderKLCogVideoX(down_block_types=("CogVideoXDownBlock3D",) * 2, up_block_types=("CogVideoXUpBlock3D",) * 2,
+                                  block_out_channels=(8, 16), latent_channels=4, layers_per_block=1, norm_num_groups=4,
+                                  temporal_compression_ratio=2)
+
+
+def mochi():  # its norms have 32 groups
+    return AutoencoderKLMochi(encoder_block_out_channels=(32,) * 4, decoder_block_out_channels=(32,) * 4,
+                              latent_channels=4, layers_per_block=(1,) * 5, temporal_expansions=(1, 2, 3),
+                              spatial_expansions=(2, 2, 2), add_attention_block=(False,) * 5)
+
+
+def allegro():
+    return AutoencoderKLAllegro(down_block_types=("AllegroDownBlock3D",) * 2, up_block_types=("AllegroUpBlock3D",) * 2,
+                                block_out_channels=(8, 16), latent_channels=4, layers_per_block=1, norm_num_groups=4,
+                                temporal_downsample_blocks=(True, False), temporal_upsample_blocks=(False, True))
+
+
+def temporal_decoder():
+    return AutoencoderKLTemporalDecoder(down_block_types=("DownEncoderBlock2D",) * 2, block_out_channels=(32, 64),
+                                        latent_channels=4, layers_per_block=1)
+
+
+def whole(m, x):  # encoder and decoder: LTX's causal convolutions are the encoder's
+    return m(x).sample
+
+
+def ltx_decode(m, z, temb):
+    return m.decode(z, temb=temb).sample
+
+
+def allegro_decode(m, z):  # its decode() tiles only; the decoder is what it runs per tile
+    return m.decoder(z)
+
+
+def temporal_decode(m, z):
+    return m.decode(z, num_frames=z.shape[0]).sample
+
+
 # name -> (builder, inputs, call, layer pairs fused (at least), what `left` must mention)
 DIFFUSERS = {
     "resnet": (resnet(temb_channels=None), lambda: (torch.randn(2, 8, 5, 6), None), None, 2, ()),
@@ -195,6 +245,16 @@ DIFFUSERS = {
     "wan": (wan, lambda: (torch.randn(1, 4, 3, 4, 4),), decode, 30, ()),
     "qwenimage": (qwen_image, lambda: (torch.randn(1, 4, 3, 4, 4),), decode, 30, ()),
     "hunyuan-video": (hunyuan_video, lambda: (torch.randn(1, 4, 2, 4, 4),), decode, 40, ()),
+    # LTX: channel RMS norms (x.movedim(1, -1) through diffusers' RMSNorm), its causal convolutions
+    # (copies of the first frame); with timestep conditioning a scale and shift sit between norm and
+    # activation: the norms alone
+    "ltx": (ltx(), lambda: (torch.randn(1, 3, 5, 8, 8),), whole, 48, ("stride",)),
+    "ltx-timestep": (ltx(True), lambda: (torch.randn(1, 4, 2, 4, 4), torch.tensor([0.3])), ltx_decode, 24, ()),
+    # CogVideoX and Mochi: CogVideoXCausalConv3d (a cache between chunks of frames); Mochi's per-frame GroupNorm
+    "cogvideox": (cogvideox, lambda: (torch.randn(1, 4, 3, 4, 4),), decode, 30, ("CogVideoXUpsample3D",)),
+    "mochi": (mochi, lambda: (torch.randn(1, 4, 2, 2, 2),), decode, 40, ()),
+    "allegro": (allegro, lambda: (torch.randn(1, 4, 3, 4, 4),), allegro_decode, 30, ()),
+    "temporal-decoder": (temporal_decoder, lambda: (torch.randn(2, 4, 4, 4),), temporal_decode, 20, ()),
 }
 
 
@@ -216,7 +276,10 @@ def test_legacy_weight_norm_model_says_inplace_works():
     (wan, (1, 4, 3, 4, 4), {"rms_norm_act": 40, "upsample_conv3d": 40, "upsample_conv2d": 3}),
     (qwen_image, (1, 4, 3, 4, 4), {"rms_norm_act": 40, "upsample_conv3d": 40, "upsample_conv2d": 3}),
     (hunyuan_video, (1, 4, 2, 4, 4), {"group_norm_act": 17, "upsample_conv3d": 21}),
-], ids=["wan", "qwenimage", "hunyuan-video"])
+    (ltx(), (1, 4, 2, 4, 4), {"rms_norm_act": 10, "upsample_conv3d": 12}),
+    (cogvideox, (1, 4, 3, 4, 4), {"upsample_conv3d": 20}),  # its decoder norms are SpatialNorm3D: not fused
+    (mochi, (1, 4, 2, 2, 2), {"group_norm_act": 10, "upsample_conv3d": 10}),
+], ids=["wan", "qwenimage", "hunyuan-video", "ltx", "cogvideox", "mochi"])
 def test_video_vaes_decode_through_the_fused_ops(build, shape, ops):
     """Wan and QwenImage decode frame by frame through feature caches (lists their blocks' forwards
     mutate, which fx cannot follow): the fused ops must run on those calls, not only on traced ones."""
@@ -260,3 +323,83 @@ def test_hunyuan_upsampler_folds_its_first_frame_and_replicate_padding(factor, f
     converted.conv.conv.register_forward_hook(lambda *a: calls.append(1))
     torch.testing.assert_close(converted(x), model(x))
     assert calls == [1]
+
+
+class ChannelRMS(torch.nn.Module):
+    """LTX's pattern: diffusers' RMSNorm over the channels through movedim, then an activation."""
+
+    def __init__(self, affine=True, bias=False, over_channels=True):
+        super().__init__()
+        from diffusers.models.normalization import RMSNorm
+
+        self.norm = RMSNorm(6 if over_channels else 5, eps=1e-6, elementwise_affine=affine, bias=bias)
+        self.act = torch.nn.SiLU()
+        self.over_channels = over_channels
+
+    def forward(self, x):
+        if self.over_channels:
+            return self.act(self.norm(x.movedim(1, -1)).movedim(-1, 1))
+        return self.act(self.norm(x))  # over the last dimension: not a channel norm
+
+
+@pytest.mark.parametrize("dtype,weight_dtype,fuses", [
+    (torch.float32, torch.float32, True), (torch.bfloat16, torch.bfloat16, True), (torch.float16, None, True),
+    (torch.float32, torch.bfloat16, False),  # the forward rounds to the weight's dtype: its output is bf16
+    (torch.float64, torch.float64, False),   # the forward takes the mean square in float32
+])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d])
+def test_channel_rms_norm_fuses_only_where_it_computes_the_same(dtype, weight_dtype, fuses, memory_format):
+    from fastgen.dispatch import auto_choices
+
+    torch.manual_seed(0)
+    model = ChannelRMS(affine=weight_dtype is not None, bias=True if weight_dtype is not None else False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.uniform_(0.5, 1.5)
+    model = model.to(weight_dtype or dtype)
+    converted = fastgen.convert(model)
+    assert len(converted.fastgen_report.fused) == 1
+    x = torch.randn(2, 6, 3, 5, 4).to(dtype).contiguous(memory_format=memory_format)
+    with torch.no_grad(), auto_choices() as picks:
+        got = converted(x)
+    want = model(x)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert any(op == "rms_norm_act" for op, _ in picks) == fuses
+    if fuses:
+        assert_close(got, model.double()(x.double()), dtype, scale=4.0)
+    else:
+        assert torch.equal(got, want)
+
+
+def test_rms_norm_over_the_last_dimension_and_hooks_are_left_alone():
+    torch.manual_seed(0)
+    model = ChannelRMS(over_channels=False)
+    assert not fastgen.convert(model).fastgen_report.fused
+    model = ChannelRMS()
+    converted = fastgen.convert(model)
+    converted.norm.register_forward_hook(lambda m, args, out: out * 2)
+    x = torch.randn(2, 6, 3, 5)
+    assert torch.equal(converted(x), model.act(2 * model.norm(x.movedim(1, -1)).movedim(-1, 1)))
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d])
+def test_mochi_per_frame_group_norm(memory_format):
+    """MochiChunkedGroupNorm3D normalizes each frame on its own (in chunks of 8 frames): the fused call
+    runs group_norm_act on the frames as a batch; float64, exact to rounding, in either layout, with
+    the original's strides."""
+    from diffusers.models.autoencoders.autoencoder_kl_mochi import MochiResnetBlock3D
+
+    torch.manual_seed(0)
+    block = MochiResnetBlock3D(32).double()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.uniform_(0.5, 1.5)
+    converted = fastgen.convert(block)
+    assert sum("per frame" in what for _, what in converted.fastgen_report.fused) == 2
+    x = torch.randn(2, 32, 11, 3, 4, dtype=torch.float64).contiguous(memory_format=memory_format)
+    got, want = converted(x)[0], block(x)[0]
+    torch.testing.assert_close(got, want)
+    fused = fastgen.conversion._norm_act_call(converted.norm1, converted.nonlinearity, (), "silu", 0.0, x)
+    original = block.nonlinearity(block.norm1(x))
+    torch.testing.assert_close(fused, original)
+    assert fused.stride() == original.stride()
