@@ -2,7 +2,7 @@
 # README's test command: make the environment, build fastgen (CUDA sources included wherever nvcc
 # exists), run every test, then each benchmark file once (quick); then every Triton kernel variant
 # compiled for sm_80 and sm_90 with a resource report (tools/triton_aot.py); then the oldest-torch stage
-# (tools/test_xla.sh: its own environment, torch 2.9 + torch_xla: the XLA tests, then every test again).
+# (tools/test_xla.sh: its own environment, torch 2.9 + torch_xla: the XLA tests, then the op, layer and convert tests again).
 # Triton kernels run through the interpreter when no GPU is visible.
 source "$(dirname "$0")/env.sh"
 cd "$root"
@@ -24,5 +24,5 @@ if [ ! -f "$t36/.complete" ]; then
 fi
 env -u TRITON_INTERPRET "$t36/bin/python" "$root/tools/triton_aot.py" --arch 90 --quick --report-arch 100,120 \
   --out "$root/build/gpu-resources-triton3.6.json"
-echo "== the oldest-torch stage: XLA, then the tests again on torch 2.9 + Triton 3.5"
+echo "== the oldest-torch stage: XLA, then the op, layer and convert tests again on torch 2.9 + Triton 3.5"
 env -u TRITON_INTERPRET bash "$root/tools/test_xla.sh"

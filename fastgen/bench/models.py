@@ -100,6 +100,34 @@ def _hunyuan_video(fused: bool):
     return fastgen.convert(model, inplace=True) if fused else model
 
 
+def _ltx(fused: bool):
+    from diffusers import AutoencoderKLLTXVideo
+
+    # LTX-Video 0.9's VAE at a quarter of its decoder's width (32..128 instead of 128..512), its depth,
+    # 4x4 patches and 8x temporal compression: 2 latent frames decode to 9, 4x4 -> 128x128
+    model = AutoencoderKLLTXVideo(block_out_channels=(32, 64, 128, 128), decoder_block_out_channels=(32, 64, 128, 128))
+    return fastgen.convert(model, inplace=True) if fused else model
+
+
+def _cogvideox(fused: bool):
+    from diffusers import AutoencoderKLCogVideoX
+
+    # CogVideoX's VAE at a quarter of its width (32..128 instead of 128..512), its depth and 8x spatial,
+    # 4x temporal compression: 3 latent frames decode to 9, 8x8 -> 64x64
+    model = AutoencoderKLCogVideoX(block_out_channels=(32, 64, 64, 128))
+    return fastgen.convert(model, inplace=True) if fused else model
+
+
+def _mochi(fused: bool):
+    from diffusers import AutoencoderKLMochi
+
+    # Mochi's VAE at a quarter of its decoder's width (32..192 instead of 128..768), its depth and 8x
+    # spatial, 6x temporal expansion: 2 latent frames decode to 7, 8x8 -> 64x64
+    model = AutoencoderKLMochi(encoder_block_out_channels=(32, 64, 128, 192),
+                               decoder_block_out_channels=(32, 64, 128, 192))
+    return fastgen.convert(model, inplace=True) if fused else model
+
+
 def _dcgan_64(fused: bool):
     from fastgen.models import DCGANGenerator
 
@@ -124,8 +152,14 @@ MODELS = {
                    "AutoencoderKLWan (base 32, Wan 2.1's depth) decode 3x8x8 -> 9 frames of 64x64, batch 1"),
     "hunyuan-video-decode": (_hunyuan_video, lambda: torch.randn(1, 16, 3, 8, 8), lambda m, z: m.decode(z).sample,
                              "AutoencoderKLHunyuanVideo (32..128 wide) decode 3x8x8 -> 9 frames of 64x64, batch 1"),
+    "ltx-decode": (_ltx, lambda: torch.randn(1, 128, 2, 4, 4), lambda m, z: m.decode(z).sample,
+                   "AutoencoderKLLTXVideo (0.9, decoder 32..128 wide) decode 2x4x4 -> 9 frames of 128x128, batch 1"),
+    "cogvideox-decode": (_cogvideox, lambda: torch.randn(1, 16, 3, 8, 8), lambda m, z: m.decode(z).sample,
+                         "AutoencoderKLCogVideoX (32..128 wide) decode 3x8x8 -> 9 frames of 64x64, batch 1"),
+    "mochi-decode": (_mochi, lambda: torch.randn(1, 12, 2, 8, 8), lambda m, z: m.decode(z).sample,
+                     "AutoencoderKLMochi (decoder 32..192 wide) decode 2x8x8 -> 7 frames of 64x64, batch 1"),
 }
-VIDEO_MODELS = ("wan-decode", "hunyuan-video-decode")
+VIDEO_MODELS = ("wan-decode", "hunyuan-video-decode", "ltx-decode", "cogvideox-decode", "mochi-decode")
 # the GPU's rows (--device cuda; bf16 by default there): the sizes people serve
 GPU_MODELS = {
     "sd-vae-decode-1024": (_sd_vae, lambda: torch.randn(1, 4, 128, 128), lambda m, z: m.decode(z).sample,
