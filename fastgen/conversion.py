@@ -236,6 +236,10 @@ def _norm_act_call(norm: nn.Module, act: nn.Module | None, call: tuple, name: st
         settings = None if _hooked(norm) or _hooked(act) else _rms_settings(norm, x)
         if settings is not None:
             return rms_norm_act(x, *settings, name, alpha, clamp=True)
+    elif _per_channel_rms(norm):
+        settings = None if _hooked(act) else _per_channel_rms_settings(norm, x)
+        if settings is not None:
+            return rms_norm_act(x, *settings, name, alpha)
     elif _chunked_group_norm(norm):
         inner = norm.norm_layer
         if not _hooked(norm) and not _hooked(inner) and not _hooked(act) and _plain_call(x, inner.weight, inner.bias) \
@@ -294,12 +298,26 @@ def _channel_rms_settings(norm: nn.Module, x):
 # diffusers' RMSNorm (over the last dimension; LTX calls it on x.movedim(1, -1)) and Mochi's
 # per-frame GroupNorm, by class and the hash of the forward fastgen mirrors (diffusers 0.42)
 _CHANNEL_RMS = ("diffusers.models.normalization.RMSNorm", "ab9075d036873ac9")
+_PER_CHANNEL_RMS = ("diffusers.models.autoencoders.autoencoder_kl_ltx2.PerChannelRMSNorm", "b013e7d05857d89b")
 _CHUNKED_GROUP_NORM = ("diffusers.models.autoencoders.autoencoder_kl_mochi.MochiChunkedGroupNorm3D", "765ff3f4a4c02dc4")
 
 
 def _known_class(m, known: tuple[str, str]) -> bool:
     cls = type(m).__dict__.get("_fastgen_base", type(m))
     return isinstance(m, nn.Module) and _qualified(cls) == known[0] and _source_hash(cls) == known[1]
+
+
+def _per_channel_rms(m) -> bool:
+    return _known_class(m, _PER_CHANNEL_RMS)
+
+
+def _per_channel_rms_settings(norm: nn.Module, x):
+    """(None, None, eps) of rms_norm_act for LTX-2's PerChannelRMSNorm (x / sqrt(mean(x^2, dim=1) +
+    eps), no affine) on x, or None: another dimension, autocast or hooks (_plain_call)."""
+    if norm.channel_dim != 1 or not isinstance(x, torch.Tensor) or x.dim() not in (4, 5) \
+            or not _plain_call(x) or _hooked(norm):
+        return None
+    return None, None, norm.eps
 
 
 def _channel_rms(m) -> bool:
@@ -399,7 +417,7 @@ _NORM_LIKE = (nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.LayerNorm)
 
 def _norm_refusal(norm: nn.Module) -> str:
     """Why a norm layer followed by an activation does not fuse ('' when it does)."""
-    if _rms_norm(norm):
+    if _rms_norm(norm) or _per_channel_rms(norm):
         return ""
     if _chunked_group_norm(norm):
         norm = norm.norm_layer
@@ -593,13 +611,13 @@ _FUSED_OP = {nn.GroupNorm: "group_norm_act", nn.BatchNorm2d: "batch_norm_act", n
 def _norm_act_text(norm: nn.Module, name: str, alpha: float) -> str:
     base = type(norm).__dict__.get("_fastgen_base", type(norm))
     slope = f"({alpha})" if name == "leaky_relu" else ""
-    op = "rms_norm_act" if _rms_norm(norm) else "group_norm_act (per frame)" if _chunked_group_norm(norm) \
+    op = "rms_norm_act" if _rms_norm(norm) or _per_channel_rms(norm) else "group_norm_act (per frame)" if _chunked_group_norm(norm) \
         else _FUSED_OP[base]
     return f"{base.__name__} + {name}{slope} -> {op}"
 
 
 def _norm_like(m) -> bool:
-    return isinstance(m, _NORM_LIKE) or _rms_norm(m) or _chunked_group_norm(m)
+    return isinstance(m, _NORM_LIKE) or _rms_norm(m) or _per_channel_rms(m) or _chunked_group_norm(m)
 
 
 def _upsampling_settings(node: fx.Node, modules: dict):
@@ -1124,6 +1142,26 @@ class _RMSNormForward:
         return _MISS if settings is None else rms_norm_act(args[0], *settings, "identity", clamp=True)
 
 
+class _PerChannelRMSForward:
+    """LTX-2's PerChannelRMSNorm on its own (its blocks put a timestep scale and shift between it and
+    the activation): rms_norm_act with the identity, one read and one write instead of five passes.
+    Its forward takes a channel_dim argument and ignores it: such calls run the original."""
+
+    def prepare(self, m, path, report) -> bool:
+        if _source_hash(type(m)) != _PER_CHANNEL_RMS[1]:
+            report.add("left", path, "this diffusers version's PerChannelRMSNorm.forward is not the one fastgen mirrors")
+            return False
+        if m.channel_dim != 1:
+            report.add("left", path, f"PerChannelRMSNorm over dimension {m.channel_dim}, not the channels: not fused")
+            return False
+        report.add("fused", path, "PerChannelRMSNorm -> rms_norm_act(identity)")
+        return True
+
+    def run(self, m, args, kwargs):
+        settings = _per_channel_rms_settings(m, args[0]) if len(args) == 1 and not kwargs else None
+        return _MISS if settings is None else rms_norm_act(args[0], *settings, "identity")
+
+
 # ---------------------------------------------------------------------------------------------
 # diffusers' Upsample2D: its forward reads shapes and dtypes in Python, which fx cannot trace; this
 # is that forward (diffusers 0.42) with the interpolation and the convolution as one op. It is used
@@ -1172,9 +1210,12 @@ class _Upsample2D:
 # upsample_conv3d, whose CPU backend hands the convolution to oneDNN (aten sends these small-batch
 # 3-D convolutions to its slow im2col path).
 
-def _plain_conv3d(conv) -> bool:
+def _plain_conv3d(conv, padding_modes=("zeros",)) -> bool:
     return isinstance(conv, nn.Conv3d) and tuple(conv.stride) == (1, 1, 1) and tuple(conv.dilation) == (1, 1, 1) \
-        and conv.groups == 1 and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
+        and conv.groups == 1 and conv.padding_mode in padding_modes and isinstance(conv.padding, tuple)
+
+
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
 class _CausalConv3d:
@@ -1186,15 +1227,20 @@ class _CausalConv3d:
     convolution and the next cache). Only the zero padding of the convolution is folded: the frames
     put in front are the original's copies."""
     SOURCES = {"afffb99acd515ba2": "cached", "70f04cf3106c379f": "padded", "f59da342199a71d6": "ltx",
-               "ce0570bf0ae334bd": "cogvideox"}
+               "cccfd18730efcce3": "ltx2", "ce0570bf0ae334bd": "cogvideox"}
     SAFE_CONV = "b94af19627fdfc1c"  # CogVideoXSafeConv3d.forward: the convolution, in time chunks past 2 GiB
 
     @classmethod
     def _conv(cls, m, kind):
-        conv = m if kind == "cached" else getattr(m, "conv", None)
-        if kind == "cogvideox" and type(conv) is not nn.Conv3d and _source_hash(type(conv)) != cls.SAFE_CONV:
+        """The layer's convolution where fastgen folds it: Wan's layer is its own (an nn.Conv3d whose
+        forward is the one mirrored); the others' child is an nn.Conv3d itself (a subclass may change
+        its forward) or CogVideoX's safe one. LTX's convolutions may pad in space by reflection."""
+        if kind == "cached":
+            return m if _plain_conv3d(m) else None
+        conv = getattr(m, "conv", None)
+        if type(conv) is not nn.Conv3d and not (kind == "cogvideox" and _source_hash(type(conv)) == cls.SAFE_CONV):
             return None
-        return conv if _plain_conv3d(conv) else None
+        return conv if _plain_conv3d(conv, _PADDING_MODES if kind in ("ltx", "ltx2") else ("zeros",)) else None
 
     def prepare(self, m, path, report) -> bool:
         kind = self.SOURCES.get(_source_hash(type(m)))
@@ -1203,6 +1249,9 @@ class _CausalConv3d:
         elif self._conv(m, kind) is None:
             report.add("left", path, f"{type(m).__name__} with a stride, dilation, groups, padding mode or convolution "
                                      "class fastgen does not fold")
+        elif tuple(self._conv(m, kind).kernel_size) == (1, 1, 1):
+            report.add("left", path, f"{type(m).__name__} of a 1x1x1 kernel: no padding to fold, and aten's pointwise "
+                                     "path is faster than oneDNN's on the CPU (CogVideoX's spatial norms)")
         else:
             report.add("fused", path, f"{type(m).__name__}'s causal padding + Conv3d -> upsample_conv3d")
             return True
@@ -1211,12 +1260,14 @@ class _CausalConv3d:
     @staticmethod
     def _arguments(kind, args, kwargs):
         """(x, cache) of the call, or None for a call the mirrored forward would not take."""
-        names = {"cached": ("x", "cache_x"), "cogvideox": ("inputs", "conv_cache")}.get(kind, ("hidden_states",))
+        names = {"cached": ("x", "cache_x"), "cogvideox": ("inputs", "conv_cache"),
+                 "ltx2": ("hidden_states", "causal")}.get(kind, ("hidden_states",))
         if len(args) > len(names) or set(kwargs) - set(names[len(args):]):
             return None
-        values = [*args, *(kwargs.get(n) for n in names[len(args):])]
-        x, cache = values[0], values[1] if len(values) > 1 else None
-        if not isinstance(x, torch.Tensor) or x.dim() != 5 or (cache is not None and not isinstance(cache, torch.Tensor)):
+        values = [*args, *(kwargs.get(n, True if n == "causal" else None) for n in names[len(args):])]
+        x, cache = values[0], values[1] if len(values) > 1 else None  # LTX-2: whether causal, not a cache
+        if not isinstance(x, torch.Tensor) or x.dim() != 5 \
+                or (cache is not None and not isinstance(cache, bool if kind == "ltx2" else torch.Tensor)):
             return None
         return x, cache
 
@@ -1231,11 +1282,13 @@ class _CausalConv3d:
         pads = [pw, pw, ph, ph, pt, pt]
         if kind == "padded":  # HunyuanVideo
             x = F.pad(x, m.time_causal_padding, mode=m.pad_mode)
-        elif kind == "ltx":
-            k = m.kernel_size[0]
-            front = x[:, :, :1].repeat((1, 1, k - 1 if m.is_causal else (k - 1) // 2, 1, 1))
-            back = x[:, :, -1:].repeat((1, 1, 0 if m.is_causal else (k - 1) // 2, 1, 1))
+        elif kind in ("ltx", "ltx2"):  # causal: an attribute of LTX's layer, an argument of LTX-2's
+            k, causal = m.kernel_size[0], m.is_causal if kind == "ltx" else cache
+            front = x[:, :, :1].repeat((1, 1, k - 1 if causal else (k - 1) // 2, 1, 1))
+            back = x[:, :, -1:].repeat((1, 1, 0 if causal else (k - 1) // 2, 1, 1))
             x = torch.concatenate([front, x, back], dim=2)
+            if conv.padding_mode != "zeros":  # nn.Conv3d pads these modes with F.pad, then convolves unpadded
+                x, pads = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode), [0] * 6
         elif kind == "cogvideox":
             x = m.fake_context_parallel_forward(x, cache)
             cache = None if m.pad_mode == "replicate" else x[:, :, -m.time_kernel_size + 1:].clone()
@@ -1278,7 +1331,7 @@ class _HunyuanUpsample:
         conv = getattr(m, "conv", None)
         inner = getattr(conv, "conv", None)
         return _source_hash(type(conv).__dict__.get("_fastgen_base", type(conv))) == "70f04cf3106c379f" \
-            and _plain_conv3d(inner) and tuple(inner.kernel_size) == (3, 3, 3) and tuple(inner.padding) == (0, 0, 0) \
+            and type(inner) is nn.Conv3d and _plain_conv3d(inner) and tuple(inner.kernel_size) == (3, 3, 3) and tuple(inner.padding) == (0, 0, 0) \
             and conv.pad_mode == "replicate" and tuple(conv.time_causal_padding) == (1, 1, 1, 1, 2, 0) \
             and tuple(m.upsample_factor) in ((2, 2, 2), (1, 2, 2))
 
@@ -1305,7 +1358,9 @@ _CAUSAL_CONVS = ("diffusers.models.autoencoders.autoencoder_kl_wan.WanCausalConv
                  "diffusers.models.autoencoders.autoencoder_kl_hunyuanvideo15.HunyuanVideo15CausalConv3d",
                  "diffusers.models.autoencoders.autoencoder_kl_hunyuanimage_refiner.HunyuanImageRefinerCausalConv3d",
                  "diffusers.models.autoencoders.autoencoder_kl_ltx.LTXVideoCausalConv3d",
+                 "diffusers.models.autoencoders.autoencoder_kl_ltx2.LTX2VideoCausalConv3d",
                  "diffusers.models.autoencoders.autoencoder_kl_cogvideox.CogVideoXCausalConv3d")
 
 _KNOWN = {"diffusers.models.upsampling.Upsample2D": _Upsample2D, **{name: _CausalConv3d for name in _CAUSAL_CONVS},
-          "diffusers.models.autoencoders.autoencoder_kl_hunyuan_video.HunyuanVideoUpsampleCausal3D": _HunyuanUpsample}
+          "diffusers.models.autoencoders.autoencoder_kl_hunyuan_video.HunyuanVideoUpsampleCausal3D": _HunyuanUpsample,
+          _PER_CHANNEL_RMS[0]: _PerChannelRMSForward}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import (AutoencoderDC, AutoencoderKL, AutoencoderKLAllegro, AutoencoderKLCogVideoX, AutoencoderKLHunyuanVideo,
-                       AutoencoderKLLTXVideo, AutoencoderKLMochi, AutoencoderKLQwenImage, AutoencoderKLTemporalDecoder,
+                       AutoencoderKLLTX2Video, AutoencoderKLLTXVideo, AutoencoderKLMochi, AutoencoderKLQwenImage, AutoencoderKLTemporalDecoder,
                        AutoencoderKLWan, AutoencoderOobleck, UNet2DModel)
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.upsampling import Upsample2D
@@ -191,6 +191,12 @@ def ltx(timestep_conditioning=False):
         timestep_conditioning=timestep_conditioning, patch_size=1, patch_size_t=1)
 
 
+def ltx2():  # PerChannelRMSNorm; causal convolutions, the decoder's padding in space by reflection
+    return AutoencoderKLLTX2Video(latent_channels=4, block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 3,
+                                  layers_per_block=(1,) * 5, decoder_layers_per_block=(1,) * 4, patch_size=1,
+                                  upsample_residual=(False,) * 3, upsample_factor=(1,) * 3)
+
+
 def cogvideox():
     return AutoencoderKLCogVideoX(down_block_types=("CogVideoXDownBlock3D",) * 2, up_block_types=("CogVideoXUpBlock3D",) * 2,
                                   block_out_channels=(8, 16), latent_channels=4, layers_per_block=1, norm_num_groups=4,
@@ -250,6 +256,7 @@ DIFFUSERS = {
     # activation: the norms alone
     "ltx": (ltx(), lambda: (torch.randn(1, 3, 5, 8, 8),), whole, 48, ("stride",)),
     "ltx-timestep": (ltx(True), lambda: (torch.randn(1, 4, 2, 4, 4), torch.tensor([0.3])), ltx_decode, 24, ()),
+    "ltx2": (ltx2, lambda: (torch.randn(1, 3, 9, 16, 16),), whole, 60, ()),
     # CogVideoX and Mochi: CogVideoXCausalConv3d (a cache between chunks of frames); Mochi's per-frame GroupNorm
     "cogvideox": (cogvideox, lambda: (torch.randn(1, 4, 3, 4, 4),), decode, 30, ("CogVideoXUpsample3D",)),
     "mochi": (mochi, lambda: (torch.randn(1, 4, 2, 2, 2),), decode, 40, ()),
@@ -275,11 +282,12 @@ def test_legacy_weight_norm_model_says_inplace_works():
 @pytest.mark.parametrize("build,shape,ops", [
     (wan, (1, 4, 3, 4, 4), {"rms_norm_act": 40, "upsample_conv3d": 40, "upsample_conv2d": 3}),
     (qwen_image, (1, 4, 3, 4, 4), {"rms_norm_act": 40, "upsample_conv3d": 40, "upsample_conv2d": 3}),
-    (hunyuan_video, (1, 4, 2, 4, 4), {"group_norm_act": 17, "upsample_conv3d": 21}),
+    (hunyuan_video, (1, 4, 2, 4, 4), {"group_norm_act": 17, "upsample_conv3d": 20}),
     (ltx(), (1, 4, 2, 4, 4), {"rms_norm_act": 10, "upsample_conv3d": 12}),
-    (cogvideox, (1, 4, 3, 4, 4), {"upsample_conv3d": 20}),  # its decoder norms are SpatialNorm3D: not fused
+    (cogvideox, (1, 4, 3, 4, 4), {"upsample_conv3d": 14}),  # its decoder norms are SpatialNorm3D: not fused
     (mochi, (1, 4, 2, 2, 2), {"group_norm_act": 10, "upsample_conv3d": 10}),
-], ids=["wan", "qwenimage", "hunyuan-video", "ltx", "cogvideox", "mochi"])
+    (ltx2, (1, 4, 2, 2, 2), {"rms_norm_act": 8, "upsample_conv3d": 12}),
+], ids=["wan", "qwenimage", "hunyuan-video", "ltx", "cogvideox", "mochi", "ltx2"])
 def test_video_vaes_decode_through_the_fused_ops(build, shape, ops):
     """Wan and QwenImage decode frame by frame through feature caches (lists their blocks' forwards
     mutate, which fx cannot follow): the fused ops must run on those calls, not only on traced ones."""
