@@ -63,6 +63,10 @@ CASES = {  # name: (make the input, the op, the backends that fit on the CPU)
     "instance_norm_act": (lambda d, lay: _big(2, 2, S, 2 * S, d, lay),
                           lambda x, be: ops.instance_norm_act(x, activation="lrelu", backend=be), ()),
     "pixel_norm": (lambda d, lay: _big(2, 4, S, S - 1, d, lay), lambda x, be: ops.pixel_norm(x, backend=be), ()),
+    # 8 channels: its per-position statistics (fp32, returned for the backward) stay near 1 GB
+    "rms_norm_act": (lambda d, lay: _big(2, 8, S, (S - 1) // 2, d, lay),
+                     lambda x, be: ops.rms_norm_act(x, torch.linspace(0.5, 1.5, 8, device=x.device).to(x.dtype),
+                                                    None, 1e-6, "silu", backend=be), ("cpu",)),
     "upsample_conv2d": (lambda d, lay: _big(2, 1, S, S, d, lay),
                         lambda x, be: ops.upsample_conv2d(x, torch.full((1, 1, 3, 3), 0.1, device=x.device).to(x.dtype),
                                                           scale_factor=2, padding=1, backend=be), ()),

@@ -73,7 +73,7 @@ assert sum(s.budget for s in PLAN) <= WINDOW
 TEST_FILES = ("tests/test_upsample_conv2d.py", "tests/test_group_norm_act.py", "tests/test_norm_backward.py",
               "tests/test_batch_norm_act.py", "tests/test_modulated_conv2d.py", "tests/test_upfirdn2d.py",
               "tests/test_bias_act.py", "tests/test_pixel_norm.py", "tests/test_instance_norm_act.py",
-              "tests/test_hardening.py")
+              "tests/test_hardening.py", "tests/test_rms_norm_act.py", "tests/test_upsample_conv3d.py")
 # the subset: each test family once per backend/dtype/layout, the long activation sweeps left to tests_full
 SUBSET = "not activations and not every_activation"
 HEADLINE = dict(ops="upsample_conv2d,group_norm_act,batch_norm_act,modulated_conv2d",

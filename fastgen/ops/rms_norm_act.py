@@ -4,7 +4,7 @@ The norm of the video VAEs (Wan, QwenImage: `F.normalize(x, dim=1) * sqrt(C) * g
 HunyuanVideo 1.5: RMSNorm over channels) followed by SiLU. Eager runs it as five to seven passes
 over the activation map (norm, clamp, divide, scale, gamma, bias, activation); the fused kernels
 read x twice (once from cache) and write once. 4-D and 5-D, contiguous or channels-last. Kernels:
-kernels/rms_norm_act.py (Triton), csrc/rms_norm_act.cpp (C++ CPU).
+kernels/rms_norm_act.py (Triton), csrc/rms_norm_act.cpp (C++ CPU), csrc/rms_norm_act.cu (CUDA forward).
 """
 
 from __future__ import annotations
@@ -138,7 +138,8 @@ def _rms_norm_act_triton(x, weight, bias, eps, clamp, act, slope):
 _MAX_GRID_Y = 65535
 
 
-def _rms_norm_act_cpu(x, weight, bias, eps, clamp, act, slope):
+def _rms_norm_act_kernel(x, weight, bias, eps, clamp, act, slope):
+    """The C++ kernel of x's device: csrc/rms_norm_act.cpp (CPU), csrc/rms_norm_act.cu (CUDA)."""
     return torch.ops.fastgen._rms_norm_act_fused(x, weight, bias, eps, clamp, activation_row(act).code, slope)
 
 
@@ -204,7 +205,8 @@ if not _EXT_WHY:  # the C++ backward kernel op, traced by torch.compile's backwa
 SPEC = define(OpSpec(
     name="rms_norm_act", public=rms_norm_act,
     impls={"composite": Impl(_rms_norm_act_composite), "triton": Impl(_rms_norm_act_triton, NO_FLOAT64),
-           "cpu": Impl(_rms_norm_act_cpu, kernels=("_rms_norm_act_fused", "_rms_norm_act_backward"))},
+           "cpu": Impl(_rms_norm_act_kernel, kernels=("_rms_norm_act_fused", "_rms_norm_act_backward")),
+           "cuda": Impl(_rms_norm_act_kernel, kernels=("_rms_norm_act_fused",))},
     custom_op=True,
     auto={**KERNELS_FIRST, **EAGER_IN_LOW_PRECISION},
     examples=(Example("rms_norm_act", lambda: (torch.randn(2, 8, 5, 6), torch.randn(8), torch.randn(8)),
