@@ -1284,9 +1284,12 @@ class _CausalConv3d:
             x = F.pad(x, m.time_causal_padding, mode=m.pad_mode)
         elif kind in ("ltx", "ltx2"):  # causal: an attribute of LTX's layer, an argument of LTX-2's
             k, causal = m.kernel_size[0], m.is_causal if kind == "ltx" else cache
-            front = x[:, :, :1].repeat((1, 1, k - 1 if causal else (k - 1) // 2, 1, 1))
-            back = x[:, :, -1:].repeat((1, 1, 0 if causal else (k - 1) // 2, 1, 1))
-            x = torch.concatenate([front, x, back], dim=2)
+            if causal:  # as the original: no empty repeat (torch_xla cannot make one)
+                x = torch.concatenate([x[:, :, :1].repeat((1, 1, k - 1, 1, 1)), x], dim=2)
+            else:
+                side = (k - 1) // 2
+                x = torch.concatenate([x[:, :, :1].repeat((1, 1, side, 1, 1)), x,
+                                       x[:, :, -1:].repeat((1, 1, side, 1, 1))], dim=2)
             if conv.padding_mode != "zeros":  # nn.Conv3d pads these modes with F.pad, then convolves unpadded
                 x, pads = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode), [0] * 6
         elif kind == "cogvideox":

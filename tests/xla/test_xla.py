@@ -198,3 +198,40 @@ def test_converted_hunyuan_video_decodes_on_xla_without_fallback():
         assert_no_fallback()
         want = model.decode(z).sample
     close(got, want, "converted HunyuanVideo decode")
+
+
+@pytest.mark.parametrize("name", ["ltx", "ltx2", "mochi"])
+def test_converted_video_vaes_decode_on_xla_without_fallback(name):
+    """LTX's channel RMS norms (rms_norm_act) and causal convolutions, LTX-2's per-channel RMS norms,
+    Mochi's per-frame GroupNorm (group_norm_act on the frames as a batch) and CogVideoX-style causal
+    convolutions, converted, decode on the XLA device."""
+    from diffusers import AutoencoderKLLTX2Video, AutoencoderKLLTXVideo, AutoencoderKLMochi
+
+    torch.manual_seed(0)
+    build, shape = {
+        "ltx": (lambda: AutoencoderKLLTXVideo(
+            latent_channels=4, block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4,
+            layers_per_block=(1,) * 5, decoder_layers_per_block=(1,) * 5,
+            spatio_temporal_scaling=(True, True, False, False), decoder_spatio_temporal_scaling=(True, True, False, False),
+            decoder_inject_noise=(False,) * 5, upsample_residual=(False,) * 4, upsample_factor=(1,) * 4,
+            patch_size=1, patch_size_t=1), (1, 4, 2, 4, 4)),
+        "ltx2": (lambda: AutoencoderKLLTX2Video(
+            latent_channels=4, block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 3,
+            layers_per_block=(1,) * 5, decoder_layers_per_block=(1,) * 4, patch_size=1,
+            upsample_residual=(False,) * 3, upsample_factor=(1,) * 3), (1, 4, 2, 2, 2)),
+        "mochi": (lambda: AutoencoderKLMochi(
+            encoder_block_out_channels=(32,) * 4, decoder_block_out_channels=(32,) * 4, latent_channels=4,
+            layers_per_block=(1,) * 5, temporal_expansions=(1, 2, 3), spatial_expansions=(2, 2, 2),
+            add_attention_block=(False,) * 5), (1, 4, 2, 2, 2)),
+    }[name]
+    model = build().eval()
+    converted = fastgen.convert(model)
+    assert len(converted.fastgen_report.fused) > 10
+    z = torch.randn(shape)
+    met.clear_all()
+    with torch.no_grad():
+        got = converted.to(DEVICE).decode(z.to(DEVICE)).sample
+        sync()
+        assert_no_fallback()
+        want = model.decode(z).sample
+    close(got, want, f"converted {name} decode")
