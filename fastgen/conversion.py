@@ -554,18 +554,22 @@ def _fuse_norm(graph, node, modules, path, report) -> int:
         report.add("left", where, why)
         return 0
     with graph.inserting_before(user):
-        norm_ref = graph.get_attr(node.target)
-        act_ref = graph.get_attr(user.target) if module is not None else None
-        call = ()
-        if module is None:
-            target = user.target if user.op == "call_method" else _FUNCTION_LIST.index(user.target)
-            call = (target, tuple(user.args[1:]), tuple(user.kwargs.items()))
-        new = graph.call_function(_norm_act_call, (norm_ref, act_ref, call, name, alpha, node.args[0]))
+        new = graph.call_function(_norm_act_call, (graph.get_attr(node.target), *_activation_args(graph, user, module),
+                                                   name, alpha, node.args[0]))
     user.replace_all_uses_with(new)
     graph.erase_node(user)
     graph.erase_node(node)
     report.add("fused", where, _norm_act_text(norm, name, alpha))
     return 1
+
+
+def _activation_args(graph, user, module) -> tuple:
+    """(act, call) of _norm_act_call for the activation node `user`: its module (an attribute of the
+    graph), or the function or tensor method it calls with its other arguments."""
+    if module is not None:
+        return graph.get_attr(user.target), ()
+    target = user.target if user.op == "call_method" else _FUNCTION_LIST.index(user.target)
+    return None, (target, tuple(user.args[1:]), tuple(user.kwargs.items()))
 
 
 def _moved(node, source: int, destination: int) -> bool:
@@ -589,13 +593,9 @@ def _fuse_channel_rms(graph, node, modules, path, report) -> int:
                 and after not in user.kwargs.values():
             (module, name, alpha), last = act, user
     with graph.inserting_before(last):
-        norm_ref = graph.get_attr(node.target)
-        act_ref = graph.get_attr(last.target) if last is not after and module is not None else None
-        call = ()
-        if last is not after and module is None:
-            target = last.target if last.op == "call_method" else _FUNCTION_LIST.index(last.target)
-            call = (target, tuple(last.args[1:]), tuple(last.kwargs.items()))
-        new = graph.call_function(_channel_rms_call, (norm_ref, act_ref, call, name, alpha, before.args[0]))
+        act_args = _activation_args(graph, last, module) if last is not after else (None, ())
+        new = graph.call_function(_channel_rms_call, (graph.get_attr(node.target), *act_args, name, alpha,
+                                                      before.args[0]))
     last.replace_all_uses_with(new)
     for n in dict.fromkeys((last, after, node, before)):
         graph.erase_node(n)
@@ -611,8 +611,8 @@ _FUSED_OP = {nn.GroupNorm: "group_norm_act", nn.BatchNorm2d: "batch_norm_act", n
 def _norm_act_text(norm: nn.Module, name: str, alpha: float) -> str:
     base = type(norm).__dict__.get("_fastgen_base", type(norm))
     slope = f"({alpha})" if name == "leaky_relu" else ""
-    op = "rms_norm_act" if _rms_norm(norm) or _per_channel_rms(norm) else "group_norm_act (per frame)" if _chunked_group_norm(norm) \
-        else _FUSED_OP[base]
+    op = "rms_norm_act" if _rms_norm(norm) or _per_channel_rms(norm) \
+        else "group_norm_act (per frame)" if _chunked_group_norm(norm) else _FUSED_OP[base]
     return f"{base.__name__} + {name}{slope} -> {op}"
 
 
@@ -1299,10 +1299,9 @@ class _CausalConv3d:
                 return conv(x), cache
             return upsample_conv3d(x, conv.weight, conv.bias, 1, tuple(pads)), cache
         else:  # Wan: the cached frames stand in for the causal zeros
-            if cache is not None and m._padding[4] > 0:
-                x = torch.cat([cache.to(x.device), x], dim=2)
             pads = [a + b for a, b in zip(pads, m._padding)]
             if cache is not None and m._padding[4] > 0:
+                x = torch.cat([cache.to(x.device), x], dim=2)
                 pads[4] -= cache.shape[2]
         if min(pads) < 0:  # F.pad would crop
             return _MISS

@@ -189,15 +189,18 @@ def test_converted_hunyuan_video_decodes_on_xla_without_fallback():
                                       down_block_types=("HunyuanVideoDownBlock3D",) * 3,
                                       up_block_types=("HunyuanVideoUpBlock3D",) * 3, layers_per_block=1,
                                       norm_num_groups=4, spatial_compression_ratio=4, temporal_compression_ratio=4).eval()
-    converted = fastgen.convert(model)
-    z = torch.randn(1, 4, 2, 4, 4)
+    decodes_on_xla(model, fastgen.convert(model), torch.randn(1, 4, 2, 4, 4), "converted HunyuanVideo decode")
+
+
+def decodes_on_xla(model, converted, z, what):
+    """converted decodes z on the XLA device with no CPU fallback, as model does on the CPU."""
     met.clear_all()
     with torch.no_grad():
         got = converted.to(DEVICE).decode(z.to(DEVICE)).sample
         sync()
         assert_no_fallback()
         want = model.decode(z).sample
-    close(got, want, "converted HunyuanVideo decode")
+    close(got, want, what)
 
 
 @pytest.mark.parametrize("name", ["ltx", "ltx2", "mochi"])
@@ -227,11 +230,4 @@ def test_converted_video_vaes_decode_on_xla_without_fallback(name):
     model = build().eval()
     converted = fastgen.convert(model)
     assert len(converted.fastgen_report.fused) > 10
-    z = torch.randn(shape)
-    met.clear_all()
-    with torch.no_grad():
-        got = converted.to(DEVICE).decode(z.to(DEVICE)).sample
-        sync()
-        assert_no_fallback()
-        want = model.decode(z).sample
-    close(got, want, f"converted {name} decode")
+    decodes_on_xla(model, converted, torch.randn(shape), f"converted {name} decode")
