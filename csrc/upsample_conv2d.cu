@@ -1,12 +1,13 @@
-// Fused upsample + conv2d on CUDA: the "cuda" backend of fastgen::upsample_conv2d.
+// Fused upsample + convolution on CUDA: the "cuda" backend of fastgen::upsample_conv2d and of
+// fastgen::upsample_conv3d (one kernel: a 2-D call is a clip of one frame).
 //
 // In PyTorch:
 //   xu  = F.interpolate(x, scale_factor=S, mode=mode)     # never materialized here
-//   out = F.conv2d(xu, weight, bias, padding=PAD)
-// computed per output phase as an implicit GEMM over the un-upsampled x (derivation in
-// kernels/upsample_conv2d.py; the host folds and packs the weights):
-//   out[n, o, Y, X] = bias[o] + sum_{tap, c} A[(n, my, mx), (tap, c)] * Wp[phase, tap, c, o]
-// One block computes a BM x BN tile (pixels x output channels) in fp32 (fp64 for double):
+//   out = F.conv2d(xu, weight, bias, padding=PAD)          (3-D: F.pad(xu, pads), then F.conv3d)
+// computed per output phase as an implicit GEMM over the un-upsampled x (derivations in
+// kernels/upsample_conv2d.py and kernels/upsample_conv3d.py; the host folds and packs the weights):
+//   out[n, o, Z, Y, X] = bias[o] + sum_{tap, c} A[(n, mt, my, mx), (tap, c)] * Wp[phase, tap, c, o]
+// One block computes a BM x BN tile (positions x output channels) in fp32 (fp64 for double):
 // tensor cores (WMMA) for fp16/bf16, FMA for fp32/fp64. The tile is written straight to its
 // interleaved places in the output; bias is added in the epilogue.
 #include <ATen/ATen.h>
@@ -18,6 +19,9 @@
 #include <cuda_fp16.h>
 #include <mma.h>
 #include <torch/library.h>
+
+#include <array>
+#include <vector>
 
 #include "index.cuh"
 #include "layout.h"
@@ -31,20 +35,19 @@ constexpr int THREADS = 256;
 constexpr int SKEW = 8;  // smem row padding, in elements; keeps WMMA rows 32-byte aligned
 
 struct UpsampleConvParams {
-  const void* x;     // (N, C, H, W), strides sx*
-  const void* w;     // (P, KF, KF, C, CO) contiguous, x's dtype; P = phases^2
+  const void* x;     // (N, C, T, H, W), strides sx* (2-D: T = 1)
+  const void* w;     // (P, KFT, KFH, KFW, C, CO) contiguous, x's dtype; P = the phases
   const void* bias;  // (CO,) or nullptr
-  void* out;         // (N, CO, HOUT, WOUT), strides so*
-  int64_t N, C, H, W, CO, HOUT, WOUT;
-  int64_t HM, WM;  // pixel grid per phase: ceil(HOUT / S) for nearest, HOUT for bilinear
-  int64_t sxn, sxc, sxh, sxw;
-  int64_t son, soc, soh, sow;
-  int scale;   // S
-  int phases;  // S for nearest, 1 for bilinear
-  int kf;      // taps per axis: folded for nearest, the kernel size for bilinear
-  int pad;     // the conv's zero padding, on the upsampled image
-  bool bilinear;
-  bool small;  // N * HM * WM pixels below 2^31: pixel indices divided in 32 bits (index.cuh)
+  void* out;         // (N, CO, TOUT, HOUT, WOUT), strides so*
+  int64_t N, C, T, H, W, CO, TOUT, HOUT, WOUT;
+  int64_t TM, HM, WM;  // positions per phase: ceil(OUT / S) per axis for nearest, the output for bilinear
+  int64_t sxn, sxc, sxt, sxh, sxw;
+  int64_t son, soc, sot, soh, sow;
+  int st, sh, sw;     // nearest: the scale per axis (phases st * sh * sw); bilinear: 1, 2, 2 in one phase
+  int kft, kfh, kfw;  // taps per axis: folded for nearest, the kernel size for bilinear
+  int ft, fh, fw;     // zero padding in front of each upsampled axis
+  bool bilinear;      // 2-D only
+  bool small;  // N * TM * HM * WM positions below 2^31: indices divided in 32 bits (index.cuh)
 };
 
 // small operands (a phase minus the padding, the scale): a 32-bit division
@@ -56,15 +59,35 @@ template <typename T> struct Wmma;
 template <> struct Wmma<at::Half> { using type = __half; };
 template <> struct Wmma<at::BFloat16> { using type = __nv_bfloat16; };
 
-// Where output tile row `row` (a pixel of this phase) lands, or -1 when it is outside the output.
-__device__ __forceinline__ int64_t out_pixel_offset(const UpsampleConvParams& p, int64_t m, int ry, int rx) {
-  if (m >= p.N * p.HM * p.WM) return -1;
-  const int64_t q = fastgen::idiv(m, p.WM, p.small), mx = m - q * p.WM;
-  const int64_t n = fastgen::idiv(q, p.HM, p.small), my = q - n * p.HM;
-  const int64_t y = p.bilinear ? my : my * p.scale + ry;
-  const int64_t x = p.bilinear ? mx : mx * p.scale + rx;
-  if (y >= p.HOUT || x >= p.WOUT) return -1;
-  return n * p.son + y * p.soh + x * p.sow;
+struct Phase {
+  int rt, rh, rw;
+};
+
+__device__ __forceinline__ Phase phase_of(const UpsampleConvParams& p, int phase) {
+  if (p.bilinear) return {0, 0, 0};
+  return {phase / (p.sh * p.sw), (phase / p.sw) % p.sh, phase % p.sw};
+}
+
+// A position of this phase's grid: (n, mt, my, mx).
+struct Position {
+  int64_t n, t, y, x;
+};
+
+__device__ __forceinline__ Position position_of(const UpsampleConvParams& p, int64_t m) {
+  const int64_t q = fastgen::idiv(m, p.WM, p.small), qq = fastgen::idiv(q, p.HM, p.small);
+  const int64_t n = fastgen::idiv(qq, p.TM, p.small);
+  return {n, qq - n * p.TM, q - qq * p.HM, m - q * p.WM};
+}
+
+// Where output tile row `row` (a position of this phase) lands, or -1 when it is outside the output.
+__device__ __forceinline__ int64_t out_pixel_offset(const UpsampleConvParams& p, int64_t m, Phase r) {
+  if (m >= p.N * p.TM * p.HM * p.WM) return -1;
+  const Position q = position_of(p, m);
+  const int64_t t = q.t * p.st + r.rt;  // bilinear: st = 1, r = 0, one frame
+  const int64_t y = p.bilinear ? q.y : q.y * p.sh + r.rh;
+  const int64_t x = p.bilinear ? q.x : q.x * p.sw + r.rw;
+  if (t >= p.TOUT || y >= p.HOUT || x >= p.WOUT) return -1;
+  return q.n * p.son + t * p.sot + y * p.soh + x * p.sow;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -75,27 +98,28 @@ __device__ __forceinline__ void store_out(const UpsampleConvParams& p, int64_t p
 }
 
 template <typename scalar_t, bool kTensorCores>
-__global__ void __launch_bounds__(THREADS) upsample_conv2d_kernel(const UpsampleConvParams p) {
+__global__ void __launch_bounds__(THREADS) upsample_conv_kernel(const UpsampleConvParams p) {
   using acc_t = at::opmath_type<scalar_t>;
-  __shared__ __align__(32) scalar_t As[BM][BK + SKEW];  // pixels x input channels
+  __shared__ __align__(32) scalar_t As[BM][BK + SKEW];  // positions x input channels
   __shared__ __align__(32) scalar_t Bs[BK][BN + SKEW];  // input channels x output channels
 
   const int tid = threadIdx.x;
   const int phase = blockIdx.z;
-  const int ry = phase / p.phases, rx = phase % p.phases;
+  const Phase r = phase_of(p, phase);
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM;
   const int64_t o0 = static_cast<int64_t>(blockIdx.y) * BN;
 
-  // A loader: one pixel row and BK / 4 consecutive channels per thread.
+  // A loader: one position row and BK / 4 consecutive channels per thread.
   const int a_row = tid % BM, a_col = (tid / BM) * (BK / 4);
   const int64_t m = m0 + a_row;
-  const bool row_ok = m < p.N * p.HM * p.WM;
-  const int64_t mq = row_ok ? fastgen::idiv(m, p.WM, p.small) : 0, mn = fastgen::idiv(mq, p.HM, p.small);
-  const int64_t my = row_ok ? mq - mn * p.HM : 0, mx = row_ok ? m - mq * p.WM : 0;
-  const scalar_t* xn = static_cast<const scalar_t*>(p.x) + (row_ok ? mn : 0) * p.sxn;
+  const bool row_ok = m < p.N * p.TM * p.HM * p.WM;
+  const Position q = position_of(p, row_ok ? m : 0);
+  const scalar_t* xn = static_cast<const scalar_t*>(p.x) + q.n * p.sxn;
   // B loader: one input channel and 8 consecutive output channels per thread.
   const int b_row = tid / (BN / 8), b_col = (tid % (BN / 8)) * 8;
   const scalar_t* w = static_cast<const scalar_t*>(p.w);
+  // nearest: this phase's first source index per axis, relative to its position
+  const int lo_t = floordiv(r.rt - p.ft, p.st), lo_h = floordiv(r.rh - p.fh, p.sh), lo_w = floordiv(r.rw - p.fw, p.sw);
 
   // Accumulators: WMMA fragments (tensor cores) or a 4x4 register tile (FMA).
   const int warp = tid / 32, wm = warp % 4, wn = warp / 4;  // warp tile: 16 rows x 32 cols
@@ -109,13 +133,14 @@ __global__ void __launch_bounds__(THREADS) upsample_conv2d_kernel(const Upsample
     wmma::fill_fragment(c_frag[1], 0.0f);
   }
 
-  for (int tap = 0; tap < p.kf * p.kf; ++tap) {
-    const int ta = tap / p.kf, tb = tap % p.kf;
+  const int taps = p.kft * p.kfh * p.kfw;
+  for (int tap = 0; tap < taps; ++tap) {
+    const int ta = tap / (p.kfh * p.kfw), tb = (tap / p.kfw) % p.kfh, tc = tap % p.kfw;
     // This row's source offsets for the tap (bilinear: the four neighbours and their weights).
     bool valid;
     int64_t off[4] = {0, 0, 0, 0};
     if (p.bilinear) {
-      const int64_t uy = my + ta - p.pad, ux = mx + tb - p.pad;
+      const int64_t uy = q.y + tb - p.fh, ux = q.x + tc - p.fw;
       valid = row_ok && uy >= 0 && uy < 2 * p.H && ux >= 0 && ux < 2 * p.W;
       const int64_t y0 = max(uy, int64_t(0)) / 2, x0 = max(ux, int64_t(0)) / 2;
       const int64_t y1 = (uy & 1) ? min(y0 + 1, p.H - 1) : max(y0 - 1, int64_t(0));
@@ -125,12 +150,11 @@ __global__ void __launch_bounds__(THREADS) upsample_conv2d_kernel(const Upsample
       off[2] = y1 * p.sxh + x0 * p.sxw;
       off[3] = y1 * p.sxh + x1 * p.sxw;
     } else {
-      const int64_t iy = my + floordiv(ry - p.pad, p.scale) + ta;
-      const int64_t ix = mx + floordiv(rx - p.pad, p.scale) + tb;
-      valid = row_ok && iy >= 0 && iy < p.H && ix >= 0 && ix < p.W;
-      off[0] = iy * p.sxh + ix * p.sxw;
+      const int64_t it = q.t + lo_t + ta, iy = q.y + lo_h + tb, ix = q.x + lo_w + tc;
+      valid = row_ok && it >= 0 && it < p.T && iy >= 0 && iy < p.H && ix >= 0 && ix < p.W;
+      off[0] = it * p.sxt + iy * p.sxh + ix * p.sxw;
     }
-    const scalar_t* w_tap = w + (static_cast<int64_t>(phase) * p.kf * p.kf + tap) * p.C * p.CO;
+    const scalar_t* w_tap = w + (static_cast<int64_t>(phase) * taps + tap) * p.C * p.CO;
 
     for (int64_t c0 = 0; c0 < p.C; c0 += BK) {
 #pragma unroll
@@ -197,68 +221,98 @@ __global__ void __launch_bounds__(THREADS) upsample_conv2d_kernel(const Upsample
     for (int idx = tid; idx < BM * BN; idx += THREADS) {
       const int row = along_channels ? idx / BN : idx % BM;
       const int col = along_channels ? idx % BN : idx / BM;
-      store_out<scalar_t, float>(p, out_pixel_offset(p, m0 + row, ry, rx), o0 + col, Cs[row][col]);
+      store_out<scalar_t, float>(p, out_pixel_offset(p, m0 + row, r), o0 + col, Cs[row][col]);
     }
   } else {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const int64_t pixel = out_pixel_offset(p, m0 + ty * 4 + i, ry, rx);
+      const int64_t pixel = out_pixel_offset(p, m0 + ty * 4 + i, r);
 #pragma unroll
       for (int j = 0; j < 4; ++j) store_out<scalar_t, acc_t>(p, pixel, o0 + tx * 4 + j, acc[i][j]);
     }
   }
 }
 
+// x (N, C, T, H, W), packed (P, KFT, KFH, KFW, C, CO) and out (N, CO, TOUT, HOUT, WOUT) as 5-D views.
+void launch(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& bias, const at::Tensor& out,
+            std::array<int64_t, 3> scale, std::array<int64_t, 3> front, bool bilinear) {
+  const at::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(at::cuda::getCurrentDeviceProperties()->major >= 8,
+              "the cuda backend of upsample_conv2d / upsample_conv3d needs compute capability 8.0 or newer");
+  if (out.numel() == 0) return;
+  UpsampleConvParams p;
+  p.x = x.data_ptr();
+  p.w = packed.data_ptr();
+  p.bias = bias.defined() ? bias.data_ptr() : nullptr;
+  p.out = out.data_ptr();
+  p.N = x.size(0); p.C = x.size(1); p.T = x.size(2); p.H = x.size(3); p.W = x.size(4);
+  p.CO = out.size(1); p.TOUT = out.size(2); p.HOUT = out.size(3); p.WOUT = out.size(4);
+  p.TM = bilinear ? p.TOUT : (p.TOUT + scale[0] - 1) / scale[0];
+  p.HM = bilinear ? p.HOUT : (p.HOUT + scale[1] - 1) / scale[1];
+  p.WM = bilinear ? p.WOUT : (p.WOUT + scale[2] - 1) / scale[2];
+  p.sxn = x.stride(0); p.sxc = x.stride(1); p.sxt = x.stride(2); p.sxh = x.stride(3); p.sxw = x.stride(4);
+  p.son = out.stride(0); p.soc = out.stride(1); p.sot = out.stride(2); p.soh = out.stride(3); p.sow = out.stride(4);
+  p.st = static_cast<int>(scale[0]); p.sh = static_cast<int>(scale[1]); p.sw = static_cast<int>(scale[2]);
+  p.kft = static_cast<int>(packed.size(1)); p.kfh = static_cast<int>(packed.size(2));
+  p.kfw = static_cast<int>(packed.size(3));
+  p.ft = static_cast<int>(front[0]); p.fh = static_cast<int>(front[1]); p.fw = static_cast<int>(front[2]);
+  p.bilinear = bilinear;
+  const int64_t positions = p.N * p.TM * p.HM * p.WM;
+  p.small = positions + 256 < fastgen::kIndex32 && fastgen::small_indices(x.numel(), out.numel());
+
+  const int64_t blocks_m = (positions + BM - 1) / BM;
+  TORCH_CHECK(blocks_m < (int64_t(1) << 31) && (p.CO + BN - 1) / BN < 65536, "upsample_conv: too large");
+  const dim3 grid(static_cast<unsigned>(blocks_m), static_cast<unsigned>((p.CO + BN - 1) / BN),
+                  static_cast<unsigned>(packed.size(0)));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "upsample_conv_cuda", [&] {
+    constexpr bool kTensorCores = std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>;
+    upsample_conv_kernel<scalar_t, kTensorCores><<<grid, THREADS, 0, stream>>>(p);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void check_packed(const at::Tensor& x, const at::Tensor& packed, int64_t dim) {
+  TORCH_CHECK(packed.dim() == dim && packed.is_contiguous() && packed.scalar_type() == x.scalar_type() &&
+                  packed.device() == x.device() && packed.size(dim - 2) == x.size(1),
+              "packed_weight must be a contiguous (P, KF.., C, CO) tensor of x's dtype, device and channels");
+}
+
 at::Tensor upsample_conv2d_fused_cuda(const at::Tensor& x, const at::Tensor& packed_weight,
                                       const std::optional<at::Tensor>& bias, int64_t scale_factor,
                                       bool bilinear, int64_t padding, int64_t kernel_size) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 4, "x must be a 4-D CUDA tensor");
-  TORCH_CHECK(packed_weight.dim() == 5 && packed_weight.is_contiguous() &&
-                  packed_weight.scalar_type() == x.scalar_type() && packed_weight.device() == x.device(),
-              "packed_weight must be a contiguous (P, KF, KF, C, CO) tensor of x's dtype and device");
+  check_packed(x, packed_weight, 5);
   const int64_t phases = bilinear ? 1 : scale_factor;
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  TORCH_CHECK(packed_weight.size(0) == phases * phases && packed_weight.size(1) == packed_weight.size(2) &&
-                  packed_weight.size(3) == C, "packed_weight does not match x and the scale factor");
-  const int64_t HOUT = scale_factor * H + 2 * padding - kernel_size + 1;
-  const int64_t WOUT = scale_factor * W + 2 * padding - kernel_size + 1;
+  TORCH_CHECK(packed_weight.size(0) == phases * phases && packed_weight.size(1) == packed_weight.size(2),
+              "packed_weight does not match the scale factor");
+  const int64_t HOUT = scale_factor * x.size(2) + 2 * padding - kernel_size + 1;
+  const int64_t WOUT = scale_factor * x.size(3) + 2 * padding - kernel_size + 1;
   TORCH_CHECK(HOUT > 0 && WOUT > 0, "the output would be empty");
-  const at::cuda::CUDAGuard guard(x.device());
-  TORCH_CHECK(at::cuda::getCurrentDeviceProperties()->major >= 8,
-              "the cuda backend of upsample_conv2d needs compute capability 8.0 or newer");
-  const auto fmt = fastgen::output_format(x);
-  const int64_t CO = packed_weight.size(4);
-  at::Tensor out = at::empty({N, CO, HOUT, WOUT}, x.options(), fmt);
-  if (out.numel() == 0) return out;
-  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({x.size(0), packed_weight.size(4), HOUT, WOUT}, x.options(), fastgen::output_format(x));
+  // a clip of one frame: time at scale 1, one folded tap, no padding
+  launch(x.unsqueeze(2), packed_weight.unsqueeze(1), fastgen::contiguous_or_undefined(bias), out.unsqueeze(2),
+         {1, scale_factor, scale_factor}, {0, padding, padding}, bilinear);
+  return out;
+}
 
-  UpsampleConvParams p;
-  p.x = x.data_ptr();
-  p.w = packed_weight.data_ptr();
-  p.bias = b.defined() ? b.data_ptr() : nullptr;
-  p.out = out.data_ptr();
-  p.N = N; p.C = C; p.H = H; p.W = W; p.CO = CO; p.HOUT = HOUT; p.WOUT = WOUT;
-  p.HM = bilinear ? HOUT : (HOUT + scale_factor - 1) / scale_factor;
-  p.WM = bilinear ? WOUT : (WOUT + scale_factor - 1) / scale_factor;
-  p.sxn = x.stride(0); p.sxc = x.stride(1); p.sxh = x.stride(2); p.sxw = x.stride(3);
-  p.son = out.stride(0); p.soc = out.stride(1); p.soh = out.stride(2); p.sow = out.stride(3);
-  p.scale = static_cast<int>(scale_factor);
-  p.phases = static_cast<int>(phases);
-  p.kf = static_cast<int>(packed_weight.size(1));
-  p.pad = static_cast<int>(padding);
-  p.bilinear = bilinear;
-  p.small = N * p.HM * p.WM + 256 < fastgen::kIndex32 && fastgen::small_indices(x.numel(), out.numel());
-
-  const int64_t blocks_m = (N * p.HM * p.WM + BM - 1) / BM;
-  TORCH_CHECK(blocks_m < (int64_t(1) << 31) && (CO + BN - 1) / BN < 65536, "upsample_conv2d: too large");
-  const dim3 grid(static_cast<unsigned>(blocks_m), static_cast<unsigned>((CO + BN - 1) / BN),
-                  static_cast<unsigned>(phases * phases));
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "upsample_conv2d_cuda", [&] {
-    constexpr bool kTensorCores = std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>;
-    upsample_conv2d_kernel<scalar_t, kTensorCores><<<grid, THREADS, 0, stream>>>(p);
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+at::Tensor upsample_conv3d_fused_cuda(const at::Tensor& x, const at::Tensor& packed_weight,
+                                      const std::optional<at::Tensor>& bias, at::IntArrayRef scale_factor,
+                                      at::IntArrayRef padding, at::IntArrayRef kernel_size) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 5, "x must be a 5-D CUDA tensor");
+  check_packed(x, packed_weight, 6);
+  TORCH_CHECK(scale_factor.size() == 3 && padding.size() == 6 && kernel_size.size() == 3,
+              "scale_factor and kernel_size take 3 values, padding 6 (F.pad's order)");
+  TORCH_CHECK(packed_weight.size(0) == scale_factor[0] * scale_factor[1] * scale_factor[2],
+              "packed_weight does not match the scale factor");
+  std::vector<int64_t> size{x.size(0), packed_weight.size(5)};
+  for (int d = 0; d < 3; ++d) {
+    size.push_back(scale_factor[d] * x.size(2 + d) + padding[4 - 2 * d] + padding[5 - 2 * d] - kernel_size[d] + 1);
+    TORCH_CHECK(size.back() > 0, "the output would be empty");
+  }
+  at::Tensor out = at::empty(size, x.options(), fastgen::output_format(x));
+  launch(x, packed_weight, fastgen::contiguous_or_undefined(bias), out, {scale_factor[0], scale_factor[1], scale_factor[2]},
+         {padding[4], padding[2], padding[0]}, false);
   return out;
 }
 
@@ -266,4 +320,5 @@ at::Tensor upsample_conv2d_fused_cuda(const at::Tensor& x, const at::Tensor& pac
 
 TORCH_LIBRARY_IMPL(fastgen, CUDA, m) {
   m.impl("_upsample_conv2d_fused", &upsample_conv2d_fused_cuda);
+  m.impl("_upsample_conv3d_fused", &upsample_conv3d_fused_cuda);
 }

@@ -5,11 +5,13 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 from fastgen.nn import UpsampleConv3d
+from fastgen.ops import REGISTRY
 from fastgen.ops import upsample_conv3d, upsample_conv3d_ref
-from cases import cpu_backends, f64
+from cases import cpu_backends, f64, fast_backends, skip_unavailable
 from tolerances import assert_close, assert_close_grad
 
 BACKENDS = cpu_backends("upsample_conv3d")
+FAST = fast_backends("upsample_conv3d")  # and on CUDA tensors: tools/gpu_check.sh runs those
 # (scale, kernel, padding): no upsampling with causal time padding (Wan), a feature cache standing in
 # for part of it (one frame of zeros left), HunyuanVideo's spatial and 3-D 2x, the time convolution of
 # Wan's temporal upsampler (3, 1, 1), a 1x1x1 shortcut, asymmetric and odd sizes
@@ -26,10 +28,10 @@ CASES = [
 IDS = ["causal", "causal-cached", "spatial2x-causal", "up2-same", "time-conv", "pointwise", "asymmetric", "up4"]
 
 
-def make(shape, co, k, dtype=torch.float32, bias=True, grad=False):
-    x = torch.randn(shape).to(dtype)
-    w = (torch.randn(co, shape[1], *k) / (shape[1] * k[0] * k[1] * k[2]) ** 0.5).to(dtype)
-    b = torch.randn(co).to(dtype) if bias else None
+def make(shape, co, k, dtype=torch.float32, bias=True, grad=False, device="cpu"):
+    x = torch.randn(shape).to(device, dtype)
+    w = (torch.randn(co, shape[1], *k) / (shape[1] * k[0] * k[1] * k[2]) ** 0.5).to(device, dtype)
+    b = torch.randn(co).to(device, dtype) if bias else None
     for t in (x, w, b):
         if grad and t is not None:
             t.requires_grad_(True)
@@ -37,12 +39,13 @@ def make(shape, co, k, dtype=torch.float32, bias=True, grad=False):
 
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", FAST)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d"])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_forward_and_gradients(backend, layout, case):
+def test_forward_and_gradients(backend, device, layout, case):
+    skip_unavailable(backend, device)
     scale, k, padding = case
-    x, w, b = make((2, 5, 3, 4, 5), 6, k, grad=True)
+    x, w, b = make((2, 5, 3, 4, 5), 6, k, grad=True, device=device)
     if layout == "channels_last_3d":
         x = x.detach().contiguous(memory_format=torch.channels_last_3d).requires_grad_(True)
     out = upsample_conv3d(x, w, b, scale, padding, backend=backend)
@@ -59,10 +62,13 @@ def test_forward_and_gradients(backend, layout, case):
         assert_close_grad(g, e, torch.float32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
-def test_dtypes(backend, dtype):
-    x, w, b = make((1, 4, 2, 3, 4), 5, (3, 3, 3), dtype)
+@pytest.mark.parametrize("backend,device,dtype", [
+    pytest.param(*p.values, d, marks=p.marks, id=f"{p.id}-{str(d)[6:]}")
+    for d in (torch.bfloat16, torch.float16, torch.float64) for p in FAST
+    if d in REGISTRY["upsample_conv3d"].impls[p.values[0]].dtypes])
+def test_dtypes(backend, device, dtype):
+    skip_unavailable(backend, device)
+    x, w, b = make((1, 4, 2, 3, 4), 5, (3, 3, 3), dtype, device=device)
     out = upsample_conv3d(x, w, b, (1, 2, 2), (1, 1, 1, 1, 2, 0), backend=backend)
     assert out.dtype == dtype
     assert_close(out, upsample_conv3d_ref(*f64(x, w, b), (1, 2, 2), (1, 1, 1, 1, 2, 0)), dtype, scale=2.0)
@@ -73,14 +79,16 @@ def test_dtypes(backend, dtype):
        pads=st.tuples(*[st.integers(0, 3)] * 6), size=st.tuples(*[st.integers(1, 4)] * 3),
        backend=st.sampled_from(BACKENDS))
 def test_any_scale_kernel_and_padding_matches_the_reference(scale, k, pads, size, backend):
-    """Every axis folds on its own, the two sides of its padding apart: float64, exact to rounding."""
-    x, w, b = (t.double() for t in make((1, 2, *size), 3, k))
+    """Every axis folds on its own, the two sides of its padding apart: float64, exact to rounding (the
+    Triton kernels, which have no float64: float32 against the float64 oracle)."""
+    dtype = torch.float64 if torch.float64 in REGISTRY["upsample_conv3d"].impls[backend].dtypes else torch.float32
+    x, w, b = (t.to(dtype) for t in make((1, 2, *size), 3, k))
     if any(s * n + pads[4 - 2 * d] + pads[5 - 2 * d] < k[d] for d, (s, n) in enumerate(zip(scale, size))):
         with pytest.raises(RuntimeError, match="smaller than the kernel"):
             upsample_conv3d(x, w, b, scale, pads, backend=backend)
         return
-    torch.testing.assert_close(upsample_conv3d(x, w, b, scale, pads, backend=backend),
-                               upsample_conv3d_ref(x, w, b, scale, pads))
+    assert_close(upsample_conv3d(x, w, b, scale, pads, backend=backend),
+                 upsample_conv3d_ref(*f64(x, w, b), scale, pads), dtype)
 
 
 def test_the_fold_never_makes_the_upsampled_clip():
@@ -142,3 +150,24 @@ def test_bad_arguments(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         upsample_conv3d(**args)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[6], (3, (1, 1, 1), (0, 0, 0, 0, 3, 0))],
+                         ids=["conv", "transposed", "transposed-cropped", "upsampled"])
+def test_gradcheck_and_gradgradcheck(case):
+    """The backward (aten's convolution backward of each plan: the convolution, the fold, the upsampled
+    clip when no fold fits) and its own backward, in float64 against finite differences."""
+    scale, k, padding = case
+    x, w, b = (t.double().requires_grad_(True) for t in make((1, 2, 2, 3, 2), 2, k))
+    f = lambda x, w, b: upsample_conv3d(x, w, b, scale, padding, backend="composite")  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, w, b)) and torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+@pytest.mark.parametrize("backend,device", FAST)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d"])
+def test_opcheck(backend, device, layout):
+    skip_unavailable(backend, device)
+    x, w, b = make((1, 3, 2, 3, 4), 4, (3, 3, 3), grad=True, device=device)
+    if layout == "channels_last_3d":
+        x = x.detach().contiguous(memory_format=torch.channels_last_3d).requires_grad_(True)
+    torch.library.opcheck(torch.ops.fastgen.upsample_conv3d.default, (x, w, b, [1, 2, 2], [1, 1, 1, 1, 2, 0], backend))

@@ -253,6 +253,20 @@ def cases(full=False, quick=False):
                                                  backend="triton"), [x, wt] + ([b] if o["bias"] else []))
             yield "upsample_conv2d", f"{tag}/{o}", upsample_conv
 
+        vshape = (n, c, 2, max(h, 2), max(w, 2))  # a clip of the size class's channels and map
+        for o in configs(full, {"scale_pad": (((1, 1, 1), (1, 1, 1, 1, 2, 0)), ((1, 2, 2), (1, 1, 1, 1, 2, 0)),
+                                              ((2, 2, 2), (1, 1, 1, 1, 1, 1))),
+                                "k": ((3, 3, 3), (3, 1, 1), (1, 1, 1)), "bias": (True, False)}):
+            def upsample_conv3d(o=o, dtype=dtype, layout=layout, vshape=vshape, c=c):
+                x = _tensor(vshape, dtype, layout, True)
+                wt = _tensor((c + 2, c, *o["k"]), dtype, "", True)
+                b = _tensor((c + 2,), dtype, "", True) if o["bias"] else None
+                scale, pads = o["scale_pad"]
+                pads = tuple(p if k > 1 else 0 for p, k in zip(pads, (o["k"][2],) * 2 + (o["k"][1],) * 2 + (o["k"][0],) * 2))
+                _run(lambda: ops.upsample_conv3d(x, wt, b, scale, pads, backend="triton"),
+                     [x, wt] + ([b] if o["bias"] else []))
+            yield "upsample_conv3d", f"{tag}/{o}", upsample_conv3d
+
         for up, down in ((1, 1), (2, 1), (1, 2)):
             def modulated(up=up, down=down, dtype=dtype, layout=layout, ushape=ushape, c=c):
                 x = _tensor(ushape, dtype, layout, True)
@@ -328,6 +342,12 @@ def size_cases(dtypes=DTYPES):
                 _run(lambda: ops.upsample_conv2d(x, wt, b, scale_factor=scale, mode=mode, padding=k // 2,
                                                  backend="triton"), [x, wt, b])
             yield "upsample_conv2d", f"{tag}/{c}->{co}/{mode}x{scale}/k{k}", upsample_conv
+        for c, co in ((16, 64), (64, 16), (64, 32), (64, 64)):
+            def upsample_conv3d(c=c, co=co, dtype=dtype, layout=layout):
+                x = _tensor((1, c, 2, 4, 4), dtype, layout, True)
+                wt, b = _tensor((co, c, 3, 3, 3), dtype, "", True), _tensor((co,), dtype, "", True)
+                _run(lambda: ops.upsample_conv3d(x, wt, b, (1, 2, 2), (1, 1, 1, 1, 2, 0), backend="triton"), [x, wt, b])
+            yield "upsample_conv3d", f"{tag}/{c}->{co}", upsample_conv3d
 
 
 def large_cases():
@@ -359,6 +379,9 @@ def large_cases():
             _tensor(shape, bf, layout, lazy=True), 32, activation="silu", backend="triton")
         yield "rms_norm_act", tag, lambda shape=shape, layout=layout: ops.rms_norm_act(
             _tensor(shape, bf, layout, lazy=True), clamp=True, backend="triton")
+        yield "upsample_conv3d", tag, lambda shape=shape, layout=layout: ops.upsample_conv3d(
+            _tensor(shape, bf, layout, lazy=True), _tensor((shape[1], shape[1], 3, 3, 3), bf, ""), None, 1,
+            (1, 1, 1, 1, 2, 0), backend="triton")
     # 2^31 rows and more (N * H * W, one channel): batch norm's int64 row branch
     yield "batch_norm_act", "rows=2^31+2^16/nchw", lambda: ops.batch_norm_act(
         _tensor((2, 1, 2 ** 15, 2 ** 15 + 1), bf, "nchw", lazy=True), torch.zeros(1), torch.ones(1), training=True,
@@ -375,6 +398,17 @@ def large_cases():
             uc.INT32_INDICES = saved
     for mode in ("nearest", "bilinear"):
         yield "upsample_conv2d", f"int64 pixel indices/{mode}", lambda mode=mode: int64_pixels(mode)
+
+    u3 = importlib.import_module("fastgen.ops.upsample_conv3d")
+
+    def int64_positions():
+        saved, u3.INT32_INDICES = u3.INT32_INDICES, 0
+        try:
+            ops.upsample_conv3d(_tensor((1, 64, 2, 8, 8), bf, "nchw"), _tensor((64, 64, 3, 3, 3), bf, ""), None, (1, 2, 2),
+                                (1, 1, 1, 1, 2, 0), backend="triton")
+        finally:
+            u3.INT32_INDICES = saved
+    yield "upsample_conv3d", "int64 position indices", int64_positions
     tag = "stylegan2-1024/batch=32/nchw"
     x = (32, 32, 512, 512)
     yield "upfirdn2d", tag, lambda: ops.upfirdn2d(_tensor(x, bf, "nchw", lazy=True), setup_filter([1, 3, 3, 1]), up=2,

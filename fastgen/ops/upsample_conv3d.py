@@ -1,33 +1,36 @@
-"""upsample_conv3d: nearest upsampling of a video clip (per axis: frames, rows, columns) + zero
-padding (symmetric, or causal in time as diffusers' causal convolutions pad) + a 3-D convolution,
+"""fastgen::upsample_conv3d: nearest upsampling of a video clip (per axis: frames, rows, columns) +
+zero padding (symmetric, or causal in time as diffusers' causal convolutions pad) + a 3-D convolution,
 without the upsampled or the padded clip.
 
 The fused formulation folds the upsampling into the weights: along an axis upsampled S times, the
 output at S*q + r reads x at q + a for a few a only, with the taps i of the kernel that land on the
-same a summed. That is one transposed convolution of stride S whose taps are the folded ones (the
-derivation: fastgen/ops/upsample_conv2d.py `_transposed`, per axis here, with the padding's two
-sides apart). A 3x3x3 kernel after a 2x2x2 upsampling becomes 8 phases of 2x2x2 taps: 8/27 of the
+same a summed. A 3x3x3 kernel after a 2x2x2 upsampling becomes 8 phases of 2x2x2 taps: 8/27 of the
 unfused work, and the 8x larger upsampled clip is never written. Without upsampling it is the
 convolution itself, the causal padding applied to the small input.
 
-A composition of aten convolutions, not a custom op: autograd, torch.compile and XLA see aten ops.
-Backends: `composite` (aten's own convolution choice; XLA lowers it, CUDA runs cuDNN) and `cpu`
-(the same formulation with the 3-D convolutions handed to oneDNN directly: aten's CPU heuristic
-sends small-batch 3-D convolutions, N*C*T*H <= 20480, to its unvectorized im2col path, 2-7x slower
-at video VAE shapes; benchmarks/NOTES.md).
+Backends: `composite` (the phases as one transposed convolution of stride S whose taps are the folded
+ones (per axis, the padding's two sides apart; derivation: fastgen/ops/upsample_conv2d.py
+`_transposed`): aten's own convolution choice, XLA lowers it, CUDA runs cuDNN), `cpu` (the same, with
+the 3-D convolutions handed to oneDNN directly: aten's CPU heuristic sends small-batch 3-D
+convolutions, N*C*T*H <= 20480, to its unvectorized im2col path, 2-7x slower at video VAE shapes;
+benchmarks/NOTES.md), `triton` (kernels/upsample_conv3d.py: the phases as one implicit GEMM over x)
+and `cuda` (csrc/upsample_conv3d.cu, the same GEMM). The backward is aten's convolution backward of
+the composite's formulation, for every backend (double backward works).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastgen.dispatch import select
-from fastgen.ops._registry import Example, Impl, OpSpec, define
+from fastgen.dispatch import _INTERPRET, select
+from fastgen.ops._registry import NO_FLOAT64, Example, Impl, OpSpec, call, define
 from fastgen.ops._util import check_floating, check_tensor, memory_format
+from fastgen.ops.upsample_conv2d import INT32_INDICES, _fold_axis, _fp32_stages
 
 
 def upsample_conv3d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, scale_factor=1, padding=0, *,
@@ -38,7 +41,7 @@ def upsample_conv3d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, sc
     name = select(SPEC, x, backend)
     if name == "reference":
         return upsample_conv3d_ref(x, weight, bias, scale_factor, padding)
-    return SPEC.impls[name].run(x, weight, bias, scales, pads)
+    return call(SPEC, x, weight, bias, list(scales), list(pads), name)
 
 
 def upsample_conv3d_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, scale_factor=1,
@@ -108,7 +111,12 @@ def _check_upsample_conv3d(x, weight, bias, scale_factor, padding):
 
 
 # ---------------------------------------------------------------------------------------------
-# the fold, per axis
+# the composite: per axis, the fold as one transposed convolution
+
+def _out_size(x_shape, ks, scales, pads) -> list[int]:
+    return [s * n + pads[4 - 2 * d] + pads[5 - 2 * d] - k + 1
+            for d, (s, k, n) in enumerate(zip(scales, ks, x_shape[2:]))]
+
 
 def _axis_fold(scale: int, k: int, front: int, back: int, size: int):
     """Along one axis: the transposed convolution's taps M (kt x k, M[t][i] = 1 where tap i lands on
@@ -131,22 +139,23 @@ def _axis_fold(scale: int, k: int, front: int, back: int, size: int):
     return taps, pad, max(extra, 0), max(-extra, 0)
 
 
-def _conv3d(x, weight, bias, padding, onednn: bool):
-    if onednn:
-        return torch.ops.aten.mkldnn_convolution(x, weight, bias, list(padding), [1, 1, 1], [1, 1, 1], 1)
-    return F.conv3d(x, weight, bias, padding=tuple(padding))
+@dataclass(frozen=True)
+class _Plan:
+    """How the composite computes one call; its backward follows the same plan."""
+    kind: str                  # "conv" (no upsampling), "transposed" (the fold) or "upsampled" (the reference's clip)
+    pre: tuple                 # F.pad of x before the convolution (F.pad's order)
+    padding: tuple = ()        # the convolution's own padding per axis
+    output_padding: tuple = ()  # transposed only: ...
+    crop: tuple = ()           # ... outputs dropped at the end of each axis
+    taps: tuple = ()           # ... and per axis the tap matrix M of _axis_fold
 
 
-def _upsample_conv3d(x, weight, bias, scales, pads, onednn=False):
-    fmt = memory_format(x)
-    ks = weight.shape[2:]
+def _plan(x_shape, ks, scales, pads) -> _Plan:
     axes = [(scales[d], ks[d], pads[4 - 2 * d], pads[5 - 2 * d]) for d in range(3)]
     if scales == (1, 1, 1):
         # the symmetric part of the padding in the convolution, the rest (causal time) on the small x
-        sym = [min(front, back) for _, _, front, back in axes]
-        rest = [p - sym[2 - i // 2] for i, p in enumerate(pads)]
-        x = F.pad(x, rest) if any(rest) else x
-        return _conv3d(x, weight, bias, sym, onednn).contiguous(memory_format=fmt)
+        sym = tuple(min(front, back) for _, _, front, back in axes)
+        return _Plan("conv", tuple(p - sym[2 - i // 2] for i, p in enumerate(pads)), sym)
     # the axes at scale 1 padded (on the small x) as far as the transposed form needs
     pre = [0] * 6
     folds = []
@@ -155,40 +164,188 @@ def _upsample_conv3d(x, weight, bias, scales, pads, onednn=False):
             keep = min(front, back, k - 1)
             pre[4 - 2 * d], pre[5 - 2 * d] = front - keep, back - keep
             front = back = keep
-        fold = _axis_fold(s, k, front, back, x.shape[2 + d] + pre[4 - 2 * d] + pre[5 - 2 * d])
+        fold = _axis_fold(s, k, front, back, x_shape[2 + d] + pre[4 - 2 * d] + pre[5 - 2 * d])
         if fold is None:  # not one transposed convolution: the reference's upsampled clip
-            return upsample_conv3d_ref(x, weight, bias, scales, pads).contiguous(memory_format=fmt)
+            return _Plan("upsampled", pads, (0, 0, 0))
         folds.append(fold)
-    x = F.pad(x, pre) if any(pre) else x
+    return _Plan("transposed", tuple(pre), *(tuple(f[j] for f in folds) for j in (1, 2, 3, 0)))
+
+
+def _pad(x: Tensor, pads) -> Tensor:
+    return F.pad(x, pads) if any(pads) else x
+
+
+def _unpad(g: Tensor, pads) -> Tensor:
+    """The adjoint of _pad (pads non-negative)."""
+    t, h, w = g.shape[2:]
+    return g[:, :, pads[4]:t - pads[5], pads[2]:h - pads[3], pads[0]:w - pads[1]]
+
+
+def _apply_taps(w: Tensor, taps) -> Tensor:
+    """w (A, B, K0, K1, K2) -> (B, A, K0', K1', K2'): along each of the last three axes, output tap t is
+    the sum of the input taps i with taps[axis][t][i] = 1. Slices and sums of w only: a tensor made from
+    host data inside the XLA kernel of a custom op (torch.tensor(...).to(xla): an empty tensor + copy_,
+    below functionalization) came out wrong there, and with it a tap-matrix einsum (torch_xla 2.9)."""
+    for d, m in enumerate(taps):
+        rows = []
+        for row in m:
+            parts = [w.select(2 + d, i) for i, v in enumerate(row) if v]
+            rows.append(sum(parts[1:], parts[0]) if parts else torch.zeros_like(w.select(2 + d, 0)))
+        w = torch.stack(rows, 2 + d)
+    return w.transpose(0, 1)
+
+
+def _transposed_weight(weight: Tensor, taps) -> Tensor:
+    """(CO, C, KT, KH, KW) -> the transposed convolution's (C, CO, KT', KH', KW'), summed in fp32."""
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    mt, mh, mw = (torch.tensor(f[0], dtype=acc, device=weight.device) for f in folds)
-    # (CO, C, KT, KH, KW) -> the transposed convolution's (C, CO, KT', KH', KW')
-    wt = torch.einsum("ai,bj,ck,oxijk->xoabc", mt, mh, mw, weight.to(acc)).to(weight.dtype)
-    out = F.conv_transpose3d(x, wt, bias, stride=scales, padding=[f[1] for f in folds],
-                             output_padding=[f[2] for f in folds])
-    crop = [f[3] for f in folds]
-    if any(crop):
-        out = out[:, :, :out.shape[2] - crop[0], :out.shape[3] - crop[1], :out.shape[4] - crop[2]]
+    return _apply_taps(weight.to(acc), taps).to(weight.dtype)
+
+
+def _conv3d(x, weight, bias, padding, onednn: bool):
+    if onednn:
+        return torch.ops.aten.mkldnn_convolution(x, weight, bias, list(padding), [1, 1, 1], [1, 1, 1], 1)
+    return F.conv3d(x, weight, bias, padding=tuple(padding))
+
+
+def _upsample_conv3d(x, weight, bias, scales, pads, onednn=False):
+    fmt = memory_format(x)
+    scales, pads = tuple(scales), tuple(pads)
+    plan = _plan(x.shape, weight.shape[2:], scales, pads)
+    if plan.kind == "upsampled":
+        return upsample_conv3d_ref(x, weight, bias, scales, pads).contiguous(memory_format=fmt)
+    if plan.kind == "conv":
+        return _conv3d(_pad(x, plan.pre), weight, bias, plan.padding, onednn).contiguous(memory_format=fmt)
+    out = F.conv_transpose3d(_pad(x, plan.pre), _transposed_weight(weight, plan.taps), bias,
+                             stride=scales, padding=plan.padding, output_padding=plan.output_padding)
+    if any(plan.crop):
+        t, h, w = out.shape[2:]
+        out = out[:, :, :t - plan.crop[0], :h - plan.crop[1], :w - plan.crop[2]]
     return out.contiguous(memory_format=fmt)
 
 
-def _upsample_conv3d_composite(x, weight, bias, scales, pads):
-    return _upsample_conv3d(x, weight, bias, scales, pads)
+def _upsample_conv3d_composite(x, weight, bias, scale_factor, padding):
+    return _upsample_conv3d(x, weight, bias, scale_factor, padding)
 
 
 _ONEDNN = torch.backends.mkldnn.is_available()  # read once: torch.compile does not trace the call
 
 
-def _upsample_conv3d_cpu(x, weight, bias, scales, pads):
+def _upsample_conv3d_cpu(x, weight, bias, scale_factor, padding):
     """The convolutions through oneDNN (float32 and bfloat16; aten's own choice for the others)."""
     onednn = _ONEDNN and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-    return _upsample_conv3d(x, weight, bias, scales, pads, onednn=onednn)
+    return _upsample_conv3d(x, weight, bias, scale_factor, padding, onednn=onednn)
+
+
+# ---------------------------------------------------------------------------------------------
+# kernel launchers (derivation of the phase GEMM: kernels/upsample_conv3d.py)
+
+def _packed_weight(weight: Tensor, scales, pads) -> tuple[Tensor, tuple[int, int, int]]:
+    """Per phase, the taps that land on the same x position summed (fp32; fp64 for fp64), as the kernels
+    read them: (ST * SH * SW, KFT, KFH, KFW, C, CO) contiguous, and (KFT, KFH, KFW)."""
+    folds = [_fold_axis(s, k, pads[4 - 2 * d]) for d, (s, k) in enumerate(zip(scales, weight.shape[2:]))]
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    mt, mh, mw = (torch.tensor(f[2], dtype=acc, device=weight.device) for f in folds)  # (S, KF, K) per axis
+    kf = tuple(f[1] for f in folds)
+    packed = torch.einsum("rai,sbj,tck,oxijk->rstabcxo", mt, mh, mw, weight.to(acc))
+    return packed.reshape(-1, *kf, *weight.shape[1::-1]).to(weight.dtype).contiguous(), kf
+
+
+def _upsample_conv3d_triton(x, weight, bias, scale_factor, padding):
+    import triton
+
+    from fastgen.kernels.upsample_conv3d import _upsample_conv3d_fwd_kernel
+
+    packed, kf = _packed_weight(weight, scale_factor, padding)
+    n, c = x.shape[:2]
+    co = weight.shape[0]
+    outs = _out_size(x.shape, weight.shape[2:], scale_factor, padding)
+    per_phase = [-(-o // s) for o, s in zip(outs, scale_factor)]
+    positions = n * per_phase[0] * per_phase[1] * per_phase[2]
+    out = torch.empty((n, co, *outs), dtype=x.dtype, device=x.device, memory_format=memory_format(x))
+    emulate_bf16 = x.dtype == torch.bfloat16 and _INTERPRET
+    block_n = max(16, min(64, triton.next_power_of_2(co)))
+    # upsample_conv2d's nearest tiles (its register notes: tools/triton_aot.py checks these). Three axes of
+    # source indices cost registers: fp16/bf16 with channels strided (NCDHW) spilled 8-88 B at 4 warps.
+    if x.dtype == torch.float32:
+        block_m, block_k, launch = 32, 16, dict(num_warps=4, num_stages=_fp32_stages())
+    else:
+        block_m, block_k = 64, max(16, min(32, triton.next_power_of_2(c)))
+        launch = dict(num_warps=8) if x.stride(1) != 1 else {}
+    grid = (triton.cdiv(positions, block_m), triton.cdiv(co, block_n), scale_factor[0] * scale_factor[1] * scale_factor[2])
+    _upsample_conv3d_fwd_kernel[grid](
+        x, packed, bias.contiguous() if bias is not None else packed, out,  # bias read as contiguous
+        n, c, *x.shape[2:], co, *outs, *per_phase, *x.stride(), *out.stride(), padding[4], padding[2], padding[0],
+        ST=scale_factor[0], SH=scale_factor[1], SW=scale_factor[2], KFT=kf[0], KFH=kf[1], KFW=kf[2],
+        HAS_BIAS=bias is not None,
+        # bf16 under the interpreter: fp32 tiles and rounding by hand (kernels/upsample_conv2d.py's launcher)
+        DOT_IN_FP32=x.dtype == torch.float32 or emulate_bf16, EMULATE_BF16=emulate_bf16,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, M_FITS_INT32=positions + block_m < INT32_INDICES,
+        **launch,
+    )
+    return out
+
+
+def _upsample_conv3d_cuda(x, weight, bias, scale_factor, padding):
+    packed, _ = _packed_weight(weight, scale_factor, padding)
+    return torch.ops.fastgen._upsample_conv3d_fused(x, packed, bias, list(scale_factor), list(padding),
+                                                    list(weight.shape[2:]))
+
+
+# ---------------------------------------------------------------------------------------------
+# registration: `backend` is always a concrete name here (resolved by the public function).
+
+def _fake_upsample_conv3d(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale_factor: list[int],
+                          padding: list[int], backend: str) -> Tensor:
+    _check_upsample_conv3d(x, weight, bias, scale_factor, padding)
+    return torch.empty((x.shape[0], weight.shape[0], *_out_size(x.shape, weight.shape[2:], scale_factor, padding)),
+                       dtype=x.dtype, device=x.device, memory_format=memory_format(x))
+
+
+def _setup_context_upsample_conv3d(ctx, inputs, output):
+    x, weight, bias, scale_factor, padding, _ = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+    ctx.args = (tuple(scale_factor), tuple(padding))
+
+
+def _backward_upsample_conv3d(ctx, grad: Tensor):
+    """aten's convolution backward of the composite's plan (each step differentiable and lowered by
+    XLA, so double backward works): the fold's adjoint for the weights, no upsampled clip."""
+    x, weight = ctx.saved_tensors
+    scales, pads = ctx.args
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    plan = _plan(x.shape, weight.shape[2:], scales, pads)
+    ones, mask = [1, 1, 1], [need_x, need_w, False]
+    gx = gw = None
+    if plan.kind == "transposed":
+        crop = plan.crop
+        g = F.pad(grad, (0, crop[2], 0, crop[1], 0, crop[0])) if any(crop) else grad
+        gxp, gwt, _ = torch.ops.aten.convolution_backward(
+            g, _pad(x, plan.pre), _transposed_weight(weight, plan.taps), None, list(scales), list(plan.padding), ones,
+            True, list(plan.output_padding), 1, mask)
+        if need_w:
+            acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+            gw = _apply_taps(gwt.to(acc), [list(zip(*m)) for m in plan.taps]).to(weight.dtype)  # the adjoint
+    else:
+        xp = _pad(x if plan.kind == "conv" else F.interpolate(x, scale_factor=scales, mode="nearest"), plan.pre)
+        gxp, gw, _ = torch.ops.aten.convolution_backward(
+            grad, xp, weight, None, ones, list(plan.padding), ones, False, [0, 0, 0], 1, mask)
+    if need_x:
+        gx = _unpad(gxp, plan.pre)
+        if plan.kind == "upsampled":  # the adjoint of nearest upsampling: each block of S summed
+            for d, s in enumerate(scales):
+                gx = gx.unflatten(2 + d, (gx.shape[2 + d] // s, s)).sum(3 + d) if s > 1 else gx
+    gb = grad.sum((0, 2, 3, 4)) if need_b and ctx.has_bias else None
+    return gx, gw, gb, None, None, None
 
 
 SPEC = define(OpSpec(
     name="upsample_conv3d", public=upsample_conv3d,
-    impls={"composite": Impl(_upsample_conv3d_composite), "cpu": Impl(_upsample_conv3d_cpu)},
+    impls={"composite": Impl(_upsample_conv3d_composite), "cpu": Impl(_upsample_conv3d_cpu),
+           "triton": Impl(_upsample_conv3d_triton, NO_FLOAT64),
+           "cuda": Impl(_upsample_conv3d_cuda, kernels=("_upsample_conv3d_fused",))},
     auto={"cpu": ("cpu", "composite")},
+    custom_op=True,
     examples=(
         Example("upsample_conv3d_causal", lambda: (torch.randn(1, 4, 3, 5, 6), torch.randn(6, 4, 3, 3, 3) / 6,
                                                    torch.randn(6)), {"padding": (1, 1, 1, 1, 2, 0)}, (0, 1, 2)),
