@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ._common import _round_to_bf16
-from .activation import _activate
+from .activation import _activate, _activate_grad
 
 
 @triton.jit(do_not_specialize=['L', 'C'])  # sizes: one compiled variant, not one per size class
@@ -60,3 +60,79 @@ def _rms_norm_act_fwd_kernel(
         if EMULATE_BF16:
             y = _round_to_bf16(y)
         tl.store(out_rows + offs_c[None, :] * stride_oc, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# Backward. With xhat = x r, z = xhat w + b, gz = dy act'(z) and g = gz w:
+#   dw = sum over samples and positions of gz xhat, db = sum of gz (each program writes its tile's sums:
+#   the host adds them up), dx = r (g - xhat mean_c(g xhat)), where r depends on x; with clamp only where
+#   rms > eps (r eps < 1), elsewhere r = 1 / eps is constant and dx = r g.
+@triton.jit
+def _rms_norm_act_grad_tile(dy_ptr, x_ptr, w_ptr, b_ptr, offs_l, mask_l, offs_c, r, C,
+                            stride_dl, stride_dc, stride_xl, stride_xc, SLOPE,
+                            HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr):
+    """(xhat, gz, g) of one tile of positions x channels, fp32; zero outside."""
+    mask_c = offs_c < C
+    mask = mask_l[:, None] & mask_c[None, :]
+    x = tl.load(x_ptr + offs_l[:, None] * stride_xl + offs_c[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + offs_l[:, None] * stride_dl + offs_c[None, :] * stride_dc, mask=mask, other=0.0).to(tl.float32)
+    xhat = x * r[:, None]
+    z = xhat
+    g_scale = tl.full([1, 1], 1.0, tl.float32)
+    if HAS_WEIGHT:
+        g_scale = tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+        z = z * g_scale
+    if HAS_BIAS:
+        z = z + tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    gz = dy * _activate_grad(z, ACT, SLOPE)  # dy is 0 outside: so is gz
+    return xhat, gz, gz * g_scale
+
+
+@triton.jit(do_not_specialize=['L', 'C'])  # sizes: one compiled variant, not one per size class
+def _rms_norm_act_bwd_kernel(
+    dy_ptr, x_ptr, dx_ptr,  # (N, L, C) through strides; dx written when NEED_X
+    w_ptr, b_ptr,           # (C,) contiguous (x itself when absent: never read)
+    r_ptr,                  # (N, L) fp32, contiguous: the forward's
+    dw_ptr, db_ptr,         # (N, blocks of L, C) fp32, contiguous: this program's sums of gz xhat and gz
+    L, C,
+    stride_dn, stride_dl, stride_dc,
+    stride_xn, stride_xl, stride_xc,
+    stride_gn, stride_gl, stride_gc,
+    INV_C, EPS, SLOPE,  # 1 / C; clamp's eps
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,          # activation code (fastgen.activations)
+    CLAMP: tl.constexpr,        # F.normalize's form: r depends on x only where rms > eps
+    NEED_X: tl.constexpr,
+    EMULATE_BF16: tl.constexpr,  # bf16 under the interpreter, whose fp32 -> bf16 cast truncates
+    BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    n = tl.program_id(1).to(tl.int64)
+    pid_l = tl.program_id(0)
+    offs_l = pid_l.to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L).to(tl.int64)
+    mask_l = offs_l < L
+    r = tl.load(r_ptr + n * L + offs_l, mask=mask_l, other=0.0)
+    dy_rows, x_rows = dy_ptr + n * stride_dn, x_ptr + n * stride_xn
+    part = (n * tl.num_programs(0) + pid_l) * C
+    proj = tl.zeros([BLOCK_L], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)  # c * stride_c reaches C * T * H * W: past int32
+        xhat, gz, g = _rms_norm_act_grad_tile(dy_rows, x_rows, w_ptr, b_ptr, offs_l, mask_l, offs_c, r, C,
+                                              stride_dl, stride_dc, stride_xl, stride_xc, SLOPE,
+                                              HAS_WEIGHT, HAS_BIAS, ACT)
+        tl.store(dw_ptr + part + offs_c, tl.sum(gz * xhat, axis=0), mask=offs_c < C)
+        tl.store(db_ptr + part + offs_c, tl.sum(gz, axis=0), mask=offs_c < C)
+        proj += tl.sum(g * xhat, axis=1)
+    if NEED_X:
+        proj = proj * INV_C
+        if CLAMP:
+            proj = tl.where(r * EPS < 1.0, proj, 0.0)
+        dx_rows = dx_ptr + n * stride_gn
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+            xhat, gz, g = _rms_norm_act_grad_tile(dy_rows, x_rows, w_ptr, b_ptr, offs_l, mask_l, offs_c, r, C,
+                                                  stride_dl, stride_dc, stride_xl, stride_xc, SLOPE,
+                                                  HAS_WEIGHT, HAS_BIAS, ACT)
+            dx = r[:, None] * (g - xhat * proj[:, None])
+            if EMULATE_BF16:
+                dx = _round_to_bf16(dx)
+            tl.store(dx_rows + offs_l[:, None] * stride_gl + offs_c[None, :] * stride_gc,
+                     dx.to(dx_ptr.dtype.element_ty), mask=mask_l[:, None] & (offs_c < C)[None, :])

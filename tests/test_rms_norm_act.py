@@ -85,6 +85,27 @@ def test_backward(backend, device, dtype, clamp, layout, activation):
         assert_close_grad(g, e, dtype)
 
 
+@pytest.mark.parametrize("backend,device", FAST)
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "channels-last"])
+def test_backward_over_channel_chunks_position_blocks_and_clamped_rows(backend, device, affine, layout):
+    """40 channels (two chunks of the Triton kernels' 32), 189 positions a sample (several blocks, the
+    last partial), the first frame below eps (clamp: r constant there), with and without affine."""
+    skip_unavailable(backend, device)
+    x, w, b = make((2, 40, 3, 7, 9), torch.float32, device, layout == "channels-last", affine=(affine, affine))
+    with torch.no_grad():
+        x[:, :, 0] *= 1e-9
+    params = [t.requires_grad_(True) for t in (x, w, b) if t is not None]
+    out = rms_norm_act(x, w, b, 1e-6, "silu", clamp=True, backend=backend)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, params, grad)
+    x64, w64, b64 = f64(x, w, b)
+    want = torch.autograd.grad(rms_norm_act_ref(x64, w64, b64, 1e-6, "silu", clamp=True),
+                               [t for t in (x64, w64, b64) if t is not None], grad.double())
+    for g, e in zip(got, want, strict=True):
+        assert_close_grad(g, e, torch.float32)
+
+
 def test_clamped_rows_below_eps():
     """Positions whose RMS is below eps (zero padding, blank frames) are divided by eps, and their
     gradient has no normalization term (F.normalize's clamp); the others are normalized."""
@@ -167,5 +188,11 @@ def test_triton_launches_batches_past_the_grid_limit_in_chunks(monkeypatch):
         pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1")
     monkeypatch.setattr(module, "_MAX_GRID_Y", 2)
     x, w, b = make((5, 6, 3, 4), torch.float32)
+    x.requires_grad_(True)
     out = rms_norm_act(x, w, b, 1e-5, "silu", clamp=True, backend="triton")
-    assert_close(out, rms_norm_act_ref(*f64(x, w, b), 1e-5, "silu", clamp=True), torch.float32)
+    x64, w64, b64 = f64(x, w, b)
+    want = rms_norm_act_ref(x64, w64, b64, 1e-5, "silu", clamp=True)
+    assert_close(out, want, torch.float32)
+    grad = torch.randn_like(out)  # the backward kernel is launched in chunks too
+    assert_close_grad(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(want, x64, grad.double())[0],
+                      torch.float32)

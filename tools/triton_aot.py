@@ -225,12 +225,13 @@ def cases(full=False, quick=False):
             _run(lambda: ops.pixel_norm(x, backend="triton"), [x])
         yield "pixel_norm", tag, pixel_norm
 
-        for o in configs(full, {"act": norm_acts, "affine": (True, False), "clamp": (True, False)}, "act"):
+        for o in configs(full, {"act": norm_acts, "affine": (True, False), "clamp": (True, False),
+                                "x_grad": (True, False)}, "act"):
             def rms_norm(o=o, dtype=dtype, layout=layout, shape=shape):
-                x = _tensor(shape, dtype, layout, True)
+                x = _tensor(shape, dtype, layout, o["x_grad"] or not o["affine"])  # the backward without dx too
                 wb = [_tensor((shape[1],), dtype, "", True) for _ in range(2)] if o["affine"] else [None, None]
                 _run(lambda: ops.rms_norm_act(x, *wb, 1e-6, o["act"], clamp=o["clamp"], backend="triton"),
-                     [x] + [t for t in wb if t is not None])
+                     [t for t in (x, *wb) if t is not None and t.requires_grad])
             yield "rms_norm_act", f"{tag}/{o}", rms_norm
 
         ushape = (n, c, max(h, 4), max(w, 4))

@@ -18,7 +18,8 @@ from torch import Tensor
 
 from fastgen.activations import activation as activation_row, check_activation, torch_layer
 from fastgen.dispatch import _EXT_WHY, _INTERPRET, select
-from fastgen.ops._registry import EAGER_IN_LOW_PRECISION, KERNELS_FIRST, NO_FLOAT64, Example, Impl, OpSpec, call, define
+from fastgen.ops._registry import (EAGER_IN_LOW_PRECISION, KERNELS_FIRST, NO_FLOAT64, Example, Impl, OpSpec, call,
+                                   define, on_device)
 from fastgen.ops._util import as_ncl, check_affine, check_floating, check_tensor, memory_format, opmath_dtype
 
 
@@ -138,6 +139,35 @@ def _rms_norm_act_triton(x, weight, bias, eps, clamp, act, slope):
 _MAX_GRID_Y = 65535
 
 
+def _rms_norm_act_backward_triton(grad, x, r, weight, bias, eps, clamp, act_code, slope, need_x):
+    import triton
+
+    from fastgen.kernels.rms_norm_act import _rms_norm_act_bwd_kernel
+
+    fmt = memory_format(x)
+    dy = grad.contiguous(memory_format=fmt)
+    xv, dv = (as_ncl(t).transpose(1, 2) for t in (x, dy))  # (N, L, C)
+    n, length, c = xv.shape
+    dx = torch.empty_like(x, memory_format=fmt) if need_x else x.new_empty((0,))
+    gv = as_ncl(dx).transpose(1, 2) if need_x else xv
+    weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
+    # half the forward's tile: x, dy and their derivatives live at once
+    block_c = min(32, triton.next_power_of_2(c))
+    block_l = max(16, min(64, 1024 // block_c))
+    blocks = triton.cdiv(length, block_l)
+    parts = torch.empty((2, n, blocks, c), device=x.device, dtype=torch.float32)
+    r = r.float().contiguous()
+    for n0 in range(0, n, _MAX_GRID_Y):
+        rows = slice(n0, n0 + _MAX_GRID_Y)
+        xs, ds, gs = xv[rows], dv[rows], gv[rows] if need_x else xv[rows]
+        _rms_norm_act_bwd_kernel[(blocks, xs.shape[0])](
+            ds, xs, gs, weight if weight is not None else xs, bias if bias is not None else xs, r[rows],
+            parts[0, rows], parts[1, rows], length, c, *ds.stride(), *xs.stride(), *gs.stride(), 1.0 / c, eps, slope,
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT=act_code, CLAMP=clamp, NEED_X=need_x,
+            EMULATE_BF16=x.dtype == torch.bfloat16 and _INTERPRET, BLOCK_L=block_l, BLOCK_C=block_c, num_warps=8)
+    return dx, parts[0].sum((0, 1)), parts[1].sum((0, 1))
+
+
 def _rms_norm_act_kernel(x, weight, bias, eps, clamp, act, slope):
     """The C++ kernel of x's device: csrc/rms_norm_act.cpp (CPU), csrc/rms_norm_act.cu (CUDA)."""
     return torch.ops.fastgen._rms_norm_act_fused(x, weight, bias, eps, clamp, activation_row(act).code, slope)
@@ -164,16 +194,16 @@ def _setup_context_rms_norm_act(ctx, inputs, output):
 def _backward_rms_norm_act(ctx, grad: Tensor, _grad_r):
     """xhat = x r, z = xhat w + b, gz = dy act'(z): dw = sum gz xhat, db = sum gz, and with g = gz w,
     dx = r (g - xhat mean_c(g xhat)) where r depends on x (clamp: where rms > eps), else r g. The cpu
-    backend's first-order backward is its fused C++ kernel (two passes, from the forward's r); the
-    others are aten math, which lowers on XLA and is differentiable itself: under create_graph, r is
-    recomputed from x."""
+    and triton backends' first-order backward is their fused kernel (two passes, from the forward's r:
+    csrc/rms_norm_act.cpp, kernels/rms_norm_act.py); the others' (composite, cuda) is aten math, which
+    lowers on XLA and is differentiable itself: under create_graph, r is recomputed from x."""
     x, weight, bias, r = ctx.saved_tensors
     eps, clamp, act, slope, backend = ctx.args
     need = ctx.needs_input_grad
     concrete = not any(isinstance(s, torch.SymInt) for s in x.shape)
-    if backend == "cpu" and not torch.is_grad_enabled() and x.device.type == "cpu" and concrete:
-        gx, gw, gb = torch.ops.fastgen._rms_norm_act_backward(grad, x, r, weight, bias, eps, clamp,
-                                                              activation_row(act).code, slope, need[0])
+    if not torch.is_grad_enabled() and concrete and (backend == "triton" or backend == "cpu" and x.device.type == "cpu"):
+        fused = rms_norm_act_backward_triton if backend == "triton" else torch.ops.fastgen._rms_norm_act_backward
+        gx, gw, gb = fused(grad, x, r, weight, bias, eps, clamp, activation_row(act).code, slope, need[0])
         return (gx if need[0] else None, gw.to(weight.dtype) if need[1] and weight is not None else None,
                 gb.to(bias.dtype) if need[2] and bias is not None else None, None, None, None, None, None)
     r = _inverse_rms(x, eps, clamp) if torch.is_grad_enabled() else r.view(x.shape[0], 1, *x.shape[2:])
@@ -192,12 +222,24 @@ def _backward_rms_norm_act(ctx, grad: Tensor, _grad_r):
     return gx, gw, gb, None, None, None, None, None
 
 
-def _fake_backward(grad, x, rstd, weight, bias, eps, clamp, activation, negative_slope, need_x):
+def _fake_backward(grad, x, r, weight, bias, eps, clamp, activation, negative_slope, need_x):
     dx = torch.empty_like(x, memory_format=memory_format(x)) if need_x else x.new_empty((0,))
     stat = x.new_empty((x.shape[1],), dtype=opmath_dtype(x.dtype))
     return dx, stat, torch.empty_like(stat)
 
 
+@torch.library.custom_op("fastgen::rms_norm_act_backward_triton", mutates_args=())
+def rms_norm_act_backward_triton(grad: Tensor, x: Tensor, r: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                                 eps: float, clamp: bool, activation: int, negative_slope: float,
+                                 need_x: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The triton backend's first-order backward kernel as one op that torch.compile's backward graph can
+    hold (as fastgen::_rms_norm_act_backward holds the C++ one): dx (empty unless need_x), and per channel
+    sum(gz * xhat) and sum(gz) in fp32, gz = grad * act'(z)."""
+    with on_device(x):
+        return _rms_norm_act_backward_triton(grad, x, r, weight, bias, eps, clamp, activation, negative_slope, need_x)
+
+
+rms_norm_act_backward_triton.register_fake(_fake_backward)
 if not _EXT_WHY:  # the C++ backward kernel op, traced by torch.compile's backward graph: its shape rule
     torch.library.register_fake("fastgen::_rms_norm_act_backward")(_fake_backward)
 
