@@ -4,7 +4,7 @@ The norm of the video VAEs (Wan, QwenImage: `F.normalize(x, dim=1) * sqrt(C) * g
 HunyuanVideo 1.5: RMSNorm over channels) followed by SiLU. Eager runs it as five to seven passes
 over the activation map (norm, clamp, divide, scale, gamma, bias, activation); the fused kernels
 read x twice (once from cache) and write once. 4-D and 5-D, contiguous or channels-last. Kernels:
-kernels/rms_norm_act.py (Triton), csrc/rms_norm_act.cpp (C++ CPU), csrc/rms_norm_act.cu (CUDA forward).
+kernels/rms_norm_act.py (Triton), csrc/rms_norm_act.cpp (C++ CPU), csrc/rms_norm_act.cu (CUDA).
 """
 
 from __future__ import annotations
@@ -193,15 +193,15 @@ def _setup_context_rms_norm_act(ctx, inputs, output):
 
 def _backward_rms_norm_act(ctx, grad: Tensor, _grad_r):
     """xhat = x r, z = xhat w + b, gz = dy act'(z): dw = sum gz xhat, db = sum gz, and with g = gz w,
-    dx = r (g - xhat mean_c(g xhat)) where r depends on x (clamp: where rms > eps), else r g. The cpu
-    and triton backends' first-order backward is their fused kernel (two passes, from the forward's r:
-    csrc/rms_norm_act.cpp, kernels/rms_norm_act.py); the others' (composite, cuda) is aten math, which
-    lowers on XLA and is differentiable itself: under create_graph, r is recomputed from x."""
+    dx = r (g - xhat mean_c(g xhat)) where r depends on x (clamp: where rms > eps), else r g. The cpu,
+    cuda and triton backends' first-order backward is their fused kernel (two passes, from the forward's
+    r: csrc/rms_norm_act.cpp, .cu, kernels/rms_norm_act.py); the composite's is aten math, which lowers
+    on XLA and is differentiable itself: under create_graph, r is recomputed from x."""
     x, weight, bias, r = ctx.saved_tensors
     eps, clamp, act, slope, backend = ctx.args
     need = ctx.needs_input_grad
     concrete = not any(isinstance(s, torch.SymInt) for s in x.shape)
-    if not torch.is_grad_enabled() and concrete and (backend == "triton" or backend == "cpu" and x.device.type == "cpu"):
+    if not torch.is_grad_enabled() and concrete and (backend == "triton" or backend == x.device.type):  # cpu, cuda
         fused = rms_norm_act_backward_triton if backend == "triton" else torch.ops.fastgen._rms_norm_act_backward
         gx, gw, gb = fused(grad, x, r, weight, bias, eps, clamp, activation_row(act).code, slope, need[0])
         return (gx if need[0] else None, gw.to(weight.dtype) if need[1] and weight is not None else None,
@@ -248,7 +248,7 @@ SPEC = define(OpSpec(
     name="rms_norm_act", public=rms_norm_act,
     impls={"composite": Impl(_rms_norm_act_composite), "triton": Impl(_rms_norm_act_triton, NO_FLOAT64),
            "cpu": Impl(_rms_norm_act_kernel, kernels=("_rms_norm_act_fused", "_rms_norm_act_backward")),
-           "cuda": Impl(_rms_norm_act_kernel, kernels=("_rms_norm_act_fused",))},
+           "cuda": Impl(_rms_norm_act_kernel, kernels=("_rms_norm_act_fused", "_rms_norm_act_backward"))},
     custom_op=True,
     auto={**KERNELS_FIRST, **EAGER_IN_LOW_PRECISION},
     examples=(Example("rms_norm_act", lambda: (torch.randn(2, 8, 5, 6), torch.randn(8), torch.randn(8)),
