@@ -27,6 +27,15 @@ def _floordiv(a, b):
     return tl.where(a >= 0, a // b, -((-a + b - 1) // b))
 
 
+@triton.jit
+def _accumulate(acc, a_tile, w_tap, offs_k, mask_k, offs_n, mask_n, CO, DOT_IN_FP32: tl.constexpr):
+    """acc + a_tile @ the weights' (K tile x N tile) of one tap, w_tap (C, CO) contiguous."""
+    w_tile = tl.load(w_tap + offs_k[:, None] * CO + offs_n[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+    if DOT_IN_FP32:  # exact IEEE fp32 products (no TF32)
+        return acc + tl.dot(a_tile.to(tl.float32), w_tile.to(tl.float32), input_precision="ieee")
+    return acc + tl.dot(a_tile, w_tile)
+
+
 @triton.jit(do_not_specialize=['N', 'C', 'H', 'W', 'CO', 'HOUT', 'WOUT', 'HM', 'WM'])  # sizes: one compiled variant, not one per size class
 def _upsample_conv2d_fwd_kernel(
     x_ptr,  # (N, C, H, W), any strides
@@ -107,12 +116,7 @@ def _upsample_conv2d_fwd_kernel(
                     a_tile = v.to(x_ptr.dtype.element_ty)
             else:
                 a_tile = tl.load(x_base[:, None] + ch + off00[:, None], mask=mask_a, other=0.0)
-            w_tile = tl.load(w_tap + offs_k[:, None] * CO + offs_n[None, :],
-                             mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            if DOT_IN_FP32:
-                acc += tl.dot(a_tile.to(tl.float32), w_tile.to(tl.float32), input_precision="ieee")
-            else:
-                acc += tl.dot(a_tile, w_tile)
+            acc = _accumulate(acc, a_tile, w_tap, offs_k, mask_k, offs_n, mask_n, CO, DOT_IN_FP32)
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ._common import _round_to_bf16
-from .upsample_conv2d import _floordiv
+from .upsample_conv2d import _accumulate, _floordiv
 
 
 @triton.jit(do_not_specialize=['N', 'C', 'T', 'H', 'W', 'CO', 'TOUT', 'HOUT', 'WOUT', 'TM', 'HM', 'WM',
@@ -76,12 +76,7 @@ def _upsample_conv3d_fwd_kernel(
             mask_k = offs_k < C
             a_tile = tl.load(x_base[:, None] + offs_k[None, :].to(tl.int64) * stride_xc + offs_x[:, None],
                              mask=valid[:, None] & mask_k[None, :], other=0.0)
-            w_tile = tl.load(w_tap + offs_k[:, None] * CO + offs_n[None, :],
-                             mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            if DOT_IN_FP32:
-                acc += tl.dot(a_tile.to(tl.float32), w_tile.to(tl.float32), input_precision="ieee")
-            else:
-                acc += tl.dot(a_tile, w_tile)
+            acc = _accumulate(acc, a_tile, w_tap, offs_k, mask_k, offs_n, mask_n, CO, DOT_IN_FP32)
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]

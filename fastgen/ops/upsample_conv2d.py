@@ -266,6 +266,20 @@ def _fp32_stages() -> int:
 INT32_INDICES = 2 ** 31  # pixel indices below this are divided in int32 (tools/triton_aot.py lowers it once)
 
 
+def _tiles(dtype: torch.dtype, c: int, co: int, eight_warps: bool) -> tuple[int, int, int, dict]:
+    """The implicit GEMM's (BLOCK_M, BLOCK_N, BLOCK_K, launch options), for upsample_conv2d and
+    upsample_conv3d. Registers, checked at every block size (tools/triton_aot.py): fp32 products go
+    through FMAs, not tensor cores, and the pipeline's stages sit in registers: 64 x 32 tiles spilled
+    4-628 B at every warp/stage setting tried on sm_80 or sm_90; 32 x 16 tiles with 4 warps none
+    (_fp32_stages). fp16/bf16: 64-position tiles on tensor cores, 8 warps where the caller's gather needs them."""
+    import triton
+
+    block_n = max(16, min(64, triton.next_power_of_2(co)))
+    if dtype == torch.float32:
+        return 32, block_n, 16, dict(num_warps=4, num_stages=_fp32_stages())
+    return 64, block_n, max(16, min(32, triton.next_power_of_2(c))), dict(num_warps=8) if eight_warps else {}
+
+
 def _upsample_conv2d_triton(x, weight, bias, scale, mode, padding):
     import triton
 
@@ -280,17 +294,9 @@ def _upsample_conv2d_triton(x, weight, bias, scale, mode, padding):
     hm, wm = (hout, wout) if bilinear else (-(-hout // scale), -(-wout // scale))
     out = torch.empty((n, co, hout, wout), dtype=x.dtype, device=x.device, memory_format=memory_format(x))
     emulate_bf16 = x.dtype == torch.bfloat16 and _INTERPRET
-    block_n = max(16, min(64, triton.next_power_of_2(co)))
-    # Registers, checked at every block size (tools/triton_aot.py). fp32 products go through FMAs, not
-    # tensor cores, and the pipeline's stages sit in registers: 64 x 32 tiles spilled 4-628 B at every
-    # warp/stage setting tried on sm_80 or sm_90; 32 x 16 tiles with 4 warps none (_fp32_stages). Bilinear gathers
-    # four values per A element: with 4 warps fp16/bf16 NCHW spilled up to 832 B at a K tile of 32, 8 none;
-    # channels_last (channels contiguous) none with 4, but 4 B on sm_80 with 8.
-    if x.dtype == torch.float32:
-        block_m, block_k, launch = 32, 16, dict(num_warps=4, num_stages=_fp32_stages())
-    else:
-        block_m, block_k = 64, max(16, min(32, triton.next_power_of_2(c)))
-        launch = dict(num_warps=8) if bilinear and x.stride(1) != 1 else {}  # NCHW bilinear: 8 warps
+    # Bilinear gathers four values per A element: with 4 warps fp16/bf16 NCHW spilled up to 832 B at a K
+    # tile of 32, 8 none; channels_last (channels contiguous) none with 4, but 4 B on sm_80 with 8.
+    block_m, block_n, block_k, launch = _tiles(x.dtype, c, co, eight_warps=bilinear and x.stride(1) != 1)
     grid = (triton.cdiv(n * hm * wm, block_m), triton.cdiv(co, block_n), phases * phases)
     _upsample_conv2d_fwd_kernel[grid](
         x, packed, bias.contiguous() if bias is not None else packed, out,  # bias read as contiguous

@@ -30,7 +30,7 @@ from torch import Tensor
 from fastgen.dispatch import _INTERPRET, select
 from fastgen.ops._registry import NO_FLOAT64, Example, Impl, OpSpec, call, define
 from fastgen.ops._util import check_floating, check_tensor, memory_format
-from fastgen.ops.upsample_conv2d import INT32_INDICES, _fold_axis, _fp32_stages
+from fastgen.ops.upsample_conv2d import INT32_INDICES, _fold_axis, _tiles
 
 
 def upsample_conv3d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, scale_factor=1, padding=0, *,
@@ -263,14 +263,9 @@ def _upsample_conv3d_triton(x, weight, bias, scale_factor, padding):
     positions = n * per_phase[0] * per_phase[1] * per_phase[2]
     out = torch.empty((n, co, *outs), dtype=x.dtype, device=x.device, memory_format=memory_format(x))
     emulate_bf16 = x.dtype == torch.bfloat16 and _INTERPRET
-    block_n = max(16, min(64, triton.next_power_of_2(co)))
-    # upsample_conv2d's nearest tiles (its register notes: tools/triton_aot.py checks these). Three axes of
-    # source indices cost registers: fp16/bf16 with channels strided (NCDHW) spilled 8-88 B at 4 warps.
-    if x.dtype == torch.float32:
-        block_m, block_k, launch = 32, 16, dict(num_warps=4, num_stages=_fp32_stages())
-    else:
-        block_m, block_k = 64, max(16, min(32, triton.next_power_of_2(c)))
-        launch = dict(num_warps=8) if x.stride(1) != 1 else {}
+    # Three axes of source indices cost registers: fp16/bf16 with channels strided (NCDHW) spilled 8-88 B
+    # at 4 warps, none at 8 (tools/triton_aot.py)
+    block_m, block_n, block_k, launch = _tiles(x.dtype, c, co, eight_warps=x.stride(1) != 1)
     grid = (triton.cdiv(positions, block_m), triton.cdiv(co, block_n), scale_factor[0] * scale_factor[1] * scale_factor[2])
     _upsample_conv3d_fwd_kernel[grid](
         x, packed, bias.contiguous() if bias is not None else packed, out,  # bias read as contiguous
