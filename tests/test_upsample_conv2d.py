@@ -86,7 +86,8 @@ def test_backward(backend, device, dtype, mode, scale, fmt):
 @pytest.mark.parametrize("mode,scale", MODES)
 @pytest.mark.parametrize("padding", [None, 0, 2])
 def test_gradcheck_and_gradgradcheck(mode, scale, padding):
-    x, w, b = make((2, 3, 4, 5), 4, 3, torch.float64, grad=True)
+    # small: gradgradcheck perturbs every output element (scale 4 here: 1x3x12x16)
+    x, w, b = make((1, 2, 3, 4), 3, 3, torch.float64, grad=True)
     f = lambda x, w, b: upsample_conv2d(x, w, b, scale_factor=scale, mode=mode, padding=padding,
                                         backend="composite")
     assert torch.autograd.gradcheck(f, (x, w, b))

@@ -13,7 +13,7 @@ echo "== the benchmark files, once each at their quick shapes (--benchmark-disab
 python -m pytest benchmarks -q -p no:cacheprovider --benchmark-disable
 echo "== GPU code without a GPU: every Triton variant compiled for sm_80 and sm_90, with the CUDA kernels' resources"
 env -u TRITON_INTERPRET python "$root/tools/triton_aot.py" --out "$root/build/gpu-resources.json"
-echo "== the same with the GPU machine's Triton (3.6.0), sm_90, one activation and size class (--quick); Blackwell (sm_100, sm_120) reported, not gated"
+echo "== the same with the GPU machine's Triton (3.6.0), sm_90, one activation and size class (--quick)"
 # a small environment on top of the main one: its own Triton first, then the main site-packages (torch, fastgen)
 t36=$HOME/.cache/fastgen/triton-3.6.0
 if [ ! -f "$t36/.complete" ]; then
@@ -22,7 +22,8 @@ if [ ! -f "$t36/.complete" ]; then
   echo "import site; site.addsitedir('$(purelib python)')" > "$(purelib "$t36/bin/python")/zz-main.pth"
   touch "$t36/.complete"
 fi
-env -u TRITON_INTERPRET "$t36/bin/python" "$root/tools/triton_aot.py" --arch 90 --quick --report-arch 100,120 \
+# (Blackwell, reported and never gated, is left to the record's refresh: README, GPU code checked without a GPU)
+env -u TRITON_INTERPRET "$t36/bin/python" "$root/tools/triton_aot.py" --arch 90 --quick \
   --out "$root/build/gpu-resources-triton3.6.json"
 echo "== the oldest-torch stage: XLA, then the op, layer and convert tests again on torch 2.9 + Triton 3.5"
 env -u TRITON_INTERPRET bash "$root/tools/test_xla.sh"
