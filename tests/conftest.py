@@ -6,6 +6,8 @@ import zlib
 import pytest
 import torch
 
+from all_pairs import all_pairs
+
 # hypothesis profiles (tests/test_properties.py): quick by default; --hypothesis-profile=deep for long
 # runs. (The XLA stage's environment has no hypothesis and runs no property test.)
 if importlib.util.find_spec("hypothesis"):
@@ -56,3 +58,24 @@ def no_tf32():
 def fresh_seed(request):
     # different random inputs in every test, reproducible from the test's id
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+# The oldest-torch stage (tools/test_xla.sh) reruns the suite to catch what differs between torch and
+# Triton versions: an API, a lowering, an interpreter's behaviour. Those show with each pair of
+# parameter values (backend x dtype, backend x layout, ...), not only with every product of them (the
+# main run has those), so there it runs an all-pairs subset of each parametrized test.
+def pytest_addoption(parser):
+    parser.addoption("--all-pairs", action="store_true",
+                     help="run an all-pairs subset of each parametrized test: every pair of values of any two "
+                          "of its parameters at least once, not every combination; the rest is deselected")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--all-pairs"):
+        return
+    # the cases that run without a GPU cover first, so a skipped GPU case never stands in for them
+    cases = sorted(items, key=lambda it: it.get_closest_marker("cuda") is not None)
+    keep = {id(it) for it in all_pairs(cases, lambda it: ((it.path, it.originalname),
+                                                           getattr(it, "callspec", None) and it.callspec.params))}
+    config.hook.pytest_deselected(items=[it for it in items if id(it) not in keep])
+    items[:] = [it for it in items if id(it) in keep]

@@ -6,7 +6,9 @@
 #   1. XLA: every op and layer on an XLA device (torch_xla on the CPU, PJRT_DEVICE=CPU) against CPU
 #      eager, with no CPU fallback allowed;
 #   2. the main test suite again, on the oldest torch and Triton README promises: every op, layer and
-#      generic convert test; not the 2^31-element tests (the same C++ as in the main run, and minutes
+#      generic convert test, each parametrized one on an all-pairs subset of its cases (--all-pairs,
+#      tests/conftest.py: every pair of parameter values at least once; the main run has every
+#      combination); not the 2^31-element tests (the same C++ as in the main run, and minutes
 #      of it), nor the whole-model files (diffusers' autoencoders through convert, the training
 #      command, the benchmark harness, the GPU script's tooling: Python over the same ops, 10 minutes
 #      together; the main run has them) -- CI's 45-minute budget.
@@ -24,6 +26,6 @@ cd "$copy"
 echo "== XLA (torch $(python -c 'import torch; print(torch.__version__)'))"
 python -m pytest tests/xla -q -p no:cacheprovider -rs "$@"
 echo "== the main tests on torch $(python -c 'import torch, triton; print(torch.__version__, "+ Triton", triton.__version__)')"
-python -m pytest tests -q -p no:cacheprovider --ignore=tests/xla \
+python -m pytest tests -q -p no:cacheprovider --all-pairs --ignore=tests/xla \
   --ignore=tests/test_huge.py --ignore=tests/test_convert_diffusers.py --ignore=tests/test_train.py \
   --ignore=tests/test_bench.py --ignore=tests/test_gpu_check.py --ignore=tests/test_models_vae.py "$@"
