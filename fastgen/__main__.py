@@ -58,7 +58,13 @@ def main(argv=None) -> int:
     train.add_argument("--unfused", action="store_true", help="train the plain torch build instead (a baseline)")
     train.add_argument("--out", default=None, help="where the samples, loss plot and checkpoint go (default runs/<model>)")
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    train.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    train.add_argument("--device", default="cpu", choices=("cpu", "cuda", "xla"),
+                       help="xla: torch_xla's device (a TPU; PJRT_DEVICE=CPU for its CPU client)")
+    train.add_argument("--xla-devices", type=int, default=1,
+                       help="with --device xla: SPMD data parallelism over this many XLA devices (the batch, "
+                            "--batch per device, sharded; one process)")
+    train.add_argument("--fsdp", action="store_true",
+                       help="with --xla-devices N: also shard the parameters (torch_xla's SPMD FSDP)")
     train.add_argument("--dtype", default="float32", choices=("float32", "float64"),
                        help="float64: for checking against the unfused build")
     train.add_argument("--seed", type=int, default=0)

@@ -21,12 +21,18 @@ def main(args) -> int:
         import os
 
         os.environ["FASTGEN_DEVICE"] = "cuda"
+    if args.device != "xla" and (args.xla_devices != 1 or args.fsdp):
+        raise SystemExit("--xla-devices and --fsdp need --device xla")
+    if args.xla_devices < 1 or (args.fsdp and args.xla_devices == 1):
+        raise SystemExit(f"--xla-devices must be >= 1 (and > 1 with --fsdp), got {args.xla_devices}")
     rank, world = distributed()
     run = train(args.model, args.steps, args.batch, args.backend, not args.unfused, args.out, args.resume,
-                args.device, getattr(torch, args.dtype), args.seed)
+                args.device, getattr(torch, args.dtype), args.seed, xla_devices=args.xla_devices, fsdp=args.fsdp)
     if rank == 0:
         final = ", ".join(f"{k} {v:.4f}" for k, v in run["final"].items())
-        print(f"{args.model}: {run['steps']} steps, {world} process(es), {run['seconds']:.0f} s "
+        where = f"{args.xla_devices} XLA device(s){' (FSDP)' if args.fsdp else ''}" if args.device == "xla" else \
+            f"{world} process(es)"
+        print(f"{args.model}: {run['steps']} steps, {where}, {run['seconds']:.0f} s "
               f"(median step {run['median_step_ms']:.0f} ms); "
               f"final (mean of the last 20 steps): {final}; wrote {args.out or f'runs/{args.model}'}/"
               "{samples.png, losses.png, checkpoint.pt, summary.json}")

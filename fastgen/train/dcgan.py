@@ -40,7 +40,7 @@ class DCGAN(Recipe):
             loss_G = F.softplus(-self.plain(self.D)(fake)).mean()
         loss_G.backward()
         self.opt_G.step()
-        return {"loss_D": (loss_fake + loss_real).item(), "loss_G": loss_G.item()}
+        return {"loss_D": (loss_fake + loss_real).detach(), "loss_G": loss_G.detach()}
 
     @torch.no_grad()
     def samples(self, z: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The training loop behind `python -m fastgen train`: one process, or several under torchrun
-(torch.distributed: gloo on the CPU, NCCL on GPUs), a progress bar, and on rank 0 only: a PNG grid of
-samples, a PNG loss plot, a checkpoint that resumes exactly (networks, optimizers, the generators'
-state, the loss history) and a JSON summary."""
+(torch.distributed: gloo on the CPU, NCCL on GPUs), or one process on an XLA device or SPMD over a
+mesh of them (fastgen/xla.py); a progress bar, and on rank 0 only: a PNG grid of samples, a PNG loss
+plot, a checkpoint that resumes exactly (networks, optimizers, the generators' state, the loss
+history) and a JSON summary."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from fastgen import xla
 from fastgen.dispatch import use_backend
 from fastgen.train.data import Batches, digits
 from fastgen.train.dcgan import DCGAN
@@ -36,35 +38,47 @@ def distributed() -> tuple[int, int]:
 def train(model: str, steps: int | None = None, batch: int | None = None, backend: str = "auto",
           fused: bool = True, out: str | None = None, resume: bool = False, device: str = "cpu",
           dtype: torch.dtype = torch.float32, seed: int = 0, ranks: list[int] | None = None,
-          world: int | None = None, progress: bool = True) -> dict:
+          world: int | None = None, progress: bool = True, xla_devices: int = 1, fsdp: bool = False) -> dict:
     """Train `model` ("dcgan", "stylegan2", "vae") on the digits; returns the run's summary. `batch` is
-    per process. `ranks`/`world` emulate a distributed run's ranks in this one process (tests: the
-    ranks' batches concatenated are the distributed run's whole batch)."""
+    per process (per XLA device with xla_devices > 1: SPMD over a mesh of them, the batch sharded,
+    the networks replicated or, fsdp, sharded). `ranks`/`world` emulate a distributed run's ranks in
+    this one process (tests: the ranks' batches concatenated are the distributed run's whole batch)."""
     recipe_cls = RECIPES[model]
     steps = steps or recipe_cls.defaults["steps"]
     batch = batch or recipe_cls.defaults["batch"]
     rank, real_world = distributed()
+    if xla_devices > 1:  # SPMD: one program over the mesh, the whole batch of xla_devices ranks
+        ranks, world = list(range(xla_devices)), xla_devices
     ranks, world = (ranks, world) if ranks is not None else ([rank], real_world)
-    dev = torch.device(device, rank % torch.cuda.device_count()) if device == "cuda" else torch.device(device)
+    if device == "cuda":
+        dev = torch.device(device, rank % torch.cuda.device_count())
+    else:
+        dev = xla.device(xla_devices) if device == "xla" else torch.device(device)
     out_dir = Path(out or f"runs/{model}")
     ckpt_path = out_dir / "checkpoint.pt"
     torch.manual_seed(seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    recipe = recipe_cls(fused, dev, dtype, real_world)
+    mesh = xla.mesh(xla_devices, "fsdp" if fsdp else "data") if xla_devices > 1 else None
+    recipe = recipe_cls(fused, dev, dtype, real_world, mesh, fsdp)
     batches = Batches(digits(), batch, ranks, world, seed)
     history, start = {name: [] for name in recipe.losses}, 0
     torch.manual_seed(seed + 1 + rank)  # the models' own noise (StyleGAN2's noise inputs), per rank
     if resume:
-        state = torch.load(ckpt_path, map_location=dev, weights_only=False)
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         recipe.load_state_dict(state["recipe"])
         history, start = state["history"], state["step"]
         torch.set_rng_state(state["rng"])
     t0 = time.perf_counter()
     bar = _bar(range(start, steps), rank == 0 and progress, f"{model} ({'fused, ' + backend if fused else 'unfused'})")
     step_ms = []
+    watch = xla.Watch() if xla.is_xla(dev) else None
     with use_backend(backend):
         for t in bar:
             t1 = time.perf_counter()
             losses = recipe.step(t, recipe.cast(batches.reals(t)), batches)
+            xla.end_step(dev)  # on XLA: the step's graph compiled (once per kind of step) and run
+            losses = xla.fetch(losses)
+            if watch:
+                watch.mark()
             step_ms.append((time.perf_counter() - t1) * 1e3)
             for name in recipe.losses:
                 history[name].append(losses[name])
@@ -72,18 +86,31 @@ def train(model: str, steps: int | None = None, batch: int | None = None, backen
                 bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()}, refresh=False)
     seconds = time.perf_counter() - t0
     summary = {"model": model, "fused": fused, "backend": backend, "steps": steps, "batch_per_process": batch,
-               "processes": real_world, "device": str(dev), "seconds": seconds,
+               "processes": real_world, "xla_devices": xla_devices if device == "xla" else 0,
+               "device": str(dev), "seconds": seconds,
                "median_step_ms": statistics.median(step_ms[1:] or step_ms) if step_ms else None,
-               "final": {k: _tail_mean(v) for k, v in history.items()}}
+               "final": {k: _tail_mean(v) for k, v in history.items()},
+               **({"xla": watch.summary()} if watch else {})}
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        torch.save({"recipe": recipe.state_dict(), "history": history, "step": steps, "rng": torch.get_rng_state(),
+        torch.save({"recipe": _on_cpu(recipe.state_dict()), "history": history, "step": steps, "rng": torch.get_rng_state(),
                     "config": {"model": model, "batch": batch, "fused": fused, "seed": seed}}, ckpt_path)
         z = torch.randn(GRID * GRID, *recipe.sample_shape(), generator=torch.Generator().manual_seed(seed))
         save_grid(recipe.samples(z), out_dir / "samples.png")
         save_loss_plot(history, out_dir / "losses.png", f"{model} on digits, {real_world} process(es)")
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return {**summary, "history": history, "recipe": recipe}
+
+
+def _on_cpu(state):
+    """A checkpoint's tensors on the CPU (XLA tensors do not pickle; any device loads these)."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu()
+    if isinstance(state, dict):
+        return {k: _on_cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_on_cpu(v) for v in state)
+    return state
 
 
 def _tail_mean(values: list[float], n: int = 20) -> float:

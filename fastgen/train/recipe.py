@@ -3,7 +3,9 @@
 A recipe subclasses Recipe and has:
     name, defaults ({"steps": ..., "batch": ...}), losses (the names step() returns, in order)
     build(fused)            makes its networks through self.module(...) and its optimizers
-    step(t, reals, batches) one training step on this process's batch; returns {loss name: float};
+    step(t, reals, batches) one training step on this process's batch; returns {loss name: a detached
+                            scalar tensor or float} (the loop reads them after the step ends: no
+                            .item() mid-step, which would cut an XLA step's graph in two);
                             every random draw comes from batches.randn(t, salt, ...) (reproducible,
                             sharded like the data) or, inside the models, the global generator
     samples(z)              images in [-1, 1] from latents of shape (n, *sample_shape())
@@ -19,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from fastgen import xla
 from fastgen.nn import BatchNormAct2d
 
 
@@ -27,15 +30,20 @@ class Recipe:
     defaults: dict = {}
     losses: tuple = ()
 
-    def __init__(self, fused: bool, device: torch.device, dtype: torch.dtype = torch.float32, world: int = 1):
-        self.device, self.dtype, self.world = device, dtype, world
+    def __init__(self, fused: bool, device: torch.device, dtype: torch.dtype = torch.float32, world: int = 1,
+                 mesh=None, fsdp: bool = False):
+        self.device, self.dtype, self.world, self.mesh, self.fsdp = device, dtype, world, mesh, fsdp
         self.build(fused)
 
     def module(self, m: nn.Module) -> nn.Module:
         """m on the run's device and dtype; in a distributed run its batch norms synchronized
         (fastgen's BatchNormAct2d(sync=True), nn.SyncBatchNorm for the plain build) and the whole
-        wrapped in DistributedDataParallel."""
+        wrapped in DistributedDataParallel. Under SPMD (a mesh of XLA devices) the program is the
+        whole batch's: batch statistics are already global; the parameters are replicated, or with
+        fsdp sharded by torch_xla's SPMD FSDP."""
         m = m.to(self.device, self.dtype)
+        if self.mesh is not None:
+            return _spmd_fsdp(m, self.mesh) if self.fsdp else m
         if self.world == 1:
             return m
         m = _synchronized(m)
@@ -43,10 +51,12 @@ class Recipe:
 
     @staticmethod
     def plain(m: nn.Module) -> nn.Module:
-        return m.module if isinstance(m, DistributedDataParallel) else m
+        return m.module if isinstance(m, DistributedDataParallel) or type(m).__name__ == "SpmdFullyShardedDataParallel" else m
 
     def cast(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(self.device, self.dtype)
+        """A batch (images, noise) on the run's device; under SPMD sharded along the batch."""
+        t = t.to(self.device, self.dtype)
+        return t if self.mesh is None else xla.shard_batch(t, self.mesh)
 
     @staticmethod
     @contextlib.contextmanager
@@ -74,6 +84,18 @@ class Recipe:
         for k, v in self.state().items():
             v.load_state_dict(state["parts"][k])
         self.load_extra_state(state["extra"])
+
+
+def _spmd_fsdp(m: nn.Module, mesh) -> nn.Module:
+    from torch_xla.experimental.spmd_fully_sharded_data_parallel import SpmdFullyShardedDataParallel
+
+    def shard_output(out, mesh):  # every batched output along the batch (FSDP's default: the first one,
+        # scalars too: the VAE's loss module returns two)
+        for t in out if isinstance(out, tuple) else (out,):
+            if t.dim() > 0:
+                xla.shard_batch(t, mesh)
+
+    return SpmdFullyShardedDataParallel(m, mesh=mesh, shard_output=shard_output)
 
 
 def _synchronized(m: nn.Module) -> nn.Module:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastgen.models import StyleGAN2Discriminator, StyleGAN2Generator
+from fastgen import xla
 from fastgen.train.recipe import Recipe
 
 Z_DIM = 64
@@ -47,6 +48,13 @@ class StyleGAN2(Recipe):
     losses = ("loss_D", "loss_G", "r1", "pl")
 
     def build(self, fused: bool):
+        if self.mesh is not None:
+            # the batch sharded over XLA devices reaches the grouped convolutions whose groups are the
+            # batch (the modulated convolution, fused or not in its backward, and the FIR filters): XLA's
+            # SPMD partitioner (torch_xla 2.9) fails on them ("output feature dimension ... divisible by
+            # feature_group_count"); one XLA device, or several processes, train it
+            raise NotImplementedError("stylegan2 does not train under SPMD (--xla-devices > 1) on torch_xla: "
+                                      "XLA's partitioner fails on its batch-grouped convolutions")
         G = StyleGAN2Generator(Z_DIM, 0, Z_DIM, 32, 1, mapping_kwargs={"num_layers": 2}, channel_base=1024,
                                channel_max=32, fused=fused)
         self.G_ema = copy.deepcopy(G).eval().requires_grad_(False).to(self.device, self.dtype)
@@ -67,7 +75,7 @@ class StyleGAN2(Recipe):
             loss_G = F.softplus(-D_plain(img, None)).mean()
         loss_G.backward()
         if t % PL_EVERY == 0:
-            self.last["pl"] = self.path_length(t, batches, n).item()
+            self.last["pl"] = self.path_length(t, batches, n).detach()
         self.opt_G.step()
         # D: generated images, then the real ones (with R1 every R1_EVERY steps)
         self.opt_D.zero_grad(set_to_none=True)
@@ -83,7 +91,7 @@ class StyleGAN2(Recipe):
         if do_r1:
             r1 = self.r1_penalty(logits, real)
             loss = loss + (r1 * (R1_GAMMA / 2)).mean() * R1_EVERY
-            self.last["r1"] = r1.mean().item()
+            self.last["r1"] = r1.mean().detach()
         loss.backward()
         self.opt_D.step()
         with torch.no_grad():
@@ -91,7 +99,7 @@ class StyleGAN2(Recipe):
                 p_ema.lerp_(p, 1 - EMA_BETA)
             for b_ema, b in zip(self.G_ema.buffers(), self.plain(self.G).G.buffers()):
                 b_ema.copy_(b)
-        return {"loss_D": (loss_fake + loss_real).item(), "loss_G": loss_G.item(), **self.last}
+        return {"loss_D": (loss_fake + loss_real).detach(), "loss_G": loss_G.detach(), **self.last}
 
     @staticmethod
     def r1_penalty(logits: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -132,7 +140,7 @@ class StyleGAN2(Recipe):
                 "opt_D": self.opt_D}
 
     def extra_state(self) -> dict:
-        return {"pl_mean": self.pl_mean, "last": dict(self.last)}
+        return {"pl_mean": self.pl_mean, "last": xla.fetch(self.last)}
 
     def load_extra_state(self, state: dict) -> None:
         self.pl_mean, self.last = state["pl_mean"].to(self.device, self.dtype), dict(state["last"])

@@ -48,7 +48,7 @@ class VAE(Recipe):
         loss = recon + kl
         loss.backward()
         self.opt.step()
-        return {"loss": loss.item(), "recon": recon.item(), "kl": kl.item()}
+        return {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach()}
 
     @torch.no_grad()
     def samples(self, z: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,97 @@
+"""`python -m fastgen train --device xla`: the recipes on one XLA device follow the CPU run with the
+same seeds, compile one graph per kind of step (not per step) and run nothing on the CPU; with
+--xla-devices 4 (SPMD: the batch sharded over 4 XLA CPU devices, one process) and --fsdp (torch_xla's
+SPMD FSDP: the parameters sharded too) the parameters equal a one-device run on the whole batch.
+
+Run by tools/test_xla.sh in the XLA environment (torch_xla on the CPU); README's TPU section."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastgen import xla
+from fastgen.train.loop import train
+
+DEVICE = xla.device()
+
+
+# (model, dtype, tolerance of the losses over 20 steps). float64: XLA's run is the CPU's (bit for bit
+# here). float32: XLA:CPU's float32 rounding differs from eager's by more than eager's own (DCGAN's
+# losses 1e-5 apart at step 3, 2e-2 at step 18, where eager float32 vs float64 stays under 4e-4;
+# the same run in float64 is exact), and a GAN's 20 Adam steps amplify it; the VAE stays within 2e-3.
+# (XLA:CPU's float64 is slow: 8 steps there.)
+FOLLOWS = [("dcgan", torch.float64, 8, 1e-9), ("dcgan", torch.float32, 20, 5e-2), ("vae", torch.float32, 20, 2e-3)]
+
+
+@pytest.mark.parametrize("model,dtype,steps,tol", FOLLOWS, ids=["dcgan-float64", "dcgan-float32", "vae-float32"])
+def test_training_on_xla_follows_the_cpu_run(model, dtype, steps, tol, tmp_path):
+    cpu = train(model, steps, 4, out=tmp_path / "cpu", device="cpu", dtype=dtype, progress=False)
+    run = train(model, steps, 4, out=tmp_path / "xla", device="xla", dtype=dtype, progress=False)
+    for name, want in cpu["history"].items():
+        torch.testing.assert_close(torch.tensor(run["history"][name]), torch.tensor(want), rtol=tol, atol=tol,
+                                   msg=lambda m: f"{model} {name}: {m}")
+    report = run["xla"]
+    assert report["fallbacks"] == {}
+    # the first step's graph, the second's (the optimizer's state exists from then on), then no more
+    graphs = report["graphs_after_step"]
+    assert graphs[2] == graphs[-1], f"graphs compiled after each step: {graphs}"
+    summary = json.loads((tmp_path / "xla" / "summary.json").read_text())
+    assert summary["xla"]["graphs_compiled"] == graphs[-1]
+    assert (tmp_path / "xla" / "samples.png").stat().st_size > 0
+
+
+def test_stylegan2_compiles_a_graph_per_kind_of_step_not_per_step(tmp_path):
+    """Lazy regularization: R1 every 16 steps, the path-length penalty every 4; steps 0-5 are of three
+    kinds (0: both, 1-3 and 5: neither, 4: path length); only a new kind compiles."""
+    run = train("stylegan2", 6, 4, out=tmp_path / "xla", device="xla", progress=False)
+    cpu = train("stylegan2", 6, 4, out=tmp_path / "cpu", device="cpu", progress=False)
+    graphs = run["xla"]["graphs_after_step"]
+    assert run["xla"]["fallbacks"] == {}
+    assert graphs[1] == graphs[2] == graphs[3] and graphs[4] == graphs[5], f"graphs after each step: {graphs}"
+    assert graphs[0] < graphs[1] < graphs[4], f"graphs after each step: {graphs}"
+    for name, want in cpu["history"].items():
+        torch.testing.assert_close(torch.tensor(run["history"][name]), torch.tensor(want), rtol=5e-3, atol=5e-3,
+                                   equal_nan=True, msg=lambda m: f"stylegan2 {name}: {m}")
+
+
+def _spmd_run(tmp_path, model, steps, fsdp):
+    """`python -m fastgen train ... --device xla --xla-devices 4` in its own process (SPMD must be chosen
+    before the process's first XLA tensor; this one has them), float64, 2 images per device."""
+    out = tmp_path / ("fsdp" if fsdp else "spmd")
+    env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "4"}
+    cmd = [sys.executable, "-m", "fastgen", "train", "--model", model, "--device", "xla", "--xla-devices", "4",
+           "--steps", str(steps), "--batch", "2", "--dtype", "float64", "--out", str(out)] + (["--fsdp"] if fsdp else [])
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("model,steps,fsdp", [("dcgan", 3, False), ("dcgan", 3, True), ("vae", 2, True)],
+                         ids=["dcgan-spmd", "dcgan-fsdp", "vae-fsdp"])
+def test_four_xla_devices_equal_one_device_on_the_whole_batch(model, steps, fsdp, tmp_path):
+    """Batch statistics included: DCGAN's BatchNormAct2d sees the global batch under SPMD (the running
+    statistics are compared too), as sync=True makes it under DDP."""
+    out = _spmd_run(tmp_path, model, steps, fsdp)
+    one = train(model, steps, 2, out=tmp_path / "one", device="cpu", dtype=torch.float64, ranks=[0, 1, 2, 3], world=4,
+                progress=False)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["xla_devices"] == 4 and summary["xla"]["fallbacks"] == {}
+    spmd = torch.load(out / "checkpoint.pt", weights_only=False)["recipe"]["parts"]
+    for net, state in one["recipe"].state_dict()["parts"].items():
+        if net.startswith("opt"):
+            continue
+        for key, want in state.items():
+            if want.is_floating_point():  # 1e-9: float64 through a few Adam steps (which amplify rounding)
+                torch.testing.assert_close(spmd[net][key], want.cpu(), rtol=1e-9, atol=1e-9, msg=lambda m: f"{net}.{key}: {m}")
+    assert one["final"] == pytest.approx(summary["final"], rel=1e-9)
+
+
+def test_stylegan2_under_spmd_is_refused_with_the_reason():
+    from fastgen.train.stylegan2 import StyleGAN2
+
+    with pytest.raises(NotImplementedError, match="partitioner"):
+        StyleGAN2(True, torch.device("cpu"), mesh=object())
