@@ -82,6 +82,10 @@ def main(argv=None) -> int:
 
         return fv.main(args.device, args.out, args.ops.split(",") if args.ops else None, timed=not args.untimed,
                        isolate=not args.in_process, budget=args.budget)
+    if args.device == "xla":  # fused vs unfused on torch_xla: compile, graphs, fallbacks, HLO
+        from fastgen.bench import xla as bench_xla
+
+        return bench_xla.main(args)
     if args.models:
         from fastgen.bench import models
         from fastgen.bench.harness import environment
