@@ -105,7 +105,8 @@ def test_stylegan2_r1_and_path_length_penalties_on_xla():
 
 
 def test_converted_autoencoder_kl_on_xla():
-    """diffusers' AutoencoderKL through fastgen.convert: encode and decode on XLA, no fallback."""
+    """diffusers' AutoencoderKL through fastgen.convert: encode and decode on XLA, and the decoder's
+    parameter gradients, against the original on the CPU; no fallback."""
     import fastgen
     from diffusers import AutoencoderKL
 
@@ -113,17 +114,21 @@ def test_converted_autoencoder_kl_on_xla():
     model = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                           up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
                           latent_channels=4, norm_num_groups=4, sample_size=16).eval()
-    converted = fastgen.convert(copy.deepcopy(model))
+    converted = fastgen.convert(copy.deepcopy(model)).to(DEVICE)
     assert len(converted.fastgen_report.fused) > 5
     x = torch.randn(2, 3, 16, 16)
+
+    def encode_decode(m, x):
+        out = m.decode(m.encode(x).latent_dist.mean).sample
+        return [out] + list(torch.autograd.grad(out.square().mean(), list(m.decoder.parameters())))
+
     watch = xla.Watch()
-    with torch.no_grad():
-        converted = converted.to(DEVICE)
-        got = converted.decode(converted.encode(x.to(DEVICE)).latent_dist.mean).sample
-        xla.end_step(DEVICE)
-        want = model.decode(model.encode(x).latent_dist.mean).sample
+    got = encode_decode(converted, x.to(DEVICE))
+    xla.end_step(DEVICE)
     assert watch.summary()["fallbacks"] == {}
-    torch.testing.assert_close(got.cpu(), want, **TOL)
+    want = encode_decode(model, x)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        torch.testing.assert_close(g.cpu(), w.detach(), **TOL, msg=lambda m: f"tensor {i}: {m}")
 
 
 def test_the_fallback_check_catches_an_op_without_a_lowering():
