@@ -49,12 +49,12 @@ class StyleGAN2(Recipe):
 
     def build(self, fused: bool):
         if self.mesh is not None:
-            # the batch sharded over XLA devices reaches the grouped convolutions whose groups are the
-            # batch (the modulated convolution, fused or not in its backward, and the FIR filters): XLA's
-            # SPMD partitioner (torch_xla 2.9) fails on them ("output feature dimension ... divisible by
-            # feature_group_count"); one XLA device, or several processes, train it
-            raise NotImplementedError("stylegan2 does not train under SPMD (--xla-devices > 1) on torch_xla: "
-                                      "XLA's partitioner fails on its batch-grouped convolutions")
+            # with the batch sharded over XLA devices, XLA's SPMD partitioner (torch_xla 2.9) fails on
+            # grouped convolutions of this step ("output feature dimension ... divisible by
+            # feature_group_count"), with the fused modulated convolution and with the per-sample form
+            # alike; one XLA device, or several processes (DDP), train it
+            raise NotImplementedError("stylegan2 does not train under SPMD (--xla-devices > 1) on torch_xla 2.9: "
+                                      "XLA's SPMD partitioner fails on grouped convolutions of its step")
         G = StyleGAN2Generator(Z_DIM, 0, Z_DIM, 32, 1, mapping_kwargs={"num_layers": 2}, channel_base=1024,
                                channel_max=32, fused=fused)
         self.G_ema = copy.deepcopy(G).eval().requires_grad_(False).to(self.device, self.dtype)
