@@ -84,14 +84,19 @@ def _on_xla(inputs, grad_of, backward: bool):
     return [t.detach().to(device).requires_grad_(backward and i in grad_of) for i, t in enumerate(inputs)]
 
 
-def _call(fn, xs, grad_of, backward: bool):
+def _call(fn, wrt: list[torch.Tensor], backward: bool):
+    """call() -> fn()'s output and, backward, the gradients of a loss on it w.r.t. wrt (those it uses)."""
     def call():
-        out = fn(*xs)
+        out = fn()
         if not backward:
             return [out.detach()]
-        grads = torch.autograd.grad(out.float().square().mean(), [xs[i] for i in grad_of])
-        return [out.detach(), *grads]
+        grads = torch.autograd.grad(out.float().square().mean(), wrt, allow_unused=True)
+        return [out.detach(), *[g for g in grads if g is not None]]
     return call
+
+
+def _max_abs_diff(outs: dict) -> float:
+    return max(float((a.cpu() - b.cpu()).abs().max()) for a, b in zip(outs["fused"], outs["unfused"], strict=True))
 
 
 def op_rows(ops: list[str] | None, full: bool, passes: list[str], reps: int) -> list[dict]:
@@ -108,10 +113,9 @@ def op_rows(ops: list[str] | None, full: bool, passes: list[str], reps: int) -> 
                 outs = {}
                 for name, fn in (("unfused", suite.eager), ("fused", suite.fused(None))):
                     xs = _on_xla(inputs, suite.grad_of, backward)
-                    row["providers"][name], outs[name] = measure(_call(lambda *a, fn=fn: fn(*a, shape), xs,
-                                                                       suite.grad_of, backward), reps)
-                row["max_abs_diff"] = max(float((a.cpu() - b.cpu()).abs().max())
-                                          for a, b in zip(outs["fused"], outs["unfused"], strict=True))
+                    call = _call(lambda fn=fn, xs=xs: fn(*xs, shape), [xs[i] for i in suite.grad_of], backward)
+                    row["providers"][name], outs[name] = measure(call, reps)
+                row["max_abs_diff"] = _max_abs_diff(outs)
                 rows.append(row)
     return rows
 
@@ -168,18 +172,9 @@ def model_rows(names: list[str] | None, passes: list[str], reps: int) -> list[di
             for label, model in (("unfused", unfused), ("fused", fused)):
                 model = model.to(xla.device()).train(backward)
                 xs = _on_xla(inputs, (), False)
-                params = list(model.parameters())
-
-                def call(model=model, xs=xs, params=params):
-                    out = run(model, *xs)
-                    if not backward:
-                        return [out.detach()]
-                    return [out.detach(), *torch.autograd.grad(out.square().mean(), params, allow_unused=True)]
-
-                figures, results = measure(lambda call=call: [t for t in call() if t is not None], reps)
-                row["providers"][label], outs[label] = figures, results
-            row["max_abs_diff"] = max(float((a.cpu() - b.cpu()).abs().max())
-                                      for a, b in zip(outs["fused"], outs["unfused"], strict=True))
+                call = _call(lambda model=model, xs=xs: run(model, *xs), list(model.parameters()), backward)
+                row["providers"][label], outs[label] = measure(call, reps)
+            row["max_abs_diff"] = _max_abs_diff(outs)
             rows.append(row)
     return rows
 

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastgen.models import StyleGAN2Discriminator, StyleGAN2Generator
 from fastgen import xla
+from fastgen.models import StyleGAN2Discriminator, StyleGAN2Generator
 from fastgen.train.recipe import Recipe
 
 Z_DIM = 64
