@@ -47,6 +47,25 @@ def shard_batch(t: torch.Tensor, data_mesh) -> torch.Tensor:
     return t
 
 
+def manual_seed(device, seed: int) -> None:
+    """Seed torch_xla's random generator (what draws random tensors made on the device: StyleGAN2's
+    noise inputs); torch.manual_seed does not reach it. Nothing off XLA."""
+    if is_xla(device):
+        import torch_xla.core.xla_model as xm
+
+        xm.set_rng_state(seed, str(device))
+
+
+def rng_state(device) -> int | None:
+    """torch_xla's random generator's state (an int: it advances with each draw), for a checkpoint;
+    None off XLA."""
+    if not is_xla(device):
+        return None
+    import torch_xla.core.xla_model as xm
+
+    return xm.get_rng_state(str(device))
+
+
 def end_step(device) -> None:
     """Compile (once per distinct graph) and run what this step recorded; nothing off XLA."""
     if is_xla(device):

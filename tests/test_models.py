@@ -5,6 +5,7 @@ interpreter at small sizes), fp32 and bf16, both memory formats; state dicts loa
 import copy
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -183,6 +184,31 @@ def test_stylegan2_draws_the_image_the_paper_describes(fused):
     assert not torch.allclose(none, g(z, None, noise_mode="const"))
     cut = g(z, None, truncation_psi=0.5, truncation_cutoff=2, noise_mode="const")
     assert cut.shape == (3, 3, 32, 32) and not torch.allclose(cut, g(z, None, truncation_psi=0.5, noise_mode="const"))
+
+
+def test_stylegan2_fused_modconv_inference_only(monkeypatch):
+    """The official training configs' fused_modconv_default="inference_only" (the training recipe's):
+    in training the per-sample scales around one shared-weight convolution, in eval the grouped
+    convolution; the same images as the default generator either way, images and gradients."""
+    mc = sys.modules["fastgen.ops.modulated_conv2d"]  # the module (fastgen.ops.modulated_conv2d is the function)
+    groups = []
+    conv = mc.conv2d_resample
+    monkeypatch.setattr(mc, "conv2d_resample", lambda *a: groups.append(a[6]) or conv(*a))
+    torch.manual_seed(0)
+    g = StyleGAN2Generator(16, 0, 16, 16, 3, channel_base=256, channel_max=32).double()
+    h = StyleGAN2Generator(16, 0, 16, 16, 3, channel_base=256, channel_max=32, fused_modconv_default="inference_only")
+    h.double().load_state_dict(g.state_dict())
+    z = torch.randn(3, 16, dtype=torch.float64)
+    for mode, want_groups in ((True, {1}), (False, {3})):
+        g.train(mode), h.train(mode)
+        want = g(z, None, noise_mode="const")
+        groups.clear()
+        got = h(z, None, noise_mode="const")
+        assert set(groups) == want_groups, f"train={mode}: convolution groups {set(groups)}"
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-9)
+    (grad_g,) = torch.autograd.grad(g(z, None, noise_mode="const").square().sum(), g.synthesis.b8.conv0.weight)
+    (grad_h,) = torch.autograd.grad(h.train()(z, None, noise_mode="const").square().sum(), h.synthesis.b8.conv0.weight)
+    torch.testing.assert_close(grad_h, grad_g, atol=1e-10, rtol=1e-9)
 
 
 def test_stylegan2_class_conditioning_and_w_avg_update():

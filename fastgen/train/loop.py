@@ -62,11 +62,14 @@ def train(model: str, steps: int | None = None, batch: int | None = None, backen
     batches = Batches(digits(), batch, ranks, world, seed)
     history, start = {name: [] for name in recipe.losses}, 0
     torch.manual_seed(seed + 1 + rank)  # the models' own noise (StyleGAN2's noise inputs), per rank
+    xla.manual_seed(dev, seed + 1 + rank)  # on XLA drawn by torch_xla's generator, which that does not seed
     if resume:
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         recipe.load_state_dict(state["recipe"])
         history, start = state["history"], state["step"]
         torch.set_rng_state(state["rng"])
+        if state.get("xla_rng") is not None:
+            xla.manual_seed(dev, state["xla_rng"])
     t0 = time.perf_counter()
     bar = _bar(range(start, steps), rank == 0 and progress, f"{model} ({'fused, ' + backend if fused else 'unfused'})")
     step_ms = []
@@ -94,6 +97,7 @@ def train(model: str, steps: int | None = None, batch: int | None = None, backen
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         torch.save({"recipe": _on_cpu(recipe.state_dict()), "history": history, "step": steps, "rng": torch.get_rng_state(),
+                    "xla_rng": xla.rng_state(dev),
                     "config": {"model": model, "batch": batch, "fused": fused, "seed": seed}}, ckpt_path)
         z = torch.randn(GRID * GRID, *recipe.sample_shape(), generator=torch.Generator().manual_seed(seed))
         save_grid(recipe.samples(z), out_dir / "samples.png")

@@ -26,15 +26,19 @@ EMA_BETA = 0.99
 
 class _WithWs(nn.Module):
     """G's forward returning the images and the dlatents ws, so that the path-length penalty can
-    differentiate through the one forward DistributedDataParallel sees."""
+    differentiate through the one forward DistributedDataParallel sees. wrap, when given, wraps G's
+    mapping and synthesis each (torch_xla's SPMD FSDP: a wrapper around the pair would put both
+    outputs behind one backward hook, which cuts ws from the images); G itself stays unwrapped, its
+    state dict that of a plain generator."""
 
-    def __init__(self, G: StyleGAN2Generator):
+    def __init__(self, G: StyleGAN2Generator, wrap=None):
         super().__init__()
         self.G = G
+        self.mapping, self.synthesis = (wrap(G.mapping), wrap(G.synthesis)) if wrap else (G.mapping, G.synthesis)
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ws = self.G.mapping(z, None)
-        return self.G.synthesis(ws), ws
+        ws = self.mapping(z, None)
+        return self.synthesis(ws), ws
 
 
 def _adam(params, lr: float, every: int) -> torch.optim.Adam:
@@ -48,17 +52,20 @@ class StyleGAN2(Recipe):
     losses = ("loss_D", "loss_G", "r1", "pl")
 
     def build(self, fused: bool):
-        if self.mesh is not None:
-            # with the batch sharded over XLA devices, XLA's SPMD partitioner (torch_xla 2.9) fails on
-            # grouped convolutions of this step ("output feature dimension ... divisible by
-            # feature_group_count"), with the fused modulated convolution and with the per-sample form
-            # alike; one XLA device, or several processes (DDP), train it
-            raise NotImplementedError("stylegan2 does not train under SPMD (--xla-devices > 1) on torch_xla 2.9: "
-                                      "XLA's SPMD partitioner fails on grouped convolutions of its step")
+        if self.mesh is not None and not fused:
+            # the reference formulation convolves per sample as one grouped convolution (groups = the
+            # batch), which XLA's SPMD partitioner (torch_xla 2.9) cannot split along the batch
+            raise NotImplementedError("stylegan2 --unfused does not train under SPMD (--xla-devices > 1): its "
+                                      "reference modulated convolution is one grouped convolution over the batch, "
+                                      "which XLA's SPMD partitioner cannot shard; train it fused, or on one device")
+        # "inference_only": G trains with the per-sample modulation as activation scales around one
+        # shared-weight convolution and samples with the grouped one, as the official StyleGAN2
+        # training configs do (StyleGAN2-ADA's default, StyleGAN3's --cfg=stylegan2); the grouped
+        # form, sharded along the batch, is what XLA's SPMD partitioner cannot split
         G = StyleGAN2Generator(Z_DIM, 0, Z_DIM, 32, 1, mapping_kwargs={"num_layers": 2}, channel_base=1024,
-                               channel_max=32, fused=fused)
+                               channel_max=32, fused=fused, fused_modconv_default="inference_only")
         self.G_ema = copy.deepcopy(G).eval().requires_grad_(False).to(self.device, self.dtype)
-        self.G = self.module(_WithWs(G))
+        self.G = _WithWs(G.to(self.device, self.dtype), self.module) if self.fsdp else self.module(_WithWs(G))
         self.D = self.module(StyleGAN2Discriminator(0, 32, 1, channel_base=1024, channel_max=32, fused=fused))
         self.opt_G = _adam(self.G.parameters(), 0.0025, PL_EVERY)
         self.opt_D = _adam(self.D.parameters(), 0.0025, R1_EVERY)
@@ -130,7 +137,8 @@ class StyleGAN2(Recipe):
 
     @torch.no_grad()
     def samples(self, z: torch.Tensor) -> torch.Tensor:
-        return self.G_ema(self.cast(z), None, noise_mode="const").clamp(-1, 1)
+        # not sharded under SPMD: G_ema (eval) convolves per sample as one grouped convolution
+        return self.G_ema(z.to(self.device, self.dtype), None, noise_mode="const").clamp(-1, 1)
 
     def sample_shape(self) -> tuple:
         return (Z_DIM,)

@@ -44,27 +44,32 @@ def test_training_on_xla_follows_the_cpu_run(model, dtype, steps, tol, tmp_path)
     assert (tmp_path / "xla" / "samples.png").stat().st_size > 0
 
 
-def test_stylegan2_compiles_a_graph_per_kind_of_step_not_per_step(tmp_path):
-    """Lazy regularization: R1 every 16 steps, the path-length penalty every 4; steps 0-5 are of three
-    kinds (0: both, 1-3 and 5: neither, 4: path length); only a new kind compiles."""
-    run = train("stylegan2", 6, 4, out=tmp_path / "xla", device="xla", progress=False)
-    cpu = train("stylegan2", 6, 4, out=tmp_path / "cpu", device="cpu", progress=False)
+def test_stylegan2_follows_the_cpu_run_and_compiles_a_graph_per_kind_of_step(tmp_path):
+    """20 steps in float32. Lazy regularization: R1 every 16 steps, the path-length penalty every 4;
+    a new graph for each kind of step only: 0 (both, no optimizer state yet), 1 (neither), 4 (path
+    length), 16 (both, with the optimizer state); none for steps 2-3, 5-15, 17-19. The losses follow
+    the CPU run within 5e-2: float32 as DCGAN's, and G's noise inputs, drawn inside the model, come
+    from XLA's random generator there (the same seed, other numbers) and enter as the noise
+    strengths grow from 0 (measured: the first loss equal, 4e-4 at step 1, 6e-2 at step 19)."""
+    run = train("stylegan2", 20, 4, out=tmp_path / "xla", device="xla", progress=False)
+    cpu = train("stylegan2", 20, 4, out=tmp_path / "cpu", device="cpu", progress=False)
     graphs = run["xla"]["graphs_after_step"]
     assert run["xla"]["fallbacks"] == {}
-    assert graphs[1] == graphs[2] == graphs[3] and graphs[4] == graphs[5], f"graphs after each step: {graphs}"
-    assert graphs[0] < graphs[1] < graphs[4], f"graphs after each step: {graphs}"
+    assert graphs[0] < graphs[1] < graphs[4] < graphs[16], f"graphs after each step: {graphs}"
+    assert graphs[1] == graphs[3] and graphs[4] == graphs[15] and graphs[16] == graphs[19], f"graphs: {graphs}"
     for name, want in cpu["history"].items():
-        torch.testing.assert_close(torch.tensor(run["history"][name]), torch.tensor(want), rtol=5e-3, atol=5e-3,
+        torch.testing.assert_close(torch.tensor(run["history"][name]), torch.tensor(want), rtol=5e-2, atol=5e-2,
                                    equal_nan=True, msg=lambda m: f"stylegan2 {name}: {m}")
+    assert run["history"]["loss_G"][0] == pytest.approx(cpu["history"]["loss_G"][0], rel=1e-5)  # no noise yet
 
 
-def _spmd_run(tmp_path, model, steps, fsdp):
+def _spmd_run(tmp_path, model, steps, fsdp, dtype="float64"):
     """`python -m fastgen train ... --device xla --xla-devices 4` in its own process (SPMD must be chosen
-    before the process's first XLA tensor; this one has them), float64, 2 images per device."""
+    before the process's first XLA tensor; this one has them), 2 images per device."""
     out = tmp_path / ("fsdp" if fsdp else "spmd")
     env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "4"}
     cmd = [sys.executable, "-m", "fastgen", "train", "--model", model, "--device", "xla", "--xla-devices", "4",
-           "--steps", str(steps), "--batch", "2", "--dtype", "float64", "--out", str(out)] + (["--fsdp"] if fsdp else [])
+           "--steps", str(steps), "--batch", "2", "--dtype", dtype, "--out", str(out)] + (["--fsdp"] if fsdp else [])
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
@@ -90,8 +95,42 @@ def test_four_xla_devices_equal_one_device_on_the_whole_batch(model, steps, fsdp
     assert one["final"] == pytest.approx(summary["final"], rel=1e-9)
 
 
-def test_stylegan2_under_spmd_is_refused_with_the_reason():
+@pytest.fixture(scope="module")
+def stylegan2_on_one_device(tmp_path_factory):
+    """StyleGAN2 on one XLA device on the whole batch of 4 devices (4 x 2 images), float32."""
+    out = tmp_path_factory.mktemp("stylegan2-one")
+    return train("stylegan2", 5, 2, out=out, device="xla", ranks=[0, 1, 2, 3], world=4, progress=False)
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["spmd", "fsdp"])
+def test_stylegan2_on_four_xla_devices_equals_one_device_on_the_whole_batch(fsdp, stylegan2_on_one_device, tmp_path):
+    """Steps 0-4: R1 + path length, plain, path length with the optimizer state. Against one XLA
+    device, not the CPU: G's noise comes from XLA's random generator, the same numbers on one device
+    and under SPMD with the same seed (the losses agree to 1.2e-7, measured), and in float32:
+    XLA:CPU had not finished one float64 StyleGAN2 step on 4 devices in 17 minutes (8 GB). The
+    parameters within 1e-3 (float32 rounding moved them by up to 4e-5, measured; Adam's steps are
+    +-2e-3 here wherever a gradient is not tiny, so a wrong batch or a wrong reduction moves many
+    parameters by up to twice that), the losses within 1e-5."""
+    out = _spmd_run(tmp_path, "stylegan2", 5, fsdp, dtype="float32")
+    one = stylegan2_on_one_device
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["xla_devices"] == 4 and summary["xla"]["fallbacks"] == {}
+    history = torch.load(out / "checkpoint.pt", weights_only=False)["history"]
+    for name, want in one["history"].items():
+        torch.testing.assert_close(torch.tensor(history[name]), torch.tensor(want), rtol=1e-5, atol=1e-7,
+                                   equal_nan=True, msg=lambda m: f"{name}: {m}")
+    spmd = torch.load(out / "checkpoint.pt", weights_only=False)["recipe"]["parts"]
+    for net, state in one["recipe"].state_dict()["parts"].items():
+        if net.startswith("opt"):
+            continue
+        assert spmd[net].keys() == state.keys()  # G's checkpoint is a plain generator's, FSDP or not
+        for key, want in state.items():
+            if want.is_floating_point():
+                torch.testing.assert_close(spmd[net][key], want.cpu(), rtol=0, atol=1e-3, msg=lambda m: f"{net}.{key}: {m}")
+
+
+def test_stylegan2_unfused_under_spmd_is_refused_with_the_reason():
     from fastgen.train.stylegan2 import StyleGAN2
 
     with pytest.raises(NotImplementedError, match="partitioner"):
-        StyleGAN2(True, torch.device("cpu"), mesh=object())
+        StyleGAN2(False, torch.device("cpu"), mesh=object())
