@@ -34,11 +34,12 @@ class _WithWs(nn.Module):
     def __init__(self, G: StyleGAN2Generator, wrap=None):
         super().__init__()
         self.G = G
-        self.mapping, self.synthesis = (wrap(G.mapping), wrap(G.synthesis)) if wrap else (G.mapping, G.synthesis)
+        self.wrapped = nn.ModuleList([wrap(G.mapping), wrap(G.synthesis)]) if wrap else None
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ws = self.mapping(z, None)
-        return self.synthesis(ws), ws
+        mapping, synthesis = self.wrapped if self.wrapped is not None else (self.G.mapping, self.G.synthesis)
+        ws = mapping(z, None)
+        return synthesis(ws), ws
 
 
 def _adam(params, lr: float, every: int) -> torch.optim.Adam:
