@@ -19,6 +19,28 @@ from fastgen.train.loop import train
 DEVICE = xla.device()
 
 
+def assert_losses_close(got: dict, want: dict, tol: float, atol: float | None = None, label: str = "",
+                        equal_nan: bool = False) -> None:
+    """Every loss history of want (a run's "history") in got's, step by step (equal_nan: StyleGAN2's
+    lazy regularizers are NaN until first computed)."""
+    for name, values in want.items():
+        torch.testing.assert_close(torch.tensor(got[name]), torch.tensor(values), rtol=tol,
+                                   atol=tol if atol is None else atol, equal_nan=equal_nan,
+                                   msg=lambda m: f"{label}{name}: {m}")
+
+
+def assert_networks_close(got: dict, want: dict, rtol: float, atol: float) -> None:
+    """A checkpoint's networks (its "parts", optimizers left out) against a recipe's state: the same
+    keys, every floating tensor within the tolerance."""
+    for net, state in want.items():
+        if net.startswith("opt"):
+            continue
+        assert got[net].keys() == state.keys(), net
+        for key, value in state.items():
+            if value.is_floating_point():
+                torch.testing.assert_close(got[net][key], value.cpu(), rtol=rtol, atol=atol, msg=lambda m: f"{net}.{key}: {m}")
+
+
 # (model, dtype, tolerance of the losses over 20 steps). float64: XLA's run is the CPU's (bit for bit
 # here). float32: XLA:CPU's float32 rounding differs from eager's by more than eager's own (DCGAN's
 # losses 1e-5 apart at step 3, 2e-2 at step 18, where eager float32 vs float64 stays under 4e-4;
@@ -31,9 +53,7 @@ FOLLOWS = [("dcgan", torch.float64, 8, 1e-9), ("dcgan", torch.float32, 20, 5e-2)
 def test_training_on_xla_follows_the_cpu_run(model, dtype, steps, tol, tmp_path):
     cpu = train(model, steps, 4, out=tmp_path / "cpu", device="cpu", dtype=dtype, progress=False)
     run = train(model, steps, 4, out=tmp_path / "xla", device="xla", dtype=dtype, progress=False)
-    for name, want in cpu["history"].items():
-        torch.testing.assert_close(torch.tensor(run["history"][name]), torch.tensor(want), rtol=tol, atol=tol,
-                                   msg=lambda m: f"{model} {name}: {m}")
+    assert_losses_close(run["history"], cpu["history"], tol, label=f"{model} ")
     report = run["xla"]
     assert report["fallbacks"] == {}
     # the first step's graph, the second's (the optimizer's state exists from then on), then no more
@@ -57,9 +77,7 @@ def test_stylegan2_follows_the_cpu_run_and_compiles_a_graph_per_kind_of_step(tmp
     assert run["xla"]["fallbacks"] == {}
     assert graphs[0] < graphs[1] < graphs[4] < graphs[16], f"graphs after each step: {graphs}"
     assert graphs[1] == graphs[3] and graphs[4] == graphs[15] and graphs[16] == graphs[19], f"graphs: {graphs}"
-    for name, want in cpu["history"].items():
-        torch.testing.assert_close(torch.tensor(run["history"][name]), torch.tensor(want), rtol=5e-2, atol=5e-2,
-                                   equal_nan=True, msg=lambda m: f"stylegan2 {name}: {m}")
+    assert_losses_close(run["history"], cpu["history"], 5e-2, equal_nan=True)
     assert run["history"]["loss_G"][0] == pytest.approx(cpu["history"]["loss_G"][0], rel=1e-5)  # no noise yet
 
 
@@ -69,9 +87,7 @@ def test_stylegan2_resumes_on_xla_to_the_uninterrupted_run(tmp_path):
     whole = train("stylegan2", 4, 4, out=tmp_path / "whole", device="xla", progress=False)
     train("stylegan2", 2, 4, out=tmp_path / "parts", device="xla", progress=False)
     resumed = train("stylegan2", 4, 4, out=tmp_path / "parts", device="xla", resume=True, progress=False)
-    for name, want in whole["history"].items():
-        torch.testing.assert_close(torch.tensor(resumed["history"][name]), torch.tensor(want), rtol=1e-6, atol=1e-7,
-                                   equal_nan=True, msg=lambda m: f"{name}: {m}")
+    assert_losses_close(resumed["history"], whole["history"], 1e-6, atol=1e-7, equal_nan=True)
 
 
 def _spmd_run(tmp_path, model, steps, fsdp, dtype="float64"):
@@ -97,12 +113,8 @@ def test_four_xla_devices_equal_one_device_on_the_whole_batch(model, steps, fsdp
     summary = json.loads((out / "summary.json").read_text())
     assert summary["xla_devices"] == 4 and summary["xla"]["fallbacks"] == {}
     spmd = torch.load(out / "checkpoint.pt", weights_only=False)["recipe"]["parts"]
-    for net, state in one["recipe"].state_dict()["parts"].items():
-        if net.startswith("opt"):
-            continue
-        for key, want in state.items():
-            if want.is_floating_point():  # 1e-9: float64 through a few Adam steps (which amplify rounding)
-                torch.testing.assert_close(spmd[net][key], want.cpu(), rtol=1e-9, atol=1e-9, msg=lambda m: f"{net}.{key}: {m}")
+    # 1e-9: float64 through a few Adam steps (which amplify rounding)
+    assert_networks_close(spmd, one["recipe"].state_dict()["parts"], rtol=1e-9, atol=1e-9)
     assert one["final"] == pytest.approx(summary["final"], rel=1e-9)
 
 
@@ -126,18 +138,10 @@ def test_stylegan2_on_four_xla_devices_equals_one_device_on_the_whole_batch(fsdp
     one = stylegan2_on_one_device
     summary = json.loads((out / "summary.json").read_text())
     assert summary["xla_devices"] == 4 and summary["xla"]["fallbacks"] == {}
-    history = torch.load(out / "checkpoint.pt", weights_only=False)["history"]
-    for name, want in one["history"].items():
-        torch.testing.assert_close(torch.tensor(history[name]), torch.tensor(want), rtol=1e-5, atol=1e-7,
-                                   equal_nan=True, msg=lambda m: f"{name}: {m}")
-    spmd = torch.load(out / "checkpoint.pt", weights_only=False)["recipe"]["parts"]
-    for net, state in one["recipe"].state_dict()["parts"].items():
-        if net.startswith("opt"):
-            continue
-        assert spmd[net].keys() == state.keys()  # G's checkpoint is a plain generator's, FSDP or not
-        for key, want in state.items():
-            if want.is_floating_point():
-                torch.testing.assert_close(spmd[net][key], want.cpu(), rtol=0, atol=1e-3, msg=lambda m: f"{net}.{key}: {m}")
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert_losses_close(checkpoint["history"], one["history"], 1e-5, atol=1e-7, equal_nan=True)
+    # the same keys too: G's checkpoint is a plain generator's, FSDP or not
+    assert_networks_close(checkpoint["recipe"]["parts"], one["recipe"].state_dict()["parts"], rtol=0, atol=1e-3)
 
 
 def test_stylegan2_unfused_under_spmd_is_refused_with_the_reason():
