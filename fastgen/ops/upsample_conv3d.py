@@ -309,6 +309,12 @@ def _backward_upsample_conv3d(ctx, grad: Tensor):
     x, weight = ctx.saved_tensors
     scales, pads = ctx.args
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    fmt = memory_format(x)
+    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+        # aten's CPU bfloat16 3-D convolution backward (oneDNN) returns a wrong, at times uninitialized,
+        # weight gradient for channels_last_3d inputs (errors up to 1e38, torch 2.14; contiguous is right):
+        # the backward of that case runs on contiguous tensors
+        x, grad = x.contiguous(), grad.contiguous()
     plan = _plan(x.shape, weight.shape[2:], scales, pads)
     ones, mask = [1, 1, 1], [need_x, need_w, False]
     gx = gw = None
@@ -330,6 +336,7 @@ def _backward_upsample_conv3d(ctx, grad: Tensor):
         if plan.kind == "upsampled":  # the adjoint of nearest upsampling: each block of S summed
             for d, s in enumerate(scales):
                 gx = gx.unflatten(2 + d, (gx.shape[2 + d] // s, s)).sum(3 + d) if s > 1 else gx
+        gx = gx.contiguous(memory_format=fmt)
     gb = grad.sum((0, 2, 3, 4)) if need_b and ctx.has_bias else None
     return gx, gw, gb, None, None, None
 
