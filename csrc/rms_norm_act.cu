@@ -41,7 +41,10 @@ struct RmsArgs {
 template <typename T>
 __device__ __forceinline__ T inverse_rms(T sum_of_squares, int64_t C, const RmsArgs<T>& a) {
   const T mean_square = sum_of_squares / static_cast<T>(C);
-  return a.clamp ? T(1) / max(sqrt(mean_square), a.eps) : T(1) / sqrt(mean_square + a.eps);
+  // not max(): CUDA's max is fmax, which returns eps for a NaN; a NaN must reach the output, as on
+  // the CPU and in Triton (the comparison with a NaN is false)
+  const T rms = sqrt(mean_square);
+  return a.clamp ? T(1) / (rms < a.eps ? a.eps : rms) : T(1) / sqrt(mean_square + a.eps);
 }
 
 template <typename scalar_t, typename T>

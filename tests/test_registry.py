@@ -20,7 +20,7 @@ from fastgen.dispatch import NAMES
 from fastgen.ops import REGISTRY
 from fastgen.ops.pixel_norm import _pixel_norm_composite
 from fastgen.ops.upsample_conv2d import _check_upsample_conv2d
-from cases import cpu_backends, skip_unavailable
+from cases import cpu_backends, fast_backends, skip_unavailable
 from tolerances import assert_close, assert_close_grad
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,17 +204,27 @@ def test_norm_statistics_do_not_depend_on_the_thread_count(backend, channels_las
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
+# every backend, the CUDA ones on a GPU (marked cuda: tools/gpu_check.sh runs them)
+NAN_CASES = [pytest.param(spec, ex, "reference", "cpu", id=f"{ex.name}-reference") for spec in SPECS
+             for ex in spec.examples] + [
+    pytest.param(spec, ex, *p.values, id=f"{ex.name}-{p.id}", marks=p.marks) for spec in SPECS
+    for ex in spec.examples for p in fast_backends(spec.name)]
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
-@pytest.mark.parametrize("spec,example,backend", EXAMPLES)
-def test_nan_and_inf_land_where_eager_puts_them(spec, example, backend, bad):
+@pytest.mark.parametrize("spec,example,backend,device", NAN_CASES)
+def test_nan_and_inf_land_where_eager_puts_them(spec, example, backend, device, bad):
     """A NaN or an Inf in one input pixel: the output is non-finite exactly where the unfused layers'
     output is (a NaN in one group or sample does not leak into another's); a NaN input gives NaN in
-    eager's positions. (An Inf may come out as Inf where eager has Inf - Inf = NaN: upsample_conv2d's
-    fold adds the weights that meet the same input pixel before multiplying.)"""
-    skip_unavailable(backend, "cpu")
-    inputs = example.inputs()
+    eager's positions, on every backend (a max() in a kernel that returns the other operand for a NaN
+    fails here). (An Inf may come out as Inf where eager has Inf - Inf = NaN: upsample_conv2d's fold
+    adds the weights that meet the same input pixel before multiplying.)"""
+    skip_unavailable(backend, device)
+    inputs = [t.to(device) if torch.is_tensor(t) else t for t in example.inputs()]
     inputs[0][(0,) * inputs[0].dim()] = bad
-    got = spec.public(*inputs, **example.kwargs, backend=backend)
+    got = spec.public(*inputs, **{k: v.to(device) if torch.is_tensor(v) else v for k, v in example.kwargs.items()},
+                      backend=backend).cpu()
+    inputs = [t.cpu() if torch.is_tensor(t) else t for t in inputs]
     want = spec.ref(*[t.double() if torch.is_tensor(t) and t.is_floating_point() else t for t in inputs],
                     **{k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
                        for k, v in example.kwargs.items()})
