@@ -40,6 +40,7 @@ def make(shape, dtype, device="cpu", channels_last_=False, affine=(True, True), 
 @pytest.mark.parametrize("clamp", [False, True], ids=["eps-added", "eps-clamped"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels-last"])
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.sweep
 def test_forward(backend, device, activation, clamp, layout, shape):
     skip_unavailable(backend, device)
     x, w, b = make(shape, torch.float32, device, layout == "channels-last")
@@ -88,21 +89,31 @@ def test_backward(backend, device, dtype, clamp, layout, activation):
 @pytest.mark.parametrize("backend,device", FAST)
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("layout", ["contiguous", "channels-last"])
-def test_backward_over_channel_chunks_position_blocks_and_clamped_rows(backend, device, affine, layout):
+@pytest.mark.parametrize("below_eps", [True, False], ids=["first-frame-below-eps", "none-below-eps"])
+def test_backward_over_channel_chunks_position_blocks_and_clamped_rows(backend, device, affine, layout, below_eps):
     """40 channels (two chunks of the Triton kernels' 32), 189 positions a sample (several blocks, the
-    last partial), the first frame below eps (clamp: r constant there), with and without affine."""
+    last partial), with and without affine; the first frame's RMS at half of eps (clamp: r = 1 / eps is
+    constant there, dx = r g has no projection term; at half of eps, not far below it, the projection
+    would be of dx's own size), or no position below eps. The clamped rows' dx is a million times the
+    others': each part is judged on its own scale."""
     skip_unavailable(backend, device)
+    eps = 1e-6
     x, w, b = make((2, 40, 3, 7, 9), torch.float32, device, layout == "channels-last", affine=(affine, affine))
-    with torch.no_grad():
-        x[:, :, 0] *= 1e-9
+    if below_eps:
+        with torch.no_grad():
+            first = x[:, :, 0]
+            x[:, :, 0] = first / first.square().mean(1, keepdim=True).sqrt() * (eps / 2)
     params = [t.requires_grad_(True) for t in (x, w, b) if t is not None]
-    out = rms_norm_act(x, w, b, 1e-6, "silu", clamp=True, backend=backend)
+    out = rms_norm_act(x, w, b, eps, "silu", clamp=True, backend=backend)
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, params, grad)
     x64, w64, b64 = f64(x, w, b)
-    want = torch.autograd.grad(rms_norm_act_ref(x64, w64, b64, 1e-6, "silu", clamp=True),
+    want = torch.autograd.grad(rms_norm_act_ref(x64, w64, b64, eps, "silu", clamp=True),
                                [t for t in (x64, w64, b64) if t is not None], grad.double())
-    for g, e in zip(got, want, strict=True):
+    frames = [slice(0, 1), slice(1, None)] if below_eps else [slice(None)]
+    for frame in frames:
+        assert_close_grad(got[0][:, :, frame], want[0][:, :, frame], torch.float32)
+    for g, e in zip(got[1:], want[1:], strict=True):
         assert_close_grad(g, e, torch.float32)
 
 
