@@ -25,21 +25,23 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 
 
 @st.composite
-def images(draw, op, backend, channels=None, min_side=1):
-    """(x, dtype name): an N x C x H x W map in a dtype the backend takes, in either layout,
-    sometimes a strided view."""
+def images(draw, op, backend, channels=None, min_side=1, clips=False):
+    """(x, dtype name): an N x C x H x W map (clips=True: or an N x C x T x H x W clip) in a dtype the
+    backend takes, contiguous or channels-last, sometimes a strided view."""
     n = draw(st.integers(1, 3))
     c = channels if channels is not None else draw(st.integers(1, 12))
+    frames = [draw(st.integers(min_side, 4))] if clips and draw(st.booleans()) else []
     h, w = draw(st.integers(min_side, 9)), draw(st.integers(min_side, 9))
     dtype = draw(st.sampled_from([name for name, t in DTYPES.items() if t in REGISTRY[op].impls[backend].dtypes]))
     layout = draw(st.sampled_from(["nchw", "nhwc", "strided"]))
     seed = draw(st.integers(0, 2 ** 31 - 1))
     g = torch.Generator().manual_seed(seed)
     if layout == "strided":  # every other column of a wider map: not contiguous in any format
-        x = torch.randn(n, c, h, 2 * w, generator=g, dtype=DTYPES[dtype])[..., ::2]
+        x = torch.randn(n, c, *frames, h, 2 * w, generator=g, dtype=DTYPES[dtype])[..., ::2]
     else:
-        x = torch.randn(n, c, h, w, generator=g, dtype=DTYPES[dtype])
-        x = x.to(memory_format=torch.channels_last) if layout == "nhwc" else x
+        x = torch.randn(n, c, *frames, h, w, generator=g, dtype=DTYPES[dtype])
+        cl = torch.channels_last_3d if frames else torch.channels_last
+        x = x.to(memory_format=cl) if layout == "nhwc" else x
     return x, dtype
 
 
@@ -124,7 +126,7 @@ def test_batch_norm_act_with_constant_channels(backend, layout):
 @given(data=st.data())
 def test_group_norm_act(data, backend):
     groups = data.draw(st.sampled_from([1, 2, 3, 4]))
-    x, dtype = data.draw(images("group_norm_act", backend, channels=groups * data.draw(st.integers(1, 3))))
+    x, dtype = data.draw(images("group_norm_act", backend, channels=groups * data.draw(st.integers(1, 3)), clips=True))
     assume(x.shape[0] * x[0, : x.shape[1] // groups].numel() > 1)  # refused, as F.group_norm does
     act = data.draw(st.sampled_from(NAMES))
     shape = (x.shape[0], x.shape[1]) if data.draw(st.booleans()) else (x.shape[1],)  # AdaIN's per-sample affine
@@ -205,3 +207,65 @@ def test_modulated_conv2d(data, backend):
            lambda x, w, s, be: ops.modulated_conv2d(x, w, s, True, up, 1, f, 1, flip_weight=up == 1, backend=be),
            lambda x, w, s: ops.modulated_conv2d_ref(x, w, s, True, up, 1, f, 1, flip_weight=up == 1), backend,
            [x, w, styles], dtype, (0, 1, 2))
+
+
+@backends("rms_norm_act")
+@given(data=st.data())
+def test_rms_norm_act(data, backend):
+    x, dtype = data.draw(images("rms_norm_act", backend, channels=data.draw(st.sampled_from([1, 3, 8, 40])),
+                                clips=True))
+    act = data.draw(st.sampled_from(NAMES))
+    clamp = data.draw(st.booleans())
+    eps = data.draw(st.sampled_from([1e-6, 1e-12 / x.shape[1] ** 0.5, 0.5]))  # 0.5: some rows clamped or floored
+    w, b = (randn(data, x.shape[1], dtype=x.dtype) if data.draw(st.booleans()) else None for _ in range(2))
+    present = [t for t in (w, b) if t is not None]
+
+    def args(ts):  # x and the affine parameters present, in order -> x, weight or None, bias or None
+        rest = iter(ts[1:])
+        return ts[0], next(rest) if w is not None else None, next(rest) if b is not None else None
+
+    _check("rms_norm_act", lambda *ts: ops.rms_norm_act(*args(ts[:-1]), eps, act, clamp=clamp, backend=ts[-1]),
+           lambda *ts: ops.rms_norm_act_ref(*args(ts), eps, act, clamp=clamp), backend, [x, *present], dtype,
+           tuple(range(1 + len(present))))
+
+
+@backends("instance_norm_act")
+@given(data=st.data())
+def test_instance_norm_act(data, backend):
+    x, dtype = data.draw(images("instance_norm_act", backend))
+    assume(x[0, 0].numel() > 1)  # refused, as F.instance_norm does
+    act = data.draw(st.sampled_from(NAMES))
+    w, b = (randn(data, x.shape[1], dtype=x.dtype) for _ in range(2))
+    _check("instance_norm_act", lambda x, w, b, be: ops.instance_norm_act(x, w, b, activation=act, backend=be),
+           lambda x, w, b: ops.instance_norm_act_ref(x, w, b, activation=act), backend, [x, w, b], dtype, (0, 1, 2))
+
+
+@backends("adaptive_instance_norm")
+@given(data=st.data())
+def test_adaptive_instance_norm(data, backend):
+    x, dtype = data.draw(images("adaptive_instance_norm", backend))
+    assume(x[0, 0].numel() > 1)
+    act = data.draw(st.sampled_from(NAMES))
+    scale, bias = (randn(data, *x.shape[:2], dtype=x.dtype) for _ in range(2))
+    _check("adaptive_instance_norm",
+           lambda x, s, b, be: ops.adaptive_instance_norm(x, s, b, activation=act, backend=be),
+           lambda x, s, b: ops.adaptive_instance_norm_ref(x, s, b, activation=act), backend, [x, scale, bias], dtype,
+           (0, 1, 2))
+
+
+@backends("upsample_conv3d")
+@given(data=st.data())
+def test_upsample_conv3d(data, backend):
+    x, dtype = data.draw(images("upsample_conv3d", backend, min_side=2, clips=True))
+    if x.dim() == 4:  # a clip of one frame
+        x = x.unsqueeze(2)
+    scale = tuple(data.draw(st.sampled_from([1, 2])) for _ in range(3))
+    k = tuple(data.draw(st.sampled_from([1, 3])) for _ in range(3))
+    causal = data.draw(st.booleans())  # diffusers' causal padding: all of the time padding in front
+    pads = (k[2] // 2, k[2] // 2, k[1] // 2, k[1] // 2, *((k[0] - 1, 0) if causal else (k[0] // 2, k[0] // 2)))
+    w = randn(data, data.draw(st.integers(1, 6)), x.shape[1], *k, dtype=x.dtype) / (x.shape[1] * k[0] * k[1] * k[2]) ** 0.5
+    b = randn(data, w.shape[0], dtype=x.dtype)
+    _check("upsample_conv3d",
+           lambda x, w, b, be: ops.upsample_conv3d(x, w, b, scale_factor=scale, padding=pads, backend=be),
+           lambda x, w, b: ops.upsample_conv3d_ref(x, w, b, scale_factor=scale, padding=pads), backend,
+           [x, w, b], dtype, (0, 1, 2))
