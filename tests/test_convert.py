@@ -1,7 +1,8 @@
 """The convert conformance suite: fastgen.convert never changes what a model computes.
 
 MODELS is the spec: one row per model pattern (generator blocks as their authors write them, and the
-traps), with how many layer pairs must fuse and what must be said about what is left. `conform` holds
+traps), with how many times each fastgen op must run in a forward (counted as it runs, not read from the
+report) and what must be said about what is left. `conform` holds
 every row to the promise: the converted model (converted in training mode and in eval mode) against
 the original with the same weights, in float64 (the fused kernels compute float64 to ~1e-12, so any
 change of what is computed shows) and in float32 (the flash rule against float64): outputs,
@@ -13,6 +14,7 @@ copied; and unconverted (the original classes, bit for bit the original's result
 import copy
 import pickle
 import random
+from collections import Counter
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastgen
+from fastgen.dispatch import auto_choices
 from tolerances import assert_within_eager_error
 
 F64 = dict(atol=1e-9, rtol=1e-9)
@@ -282,29 +285,29 @@ def image(c=4, h=6, w=5, n=2):
     return lambda: (torch.randn(n, c, h, w),)
 
 
-# name -> (builder, inputs, layer pairs fused, what `left` must mention)
+# name -> (builder, inputs, fastgen ops that run in one forward (counted at run time), what `left` must mention)
 MODELS = {
-    "sequential": (sequential, image(4, 5, 7), 3, ("align_corners=True", "Hardswish")),
-    "functional": (Functional, image(4, 3, 5), 3, ()),
-    "functional-scale": (Functional, lambda: (torch.randn(2, 4, 3, 5), 2.0), 3, ()),
-    "cyclegan-resnet-block": (CycleGANResnetBlock, image(8, 6, 6), 1, ()),
-    "cyclegan-generator": (cyclegan_generator, image(3, 8, 8), 5, ()),
-    "progan-block": (progan_block, image(6, 4, 4), 3, ()),
-    "pixel-norm-inline": (PixelNormInline, image(), 2, ()),
-    "unet": (UNet, image(3, 8, 8), 4, ()),
-    "training-branches": (TrainingBranches, image(), 1, ()),
-    "optional-skip": (OptionalSkip, image(), 1, ()),
-    "optional-skip-given": (OptionalSkip, lambda: (torch.randn(2, 4, 6, 5), torch.randn(2, 4, 6, 5)), 1, ()),
-    "remembers-last": (RemembersLast, image(), 0, ("sets last",)),
-    "appends-to-cache": (AppendsToCache, image(), 0, ("lists or dicts",)),
-    "flagged": (Flagged, image(), 1, ()),
-    "shared-modules": (SharedModules, image(), 2, ()),
-    "read-twice": (ReadTwice, image(), 1, ("read elsewhere",)),
-    "in-place": (InPlace, image(), 2, ()),
-    "subclassed": (subclassed, image(), 1, ("subclass of nn.GroupNorm",)),
-    "conv-list": (ConvList, image(4, 3, 4), 2, ("given size",)),
-    "uses-random": (UsesRandom, image(), 0, ("random",)),
-    "untraceable": (Untraceable, image(), 0, ("not traceable by torch.fx",)),
+    "sequential": (sequential, image(4, 5, 7), {"group_norm_act": 1, "batch_norm_act": 1, "upsample_conv2d": 1}, ("align_corners=True", "Hardswish")),
+    "functional": (Functional, image(4, 3, 5), {"group_norm_act": 1, "batch_norm_act": 1, "upsample_conv2d": 1}, ()),
+    "functional-scale": (Functional, lambda: (torch.randn(2, 4, 3, 5), 2.0), {"group_norm_act": 1, "batch_norm_act": 1, "upsample_conv2d": 1}, ()),
+    "cyclegan-resnet-block": (CycleGANResnetBlock, image(8, 6, 6), {"group_norm_act": 1}, ()),
+    "cyclegan-generator": (cyclegan_generator, image(3, 8, 8), {"group_norm_act": 5}, ()),
+    "progan-block": (progan_block, image(6, 4, 4), {"pixel_norm": 2, "upsample_conv2d": 1}, ()),
+    "pixel-norm-inline": (PixelNormInline, image(), {"pixel_norm": 2}, ()),
+    "unet": (UNet, image(3, 8, 8), {"group_norm_act": 3, "upsample_conv2d": 1}, ()),
+    "training-branches": (TrainingBranches, image(), {"group_norm_act": 1}, ()),
+    "optional-skip": (OptionalSkip, image(), {"group_norm_act": 1}, ()),
+    "optional-skip-given": (OptionalSkip, lambda: (torch.randn(2, 4, 6, 5), torch.randn(2, 4, 6, 5)), {"group_norm_act": 1}, ()),
+    "remembers-last": (RemembersLast, image(), {}, ("sets last",)),
+    "appends-to-cache": (AppendsToCache, image(), {}, ("lists or dicts",)),
+    "flagged": (Flagged, image(), {"group_norm_act": 1}, ()),
+    "shared-modules": (SharedModules, image(), {"group_norm_act": 2}, ()),
+    "read-twice": (ReadTwice, image(), {"batch_norm_act": 1}, ("read elsewhere",)),
+    "in-place": (InPlace, image(), {"group_norm_act": 1, "batch_norm_act": 1}, ()),
+    "subclassed": (subclassed, image(), {"batch_norm_act": 1}, ("subclass of nn.GroupNorm",)),
+    "conv-list": (ConvList, image(4, 3, 4), {"upsample_conv2d": 2}, ("given size",)),
+    "uses-random": (UsesRandom, image(), {}, ("random",)),
+    "untraceable": (Untraceable, image(), {}, ("not traceable by torch.fx",)),
 }
 
 
@@ -358,16 +361,15 @@ def in_lockstep(a: nn.Module, b: nn.Module, inputs, call=None):
     assert_same(results(a, inputs, call), results(b, inputs, call))
 
 
-def conform(build, make_inputs, fused: int | None, left=(), call=None, at_least=False):
-    """Every check of the module docstring, for one model pattern."""
+def conform(build, make_inputs, ops: dict, left=(), call=None):
+    """Every check of the module docstring, for one model pattern. `ops`: how many times each fastgen op
+    runs in one forward of the converted model, counted as it runs (auto's choices), exactly."""
     torch.manual_seed(0)
     original = randomize(build())
     for training in (True, False):
         model = copy.deepcopy(original).train(training)
         converted = fastgen.convert(model)
         report = converted.fastgen_report
-        if fused is not None:
-            assert (len(report.fused) >= fused) if at_least else (len(report.fused) == fused), report
         for words in left:
             assert any(words in why for _, why in report.left), report
         assert list(converted.state_dict()) == list(model.state_dict())
@@ -375,9 +377,12 @@ def conform(build, make_inputs, fused: int | None, left=(), call=None, at_least=
                 for m in converted.modules()] == [type(m) for m in model.modules()]
         inputs = make_inputs()
 
-        # float32 against float64: the flash rule
+        # float32 against float64: the flash rule; and the fused ops that ran
         want = results(copy.deepcopy(model).double(), inputs, call)
-        got = results(copy.deepcopy(converted), inputs, call)
+        with auto_choices() as picks:
+            got = results(copy.deepcopy(converted), inputs, call)
+        ran = Counter(op for op, _ in picks)
+        assert ran == Counter(ops), f"fastgen ops run in a forward: {dict(ran)}, the row says {ops}"
         eager = results(copy.deepcopy(model), inputs, call)
         assert_within_eager_error(got, eager, want)
 
@@ -433,8 +438,8 @@ def check_hooks(a: nn.Module, b: nn.Module, inputs, call=None):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_conformance(name):
-    build, make_inputs, fused, left = MODELS[name]
-    conform(build, make_inputs, fused, left)
+    build, make_inputs, ops, left = MODELS[name]
+    conform(build, make_inputs, ops, left)
 
 
 # --------------------------------------------------------------------------------------------
