@@ -3,6 +3,9 @@ device: output and parameter gradients against CPU eager, no op run on the CPU (
 called again with new inputs of the same shapes, no graph compiled again after a warm-up. StyleGAN2's R1 penalty (a
 double backward) and path-length penalty (the gradient with respect to the dlatents) too.
 
+The CPU side runs the reference backend (the unfused torch layers, `<op>_ref`): an independent path,
+not the same composite code on both sides.
+
 Run by tools/test_xla.sh in the XLA environment (torch_xla on the CPU); README's TPU section."""
 
 import copy
@@ -10,6 +13,7 @@ import copy
 import pytest
 import torch
 
+import fastgen
 from fastgen import xla
 from fastgen.models import VAE, Autoencoder, DCGANDiscriminator, DCGANGenerator, StyleGAN2Discriminator, StyleGAN2Generator
 
@@ -63,7 +67,8 @@ def test_model_on_xla_matches_cpu_without_fallback_or_recompilation(name):
         watch.mark()
         graphs.append(watch.summary()["graphs_compiled"])
         assert watch.summary()["fallbacks"] == {}, f"{name}: ran on the CPU: {watch.summary()['fallbacks']}"
-        want = forward_and_gradients(model, inputs, call)
+        with fastgen.use_backend("reference"):
+            want = forward_and_gradients(model, inputs, call)
         for i, (g, w) in enumerate(zip(got, want, strict=True)):
             torch.testing.assert_close(g.cpu(), w.detach(), **TOL, msg=lambda m: f"{name}, tensor {i}: {m}")
         assert sum(g.numel() > 1 for g in want[1:]) > 2  # gradients, not only zeros for unused parameters
@@ -96,7 +101,8 @@ def test_stylegan2_r1_and_path_length_penalties_on_xla():
     got = penalties(copy.deepcopy(D).to(DEVICE), copy.deepcopy(G).to(DEVICE), real.to(DEVICE), z.to(DEVICE))
     xla.end_step(DEVICE)
     assert watch.summary()["fallbacks"] == {}
-    want = penalties(D, G, real, z)
+    with fastgen.use_backend("reference"):
+        want = penalties(D, G, real, z)
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         if w is None:
             assert g is None
@@ -107,7 +113,6 @@ def test_stylegan2_r1_and_path_length_penalties_on_xla():
 def test_converted_autoencoder_kl_on_xla():
     """diffusers' AutoencoderKL through fastgen.convert: encode and decode on XLA, and the decoder's
     parameter gradients, against the original on the CPU; no fallback."""
-    import fastgen
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
