@@ -68,6 +68,9 @@ _TRITON_WHY = _probe_triton()
 VERIFIED_PATH = Path(os.environ.get("FASTGEN_GPU_RECORD") or Path(__file__).with_name("gpu_verified.json"))
 
 
+RECORD_FORMAT = 3  # op -> backend -> dtype -> record_layout -> entry
+
+
 def _load_verified(path: Path = VERIFIED_PATH) -> dict:
     try:
         return json.loads(path.read_text())
@@ -84,16 +87,19 @@ def _device_capability(device: torch.device) -> tuple[int, int]:
 
 def verified_speedup(op: str, backend: str, dtype: torch.dtype, device: torch.device,
                      memory_layout: str = "nchw") -> float | None:
-    """The recorded speedup over eager of `backend` for `op` at `dtype` in `memory_layout` ("nchw" or
-    "nhwc": fastgen.dispatch.layout) on a GPU of `device`'s compute capability, when a GPU run passed
-    exactly that; else None. A record without memory formats (format 1) verifies nothing."""
+    """The recorded speedup over eager of `backend` for `op` at `dtype` in `memory_layout` (a
+    fastgen.dispatch.record_layout key) on a GPU of `device`'s compute capability, when a GPU run passed
+    exactly that; else None (also for an entry verified but not timed). A record of another format
+    verifies nothing: format 1 had no memory formats, format 2 one "nhwc" for 4-D and 5-D alike."""
     record = _VERIFIED
-    if not record or record.get("format") != 2 or \
+    if not record or record.get("format") != RECORD_FORMAT or \
             tuple(record.get("capability") or ()) != tuple(_device_capability(device)):
         return None
     entry = record.get("ops", {}).get(op, {}).get(backend, {}).get(str(dtype).replace("torch.", ""), {})
     entry = entry.get(memory_layout) if isinstance(entry, dict) else None
-    return float(entry.get("speedup_vs_eager") or 1.0) if isinstance(entry, dict) and entry.get("passed") else None
+    if not (isinstance(entry, dict) and entry.get("passed") and entry.get("speedup_vs_eager")):
+        return None
+    return float(entry["speedup_vs_eager"])
 
 
 @dataclass(frozen=True)
@@ -203,6 +209,15 @@ def layout(x: torch.Tensor) -> str:
     return "nchw"
 
 
+def record_layout(x: torch.Tensor) -> str:
+    """The GPU record's memory-format key: 'nchw' / 'nhwc' for 4-D maps (and other ranks), 'ncdhw' /
+    'ndhwc' for 5-D clips, whose channels-last kernels take other paths than the 4-D ones."""
+    cl = layout(x) == "nhwc"
+    if x.dim() == 5:
+        return "ndhwc" if cl else "ncdhw"
+    return "nhwc" if cl else "nchw"
+
+
 _recorders: list[list] = []
 
 
@@ -285,22 +300,23 @@ def _select_auto(spec, x: torch.Tensor, variant: str | None) -> str:
 
 
 def _select_verified(spec, x: torch.Tensor) -> str:
-    """auto on CUDA: the fastest backend the committed GPU record verified for this op, dtype, memory
-    format and compute capability; else the eager path (reference), said once per op and dtype."""
+    """auto on CUDA: the fastest backend the committed GPU record verified and measured faster than
+    eager for this op, dtype, memory format and compute capability; else the eager path (reference),
+    said once per op and dtype."""
     speed = {}
     for name in spec.impls:
         if not (_unavailable(name, x.device) or _unsupported(spec, name, x.dtype)):
-            s = verified_speedup(spec.name, name, x.dtype, x.device, layout(x))
-            if s is not None:
+            s = verified_speedup(spec.name, name, x.dtype, x.device, record_layout(x))
+            if s is not None and s > 1.0:  # a kernel slower than eager is never auto's choice
                 speed[name] = s
     if speed:
         return max(speed, key=speed.get)
     key = (spec.name, "cuda", str(x.dtype))
     if key not in _warned:
         _warned.add(key)
-        log.warning("fastgen: %s on cuda (%s): no GPU run has verified its fused kernels on this device "
-                    "(fastgen/gpu_verified.json); auto runs the eager path. Opt in with backend='cuda' or "
-                    "'triton', fastgen.use_backend(...) or FASTGEN_BACKEND.", spec.name, x.dtype)
+        log.warning("fastgen: %s on cuda (%s): no GPU run has verified a fused kernel faster than eager on "
+                    "this device (fastgen/gpu_verified.json); auto runs the eager path. Opt in with "
+                    "backend='cuda' or 'triton', fastgen.use_backend(...) or FASTGEN_BACKEND.", spec.name, x.dtype)
     return "reference"
 
 

@@ -31,20 +31,18 @@ import traceback
 
 import torch
 
-from fastgen.dispatch import DEVICES, backends
-from fastgen.dispatch import CHANNELS_LAST
+from fastgen.dispatch import CHANNELS_LAST, DEVICES, RECORD_FORMAT, backends, record_layout
 from fastgen.ops import REGISTRY
 from fastgen.ops._registry import Example
 from fastgen.ops.upfirdn2d import setup_filter
 from fastgen.tolerances import judge
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-LAYOUTS = ("nchw", "nhwc")
-FORMAT = 2  # the record's layout: op -> backend -> dtype -> memory format -> entry
+CHANNELS_LAST_KEYS = ("nhwc", "ndhwc")  # fastgen.dispatch.record_layout's channels-last keys (4-D, 5-D)
 EXIT_CUT = 3  # verify's exit status when the budget ran out before every op ran and nothing failed
-# riskiest first: a run cut short by its budget has verified what most needs it (the two upsample_convs
-# share one CUDA kernel)
-RISK_ORDER = ("upsample_conv2d", "upsample_conv3d", "group_norm_act", "rms_norm_act", "batch_norm_act",
+# riskiest first: a run cut short by its budget has verified what most needs it. The newest kernels,
+# which have run nowhere yet, lead (the two upsample_convs share one CUDA kernel)
+RISK_ORDER = ("rms_norm_act", "upsample_conv3d", "upsample_conv2d", "group_norm_act", "batch_norm_act",
               "instance_norm_act", "adaptive_instance_norm", "modulated_conv2d", "upfirdn2d", "bias_act", "pixel_norm")
 
 # Sizes past the small examples, where the kernels take their other tiling branches: upsample_conv2d
@@ -89,7 +87,8 @@ TILING = {
 def _to(t, device, dtype, layout="nchw"):
     if torch.is_tensor(t) and t.is_floating_point():
         t = t.to(device=device, dtype=dtype)
-        return t.contiguous(memory_format=CHANNELS_LAST[t.dim()]) if layout == "nhwc" and t.dim() in CHANNELS_LAST else t
+        cl = layout in CHANNELS_LAST_KEYS and t.dim() in CHANNELS_LAST
+        return t.contiguous(memory_format=CHANNELS_LAST[t.dim()]) if cl else t
     return t.to(device) if torch.is_tensor(t) else t
 
 
@@ -97,9 +96,17 @@ def examples(spec) -> tuple:
     return tuple(spec.examples) + TILING.get(spec.name, ())
 
 
+def _layouts_of(x: torch.Tensor) -> tuple[str, ...]:
+    """The record's memory-format keys an input of x's rank runs in (fastgen.dispatch.record_layout)."""
+    if x.dim() not in CHANNELS_LAST:
+        return (record_layout(x),)
+    return (record_layout(x), record_layout(x.contiguous(memory_format=CHANNELS_LAST[x.dim()])))
+
+
 def layouts(spec) -> tuple[str, ...]:
-    """Both memory formats for an op on 4-D or 5-D maps (its examples' first input), else NCHW alone."""
-    return LAYOUTS if any(e.inputs()[0].dim() in CHANNELS_LAST for e in examples(spec)) else LAYOUTS[:1]
+    """The memory-format keys of the op's examples (their first input): both formats of 4-D maps
+    (nchw, nhwc) and of 5-D clips (ncdhw, ndhwc), which take different kernel paths, else nchw alone."""
+    return tuple(dict.fromkeys(k for e in examples(spec) for k in _layouts_of(e.inputs()[0])))
 
 
 def _outputs(spec, example, device, dtype, backend, layout="nchw"):
@@ -121,6 +128,8 @@ def check(spec, backend: str, device: str, dtype: torch.dtype, layout: str = "nc
     """What failed for this op, backend, dtype and memory format on the device (empty: it passed)."""
     problems = []
     for example in examples(spec):
+        if layout not in _layouts_of(example.inputs()[0]):  # another rank's entry
+            continue
         try:
             want = _outputs(spec, example, "cpu", torch.float64, "reference", layout)
             eager = [t.cpu() for t in _outputs(spec, example, device, dtype, "reference", layout)]
@@ -133,14 +142,19 @@ def check(spec, backend: str, device: str, dtype: torch.dtype, layout: str = "nc
 
 
 def speedup(spec, backend: str, dtype: torch.dtype, layout: str = "nchw", reps: int = 20) -> float | None:
-    """The backend's forward speed over the reference's at the quick GPU shape of the op's suite."""
+    """The backend's forward speed over the reference's at the quick GPU shape of the op's suite, or
+    its first shape of the entry's rank (None: the suite has none)."""
     from fastgen.bench import SUITES, make_inputs, time_ms
 
     suite = SUITES.get(spec.name)
     if suite is None:
         return None
-    shape = next(s for s in suite.gpu_shapes if s.quick)
-    inputs = make_inputs(suite, shape, dtype, "cuda", channels_last=layout == "nhwc")
+    for shape in sorted(suite.gpu_shapes, key=lambda s: not s.quick):
+        inputs = make_inputs(suite, shape, dtype, "cuda", channels_last=layout in CHANNELS_LAST_KEYS)
+        if record_layout(inputs[0]) == layout:
+            break
+    else:
+        return None
     ms = {}
     with torch.no_grad():
         for name in ("reference", backend):
@@ -192,7 +206,7 @@ def _header(device: str) -> dict:
     from fastgen.bench import environment
 
     env = environment()
-    return {"format": FORMAT, "device": env["device"],
+    return {"format": RECORD_FORMAT, "device": env["device"],
             "capability": list(torch.cuda.get_device_capability()) if device == "cuda" else None,
             "torch": env["torch"], "triton": env["triton"], "cuda": env["cuda"], "git_sha": env["git_sha"],
             "date": env["date"], "python": platform.python_version(), "ops": {}, "not_reached": []}
@@ -234,9 +248,10 @@ def verify(device: str = "cuda", ops=None, dtypes=DTYPES, log=print, out: str | 
     record = _header(device)
 
     def save(*_):
-        if out:
-            with open(out, "w") as f:
+        if out:  # whole or not at all: a kill mid-write leaves the previous record
+            with open(f"{out}.tmp", "w") as f:
                 json.dump(record, f, indent=1)
+            os.replace(f"{out}.tmp", out)
 
     order = [n for n in RISK_ORDER if n in REGISTRY] + [n for n in REGISTRY if n not in RISK_ORDER]
     for name in order:

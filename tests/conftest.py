@@ -1,4 +1,5 @@
 import importlib.util
+import json
 import os
 import time
 import zlib
@@ -6,7 +7,7 @@ import zlib
 import pytest
 import torch
 
-from all_pairs import all_pairs
+from all_pairs import CORE, all_pairs, one_per_core
 
 # hypothesis profiles (tests/test_properties.py): quick by default; --hypothesis-profile=deep for long
 # runs. (The XLA stage's environment has no hypothesis and runs no property test.)
@@ -29,6 +30,21 @@ _DEADLINE = float(os.environ.get("FASTGEN_TEST_DEADLINE") or 0)
 def pytest_runtest_setup(item):
     if _DEADLINE and time.time() > _DEADLINE:
         pytest.skip("cut by time (FASTGEN_TEST_DEADLINE, tools/gpu_check.sh's stage budget)")
+
+
+# ... and reads each result from FASTGEN_TEST_LOG, written as the tests run (one JSON line per report;
+# under pytest-xdist by the controller, which sees every worker's reports), so that a stage killed at its
+# budget still has the failures it saw (pytest writes its junit XML only at the end)
+_TEST_LOG = os.environ.get("FASTGEN_TEST_LOG")
+
+
+def pytest_runtest_logreport(report):
+    if not _TEST_LOG or os.environ.get("PYTEST_XDIST_WORKER") or (report.when != "call" and report.passed):
+        return
+    message = report.longrepr[2] if report.skipped and isinstance(report.longrepr, tuple) else ""
+    with open(_TEST_LOG, "a") as f:
+        f.write(json.dumps({"nodeid": report.nodeid, "when": report.when, "outcome": report.outcome,
+                            "message": message}) + "\n")
 
 
 # tests/xla runs in the XLA stage's own environment (tools/test_xla.sh), where torch_xla exists
@@ -60,22 +76,36 @@ def fresh_seed(request):
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
-# The oldest-torch stage (tools/test_xla.sh) reruns the suite to catch what differs between torch and
-# Triton versions: an API, a lowering, an interpreter's behaviour. Those show with each pair of
-# parameter values (backend x dtype, backend x layout, ...), not only with every product of them (the
-# main run has those), so there it runs an all-pairs subset of each parametrized test.
+# Which cases of a parametrized test run (tests/all_pairs.py). Tests marked `sweep` cross the kernel's
+# compile-time axes (backend, device, dtype, memory format: all kept) with behaviour axes (activation,
+# shape, mode, k): by default a greedy all-pairs subset of them runs. The oldest-torch stage
+# (tools/test_xla.sh) reruns the suite to catch what differs between torch and Triton versions (an API,
+# a lowering, an interpreter's behaviour), not the numerics again: there each sweep runs one case per
+# core combination (--sweep=cores) and every other parametrized test an all-pairs subset (--all-pairs).
 def pytest_addoption(parser):
+    parser.addoption("--sweep", choices=("pairs", "cores", "every"), default="pairs",
+                     help="the cases of tests marked sweep: all-pairs of their behaviour axes with every core "
+                          "combination (default), one case per core combination, or every case")
     parser.addoption("--all-pairs", action="store_true",
-                     help="run an all-pairs subset of each parametrized test: every pair of values of any two "
-                          "of its parameters at least once, not every combination; the rest is deselected")
+                     help="also run an all-pairs subset of each other parametrized test")
+
+
+def _key(item):
+    return (item.path, item.originalname), getattr(item, "callspec", None) and item.callspec.params
 
 
 def pytest_collection_modifyitems(config, items):
-    if not config.getoption("--all-pairs"):
-        return
+    mode, pairs_everywhere = config.getoption("--sweep"), config.getoption("--all-pairs")
     # the cases that run without a GPU cover first, so a skipped GPU case never stands in for them
     cases = sorted(items, key=lambda it: it.get_closest_marker("cuda") is not None)
-    keep = {id(it) for it in all_pairs(cases, lambda it: ((it.path, it.originalname),
-                                                           getattr(it, "callspec", None) and it.callspec.params))}
+    sweeps = [it for it in cases if it.get_closest_marker("sweep")]
+    others = [it for it in cases if not it.get_closest_marker("sweep")]
+    keep = set()
+    if mode == "every":
+        keep.update(map(id, sweeps))
+    else:
+        choose = (lambda c: all_pairs(c, _key, CORE)) if mode == "pairs" else (lambda c: one_per_core(c, _key))
+        keep.update(map(id, choose(sweeps)))
+    keep.update(map(id, all_pairs(others, _key) if pairs_everywhere else others))
     config.hook.pytest_deselected(items=[it for it in items if id(it) not in keep])
     items[:] = [it for it in items if id(it) in keep]

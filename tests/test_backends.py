@@ -83,13 +83,13 @@ def test_auto_on_cuda_without_a_gpu_record_runs_the_eager_path_and_says_so_once(
     with caplog.at_level(logging.WARNING, logger="fastgen"):
         for _ in range(3):
             assert fb.select(SPEC, on("cuda"), None) == "reference"
-    assert len(caplog.records) == 1 and "no GPU run has verified" in caplog.records[0].getMessage()
+    assert len(caplog.records) == 1 and "no GPU run has verified a fused kernel faster" in caplog.records[0].getMessage()
     assert fb.select(SPEC, on("cuda"), "triton") == "triton"  # named explicitly, it runs
     assert "none (no GPU run recorded" in fb.verified_summary()
 
 
 def record(**ops):
-    return {"format": 2, "device": "NVIDIA H200", "capability": [9, 0], "git_sha": "abc", "ops": {"op": ops}}
+    return {"format": fb.RECORD_FORMAT, "device": "NVIDIA H200", "capability": [9, 0], "git_sha": "abc", "ops": {"op": ops}}
 
 
 def passed(speedup):
@@ -117,6 +117,34 @@ def test_auto_on_cuda_takes_the_recorded_fastest_verified_backend_for_the_memory
     assert "4 op/backend/dtype/layout passed" in fb.verified_summary()
 
 
+def test_auto_on_cuda_never_takes_a_backend_slower_than_eager_or_untimed(monkeypatch):
+    monkeypatch.setattr(fb, "_CUDA_WHY", "")
+    monkeypatch.setattr(fb, "_TRITON_WHY", "")
+    monkeypatch.setattr(fb, "_device_capability", lambda device: (9, 0))
+    monkeypatch.setattr(fb, "_VERIFIED", record(
+        cuda={"float32": {"nchw": passed(0.8)}, "bfloat16": {"nchw": {"passed": True}}},
+        triton={"float32": {"nchw": passed(0.95)}, "bfloat16": {"nchw": passed(1.0)}}))
+    assert fb.select(SPEC, on("cuda"), None) == "reference"  # the fastest of two is still slower than eager
+    assert fb.select(SPEC, on("cuda", torch.bfloat16), None) == "reference"  # untimed, or no faster
+
+
+def test_the_record_tells_5d_from_4d_channels_last(monkeypatch):
+    monkeypatch.setattr(fb, "_CUDA_WHY", "")
+    monkeypatch.setattr(fb, "_TRITON_WHY", "")
+    monkeypatch.setattr(fb, "_device_capability", lambda device: (9, 0))
+    monkeypatch.setattr(fb, "_VERIFIED", record(triton={"float32": {"nhwc": passed(2.0), "ncdhw": passed(1.5)}}))
+    clip = torch.empty(1, 4, 2, 3, 3, device="meta")
+    clip_cl = clip.contiguous(memory_format=torch.channels_last_3d)
+    assert fb.select(SPEC, on("cuda", channels_last=True), None) == "triton"
+    # a 5-D channels-last clip is not what the 4-D "nhwc" entry verified
+    assert fb.select(SPEC, SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32, dim=clip_cl.dim,
+                                           is_contiguous=clip_cl.is_contiguous), None) == "reference"
+    assert fb.select(SPEC, SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32, dim=clip.dim,
+                                           is_contiguous=clip.is_contiguous), None) == "triton"
+    assert [fb.record_layout(t) for t in (clip, clip_cl, torch.empty(1, 4, 3, 3, device="meta"))] == \
+        ["ncdhw", "ndhwc", "nchw"]
+
+
 def test_a_record_without_memory_formats_verifies_nothing(monkeypatch):
     monkeypatch.setattr(fb, "_CUDA_WHY", "")
     monkeypatch.setattr(fb, "_device_capability", lambda device: (9, 0))
@@ -125,6 +153,9 @@ def test_a_record_without_memory_formats_verifies_nothing(monkeypatch):
     monkeypatch.setattr(fb, "_VERIFIED", old)
     assert fb.select(SPEC, on("cuda"), None) == "reference"
     assert fb.select(SPEC, on("cuda", channels_last=True), None) == "reference"
+    # the second: one "nhwc" for 4-D and 5-D channels-last alike
+    monkeypatch.setattr(fb, "_VERIFIED", dict(record(cuda={"float32": {"nchw": passed(2.0)}}), format=2))
+    assert fb.select(SPEC, on("cuda"), None) == "reference"
 
 
 def test_auto_skips_a_backend_that_cannot_take_the_dtype(monkeypatch):

@@ -14,10 +14,10 @@ arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -
 export CUDA_HOME FASTGEN_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-${arch:-9.0}} MAX_JOBS=${MAX_JOBS:-16}
 echo "building for sm ${TORCH_CUDA_ARCH_LIST} with CUDA_HOME=$CUDA_HOME, $MAX_JOBS jobs" | tee -a "$log"
 start=$SECONDS
-if ! python -m pip install --no-build-isolation --no-deps --no-index -e . >>"$log" 2>&1; then
+if ! python3 -m pip install --no-build-isolation --no-deps --no-index -e . >>"$log" 2>&1; then
   echo "pip install -e failed; building in place instead" | tee -a "$log"
-  python setup.py build_ext --inplace >>"$log" 2>&1 || { tail -40 "$log"; exit 1; }
+  python3 setup.py build_ext --inplace >>"$log" 2>&1 || { tail -40 "$log"; exit 1; }
   ln -sfn ../kernels fastgen/kernels  # what package_dir does for an install
 fi
 echo "built in $((SECONDS - start)) s" | tee -a "$log"
-python -c "import fastgen.kernels.bias_act, fastgen; print(fastgen.summary())" || { echo "fastgen is not importable"; exit 1; }
+python3 -c "import fastgen.kernels.bias_act, fastgen; print(fastgen.summary())" || { echo "fastgen is not importable"; exit 1; }

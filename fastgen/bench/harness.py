@@ -248,12 +248,24 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment() -> dict:
+def git_sha() -> str | None:
+    """The checkout's commit: git's answer, else FASTGEN_GIT_SHA, else the file .git_sha at the checkout's
+    root (a copy of the tree without .git, as on a lent GPU machine: `git rev-parse HEAD > .git_sha`
+    before copying it), else None."""
+    root = Path(__file__).resolve().parents[2]
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=root,
+                             timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        sha = None
+        sha = ""
+    if not sha:
+        stamp = root / ".git_sha"
+        sha = os.environ.get("FASTGEN_GIT_SHA") or (stamp.read_text().strip() if stamp.is_file() else "")
+    return sha or None
+
+
+def environment() -> dict:
+    sha = git_sha()
     try:
         import triton
         triton_version = triton.__version__
