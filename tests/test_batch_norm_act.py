@@ -46,6 +46,7 @@ def make(shape, dtype, fmt=torch.contiguous_format, grad=False):
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.sweep
 def test_forward_and_running_stats(backend, training, activation, fmt, shape):
     x, w, b, rm, rv = make(shape, torch.float32, fmt)
     x64, w64, b64, rm64, rv64 = f64(x, w, b, rm, rv)

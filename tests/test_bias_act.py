@@ -40,6 +40,7 @@ def as64(t):
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.sweep
 def test_forward(backend, device, act, dtype, case):
     skip_unavailable(backend, device)
     shape, dim, fmt = case
@@ -79,6 +80,7 @@ def test_defaults_are_stylegan2s():
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.sweep
 def test_backward(backend, device, act, dtype, case):
     skip_unavailable(backend, device)
     shape, dim, fmt = case

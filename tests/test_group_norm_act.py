@@ -44,6 +44,7 @@ def check_layout(out, x, fmt):
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("shape,groups", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.sweep
 def test_forward_activations(backend, device, activation, fmt, shape, groups):
     skip_unavailable(backend, device)
     x, w, b = make(shape, torch.float32, device, fmt)
@@ -57,6 +58,7 @@ def test_forward_activations(backend, device, activation, fmt, shape, groups):
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
 @pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("shape,groups", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.sweep
 def test_forward_dtypes(backend, device, dtype, fmt, shape, groups):
     skip_unavailable(backend, device)
     if backend == "triton" and dtype == torch.float64:

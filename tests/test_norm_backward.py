@@ -76,6 +76,7 @@ def test_group_norm_every_activation(backend, device, activation, fmt):
                                     ("sample", "channel"), ("channel", "sample")], ids=str)
 @pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
 @pytest.mark.parametrize("shape,groups", GN_SHAPES, ids=SHAPE_IDS)
+@pytest.mark.sweep
 def test_group_norm_shapes_and_affines(backend, device, affine, fmt, shape, groups):
     """Per channel (C,) and per sample (N, C) (AdaIN) affine in any mix, odd group sizes; the
     incoming gradient in NCHW while x is channels_last (a layer that hands back another layout)."""

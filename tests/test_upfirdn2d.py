@@ -38,6 +38,7 @@ def to64(f):
 @pytest.mark.parametrize("filt", FILTERS)
 @pytest.mark.parametrize("resampling", RESAMPLINGS, ids=RESAMPLING_IDS)
 @pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "nhwc"])
+@pytest.mark.sweep
 def test_forward_resamplings_and_filters(backend, device, filt, resampling, fmt):
     skip_unavailable(backend, device)
     up, down, pad = resampling

@@ -42,6 +42,7 @@ def oracle(x, weight, bias, **kw):
 @pytest.mark.parametrize("k", [1, 3, 5])
 @pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("shape,co", SHAPES, ids=lambda s: "x".join(map(str, s)) if isinstance(s, tuple) else str(s))
+@pytest.mark.sweep
 def test_forward(backend, device, dtype, mode, scale, k, fmt, shape, co):
     skip_unavailable(backend, device)
     x, w, b = make(shape, co, k, dtype, device, fmt)
