@@ -16,11 +16,11 @@ TOLERANCES = {
 FLOOR_SHARE = 0.05
 
 
-def within_eager_error(got, eager, want, factor: float = 3.0) -> list[str]:
+def within_eager_error(got, eager, want, factor: float = 3.0, floor_share: float = FLOOR_SHARE) -> list[str]:
     """The flash-attention rule, per tensor of a list: against the float64 oracle `want`, the fused
     result errs by at most `factor` times what the unfused layers err in the same dtype (`eager`),
     plus a floor of 1e-6 (in float64: 16 rounding steps) times the tensor's own largest magnitude, or
-    FLOOR_SHARE of the list's largest where that is more. Its own scale: a dx 2000x smaller than the
+    `floor_share` of the list's largest where that is more (1: every tensor on the list's scale). Its own scale: a dx 2000x smaller than the
     dbias beside it is not judged on dbias's scale (where a dx 0.1% off passed). Not below a share of
     the list's: a tensor that cancels down (a running mean of centred data, a gradient that is 0 in
     exact arithmetic) carries the rounding of its terms, which are on the list's scale, and eager may
@@ -33,7 +33,7 @@ def within_eager_error(got, eager, want, factor: float = 3.0) -> list[str]:
         if g.isnan().any() and not w.isnan().any():
             problems.append(f"result {i}: NaN")
             continue
-        floor = steps * max(largest[i], FLOOR_SHARE * max(largest))
+        floor = steps * max(largest[i], floor_share * max(largest))
         err, base = (g.double() - w).abs().max().item(), (e.double() - w).abs().max().item()
         if not err <= factor * base + floor:
             problems.append(f"result {i}: error {err:.3g} > {factor} x eager's {base:.3g} + {floor:.3g}")

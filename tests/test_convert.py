@@ -384,7 +384,10 @@ def conform(build, make_inputs, ops: dict, left=(), call=None):
         ran = Counter(op for op, _ in picks)
         assert ran == Counter(ops), f"fastgen ops run in a forward: {dict(ran)}, the row says {ops}"
         eager = results(copy.deepcopy(model), inputs, call)
-        assert_within_eager_error(got, eager, want)
+        # a whole model's output, every parameter's gradient and its buffers: tens of layers of float32
+        # rounding reach each of them, so each is judged on the list's scale (an op's results, judged
+        # by fastgen.tolerances.judge, each on its own)
+        assert_within_eager_error(got, eager, want, floor_share=1.0)
 
         # float64, mode after mode, both models in lockstep (running statistics move on both)
         a, b = copy.deepcopy(converted).double(), copy.deepcopy(model).double()

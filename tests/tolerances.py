@@ -4,7 +4,7 @@ documented `scale`, never its own numbers."""
 
 import torch
 
-from fastgen.tolerances import TOLERANCES, within_eager_error
+from fastgen.tolerances import FLOOR_SHARE, TOLERANCES, within_eager_error
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float = 1.0):
@@ -22,7 +22,7 @@ def assert_close_grad(actual: torch.Tensor, expected: torch.Tensor, dtype: torch
     assert_close(actual.double() / norm, expected.double() / norm, dtype, scale=3.0)
 
 
-def assert_within_eager_error(got, eager, want, factor: float = 3.0):
+def assert_within_eager_error(got, eager, want, factor: float = 3.0, floor_share: float = FLOOR_SHARE):
     """The flash-attention rule (fastgen.tolerances.within_eager_error) as an assertion."""
-    problems = within_eager_error(got, eager, want, factor)
+    problems = within_eager_error(got, eager, want, factor, floor_share)
     assert not problems, "; ".join(problems)
