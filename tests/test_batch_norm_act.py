@@ -231,6 +231,7 @@ def _sync_worker(rank: int, init_file: str, out_dir: str, x: torch.Tensor, grad:
         dist.destroy_process_group()
 
 
+@pytest.mark.serial
 def test_sync_two_processes_equal_one_process_on_the_whole_batch():
     x, grad = torch.randn(8, 5, 4, 3) * 2 + 1, torch.randn(8, 5, 4, 3)
     single = BatchNormAct2d(5, activation="silu")

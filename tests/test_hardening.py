@@ -59,6 +59,7 @@ def test_a_thousand_cuda_calls_do_not_grow_allocated_memory(spec):
         assert torch.cuda.memory_reserved() <= reserved + 2 ** 21, f"{backend}: reserved memory grew"
 
 
+@pytest.mark.serial
 @pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
 def test_four_threads_calling_at_once_get_correct_results(spec):
     example = spec.examples[0]

@@ -16,6 +16,8 @@ from fastgen.ops.upfirdn2d import setup_filter
 
 from cases import skip_unavailable
 
+pytestmark = pytest.mark.serial  # ~10 GB each: alone, never beside another test
+
 PERIOD = 1_000_003  # a prime period for the values: an offset wrapped at 2^32 would read other values
 
 

@@ -163,6 +163,7 @@ def test_float64_stays_float64(spec, example, backend):
         assert (got - want).abs().max().item() <= 1e-12 * scale, (got - want).abs().max().item()
 
 
+@pytest.mark.serial
 @pytest.mark.parametrize("spec,example,backend", EXAMPLES)
 def test_forward_is_bitwise_reproducible_across_calls_and_thread_counts(spec, example, backend):
     skip_unavailable(backend, "cpu")
@@ -181,6 +182,7 @@ def test_forward_is_bitwise_reproducible_across_calls_and_thread_counts(spec, ex
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
+@pytest.mark.serial
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("backend", ["cpu", "composite"])
 def test_norm_statistics_do_not_depend_on_the_thread_count(backend, channels_last):

@@ -72,6 +72,7 @@ def test_stylegan2_penalties_match_unfused():
         assert torch.allclose(g_f[name], g_u[name], rtol=1e-8, atol=1e-12), name
 
 
+@pytest.mark.serial
 def test_two_processes_equal_one_on_the_whole_batch(tmp_path):
     """torchrun, 2 processes (gloo), DCGAN with synchronized BatchNormAct2d: after 3 steps the
     parameters equal one process's on the two processes' batches together."""
