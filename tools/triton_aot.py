@@ -29,6 +29,7 @@ interpreter off (the script unsets TRITON_INTERPRET before importing Triton).
 import argparse
 import contextlib
 import importlib
+import importlib.metadata
 import io
 import itertools
 import json
@@ -51,6 +52,9 @@ from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import aot_record  # noqa: E402
+
 TRITON_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 # Per-SM limits (CUDA programming guide, occupancy): A100 (sm_80) and H100/H200 (sm_90).
@@ -726,6 +730,11 @@ def main(argv=None) -> int:
         print("PROBLEM", p)
     print(f"triton_aot: {'FAILED' if report['problems'] else 'PASSED'} ({len(report['problems'])} problems) "
           f"in {report['seconds']} s")
+    if not report["problems"]:  # what the test command's AOT stage need not compile again (tools/aot_record.py)
+        aot_record.remember(aot_record.key(triton.__version__, report["profile"], args.arch),
+                            importlib.metadata.version("torch"),
+                            {"git_sha": report["git_sha"], "date": time.strftime("%Y-%m-%d"),
+                             "seconds": report["seconds"]})
     return 1 if report["problems"] else 0
 
 
