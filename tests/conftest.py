@@ -88,6 +88,20 @@ def pytest_addoption(parser):
                           "combination (default), one case per core combination, or every case")
     parser.addoption("--all-pairs", action="store_true",
                      help="also run an all-pairs subset of each other parametrized test")
+    parser.addoption("--api-only", action="store_true",
+                     help="the oldest-torch stage's selection: the registry, build, backend and convert files, each "
+                          "op's opcheck / compile / gradcheck / export tests, one case per core combination of "
+                          "each sweep (implies --sweep=cores and --all-pairs)")
+
+
+# --api-only: what checks the API and ABI of another torch and Triton, not the numerics again
+API_FILES = ("test_build.py", "test_registry.py", "test_backends.py", "test_convert.py", "test_launchers.py")
+API_WORDS = ("opcheck", "compile", "gradcheck", "export")
+
+
+def _api(item) -> bool:
+    return (item.path.name in API_FILES or item.get_closest_marker("sweep") is not None
+            or any(word in item.originalname for word in API_WORDS))
 
 
 def _key(item):
@@ -95,7 +109,12 @@ def _key(item):
 
 
 def pytest_collection_modifyitems(config, items):
-    mode, pairs_everywhere = config.getoption("--sweep"), config.getoption("--all-pairs")
+    api = config.getoption("--api-only")
+    mode = "cores" if api else config.getoption("--sweep")
+    pairs_everywhere = api or config.getoption("--all-pairs")
+    if api:
+        config.hook.pytest_deselected(items=[it for it in items if not _api(it)])
+        items[:] = [it for it in items if _api(it)]
     # the cases that run without a GPU cover first, so a skipped GPU case never stands in for them
     cases = sorted(items, key=lambda it: it.get_closest_marker("cuda") is not None)
     sweeps = [it for it in cases if it.get_closest_marker("sweep")]

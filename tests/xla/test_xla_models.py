@@ -104,8 +104,8 @@ def test_stylegan2_r1_and_path_length_penalties_on_xla():
     with fastgen.use_backend("reference"):
         want = penalties(D, G, real, z)
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
-        if w is None:
-            assert g is None
+        if w is None or g is None:  # a parameter one formulation does not use: the other's gradient is 0
+            assert all(t is None or not t.cpu().any() for t in (g, w)), f"tensor {i}"
         else:
             torch.testing.assert_close(g.cpu(), w.detach(), **TOL, msg=lambda m: f"tensor {i}: {m}")
 
