@@ -39,8 +39,13 @@ cache=$HOME/.cache/fastgen
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$cache/triton} TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$cache/inductor}
 if command -v ccache >/dev/null 2>&1 && [ -z "${FASTGEN_NO_CCACHE:-}" ]; then
   export CCACHE_DIR=${CCACHE_DIR:-$cache/ccache} CCACHE_BASEDIR=$root CCACHE_NOHASHDIR=1 CCACHE_MAXSIZE=${CCACHE_MAXSIZE:-5G}
-  export CXX="ccache ${CXX:-c++}"
-  [ -n "${CUDA_HOME:-}" ] && export PYTORCH_NVCC="ccache $CUDA_HOME/bin/nvcc"
+  # ccache under the compilers' own names, first in PATH (torch reads the C++ compiler's version, so
+  # CXX="ccache c++" is refused); nvcc through PYTORCH_NVCC, as torch's build documents
+  wrappers=$cache/ccache-wrappers
+  mkdir -p "$wrappers"
+  for c in c++ g++ cc gcc; do ln -sf "$(command -v ccache)" "$wrappers/$c"; done
+  export PATH="$wrappers:$PATH"
+  if [ -n "${CUDA_HOME:-}" ]; then export PYTORCH_NVCC="ccache $CUDA_HOME/bin/nvcc"; fi
 fi
 # Nothing is built twice: the stamp is what the build depends on (this checkout, the build settings,
 # the C++/CUDA sources and the build files); when it matches the last build into this environment,

@@ -23,7 +23,7 @@ lap() { stages+=("$(printf '  %-58s %5d s' "$1" $((SECONDS - t)))"); t=$SECONDS;
 report() {
   local rc=$?
   echo "== stages (seconds)"
-  printf '%s\n' "${stages[@]}"
+  [ ${#stages[@]} = 0 ] || printf '%s\n' "${stages[@]}"
   printf '  %-58s %5d s\n' "total" "$SECONDS"
   [ $rc = 0 ] || echo "test.sh: FAILED (exit $rc) after the stages above"
 }
