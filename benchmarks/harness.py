@@ -19,12 +19,10 @@ DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 
 
 def cases(suite, quick: bool) -> list[tuple]:
-    """(shape, provider) pairs: every shape of the device (quick: the suite's quick one, without the
-    torch.compile provider, whose rows the main job and tests/test_bench.py run: the files' check
-    that they still run, not another compile of each op) with the providers that run at it."""
+    """(shape, provider) pairs: every shape of the device (quick: the suite's quick one) with the
+    providers that run at it."""
     shapes = suite.gpu_shapes if DEVICE == "cuda" else suite.cpu_shapes
-    return [(s, name) for s in shapes if s.quick or not quick for name in providers(suite, DEVICE, s)
-            if not (quick and name == "compile")]
+    return [(s, name) for s in shapes if s.quick or not quick for name in providers(suite, DEVICE, s)]
 
 
 def benchmark_suite(suite):
