@@ -1,12 +1,12 @@
 """Tensors above 2^31 elements: every offset a kernel computes is int64 (C++, CUDA, Triton).
 
-Each case is two samples whose output holds more than 2^31 elements, so the second sample's tail lies
-beyond any int32 offset; that sample must equal the op run on it alone (half the size, where int32
-would still do). bf16 keeps a case near 4.3 GB per tensor: the C++ CPU kernels run here (about 10
+Each case is four samples whose output holds more than 2^31 elements, so the last sample's tail lies
+beyond any int32 offset; that sample must equal the op run on it alone (a quarter of the size, where
+int32 would still do; four samples, not two: the reference runs one sample, on one thread). bf16 keeps a case near 4.3 GB per tensor: the C++ CPU kernels run here (about 10
 GB at peak, 5-15 s each); the composites upcast to fp32 and do not fit in the CI machine's 24 GiB
 (20-34 GB measured), nor does modulated_conv2d's transposed convolution, so they run on the GPU only
 (tools/gpu_check.sh), with every CUDA and Triton kernel. Batch norm's statistics span the batch: its
-two samples are equal, so the outputs must be, and match the op on one sample."""
+four samples are equal, so the outputs must be, and match the op on one sample."""
 
 import pytest
 import torch
@@ -51,28 +51,28 @@ def _assert_same(got, want, exact):
             torch.testing.assert_close(a[i:i + step], b[i:i + step])
 
 
-S = 16385  # odd: no size a power of two
+S = 16385  # odd: no size a power of two (4 x C x S x W > 2^31 below, W = 2^31 / (4 C S) rounded up)
 FIR = setup_filter([1, 3, 3, 1])
 CASES = {  # name: (make the input, the op, the backends that fit on the CPU)
-    "bias_act": (lambda d, lay: _big(2, 4, S, S - 1, d, lay),
-                 lambda x, be: ops.bias_act(x, torch.linspace(-1, 1, 4, device=x.device).to(x.dtype), act="lrelu",
+    "bias_act": (lambda d, lay: _big(4, 2, S, S - 1, d, lay),
+                 lambda x, be: ops.bias_act(x, torch.linspace(-1, 1, 2, device=x.device).to(x.dtype), act="lrelu",
                                             backend=be), ("cpu",)),
-    "upfirdn2d": (lambda d, lay: _big(2, 1, S, S, d, lay),
+    "upfirdn2d": (lambda d, lay: _big(4, 1, S, 8192, d, lay),  # up 2: 4 x 1 x 2S x 16384
                   lambda x, be: ops.upfirdn2d(x, FIR.to(x.device), up=2, padding=[2, 1, 2, 1], gain=4, backend=be),
                   ("cpu",)),
-    "group_norm_act": (lambda d, lay: _big(2, 4, S, S - 1, d, lay),
+    "group_norm_act": (lambda d, lay: _big(4, 4, S, 8192, d, lay),
                        lambda x, be: ops.group_norm_act(x, 2, activation="silu", backend=be), ("cpu",)),
-    "instance_norm_act": (lambda d, lay: _big(2, 2, S, 2 * S, d, lay),
+    "instance_norm_act": (lambda d, lay: _big(4, 2, S, S, d, lay),
                           lambda x, be: ops.instance_norm_act(x, activation="lrelu", backend=be), ()),
-    "pixel_norm": (lambda d, lay: _big(2, 4, S, S - 1, d, lay), lambda x, be: ops.pixel_norm(x, backend=be), ()),
+    "pixel_norm": (lambda d, lay: _big(4, 4, S, 8192, d, lay), lambda x, be: ops.pixel_norm(x, backend=be), ()),
     # 8 channels: its per-position statistics (fp32, returned for the backward) stay near 1 GB
-    "rms_norm_act": (lambda d, lay: _big(2, 8, S, (S - 1) // 2, d, lay),
+    "rms_norm_act": (lambda d, lay: _big(4, 8, S, 4096, d, lay),
                      lambda x, be: ops.rms_norm_act(x, torch.linspace(0.5, 1.5, 8, device=x.device).to(x.dtype),
                                                     None, 1e-6, "silu", backend=be), ("cpu",)),
-    "upsample_conv2d": (lambda d, lay: _big(2, 1, S, S, d, lay),
+    "upsample_conv2d": (lambda d, lay: _big(4, 1, S, 8192, d, lay),
                         lambda x, be: ops.upsample_conv2d(x, torch.full((1, 1, 3, 3), 0.1, device=x.device).to(x.dtype),
                                                           scale_factor=2, padding=1, backend=be), ()),
-    "modulated_conv2d": (lambda d, lay: _big(2, 1, S, S, d, lay),
+    "modulated_conv2d": (lambda d, lay: _big(4, 1, S, 8192, d, lay),
                          lambda x, be: ops.modulated_conv2d(
                              x, torch.full((1, 1, 3, 3), 0.1, device=x.device).to(x.dtype),
                              torch.ones(x.shape[0], 1, device=x.device, dtype=x.dtype), True, 2, 1,
@@ -99,7 +99,7 @@ def test_beyond_int32(name, backend, device, layout):
     y = op(x, backend)
     assert y.numel() > 2 ** 31
     # the CPU kernels split work by sample alone: bitwise; GPU reductions split by size: rounding
-    _assert_same(y[1:], op(x[1:], backend), exact=device == "cpu")
+    _assert_same(y[-1:], op(x[-1:], backend), exact=device == "cpu")
 
 
 @pytest.mark.parametrize("backend, device", [pytest.param("cpu", "cpu", id="cpu-cpu")] + [
@@ -108,7 +108,7 @@ def test_beyond_int32(name, backend, device, layout):
 @torch.no_grad()
 def test_batch_norm_beyond_int32(backend, device, layout):
     skip_unavailable(backend, device)
-    x = _big(1, 4, S, S - 1, device, layout).expand(2, -1, -1, -1)
+    x = _big(1, 4, S, 8192, device, layout).expand(4, -1, -1, -1)
     x = x.contiguous(memory_format=torch.channels_last if layout == "nhwc" else torch.contiguous_format)
     w = torch.linspace(0.5, 2, 4, device=device).to(x.dtype)
 
@@ -119,7 +119,8 @@ def test_batch_norm_beyond_int32(backend, device, layout):
 
     y, stats = op(x)
     assert y.numel() > 2 ** 31
-    _assert_same(y[1:], y[:1], exact=True)  # equal samples, the same per-channel a and b
+    for i in range(1, 4):  # equal samples, the same per-channel a and b
+        _assert_same(y[i:i + 1], y[:1], exact=True)
     y1, stats1 = op(x[:1])
     torch.testing.assert_close(stats[0], stats1[0])
     torch.testing.assert_close(stats[1], stats1[1], rtol=1e-5, atol=0)  # n / (n - 1) differs by 1e-9

@@ -22,13 +22,21 @@ export FASTGEN_BUILD_DIR=${FASTGEN_XLA_BUILD_DIR:-$HOME/.cache/fastgen/xla-build
 source "$copy/tools/env.sh"
 cd "$copy"
 echo "   (oldest-torch environment and CPU-only build: $SECONDS s)"
+# FASTGEN_XLA_BUILD_ONLY=1: the build alone (tools/test.sh compiles it beside the serial tests, which
+# leave a core idle); the next run copies the tree anew and only links
+if [ "${FASTGEN_XLA_BUILD_ONLY:-0}" = 1 ]; then exit 0; fi
 start=$SECONDS
 echo "== XLA (torch $(python -c 'import torch; print(torch.__version__)'))"
 # XLA:CPU compiles 3-5x faster at LLVM's -O0 (a VAE training step: 7 s instead of 35 s); what the
 # tests compare is the values (the same at either level), not XLA:CPU's speed
-XLA_FLAGS="--xla_backend_optimization_level=0 ${XLA_FLAGS:-}" python -m pytest tests/xla -q -p no:cacheprovider -rs "$@"
+# Two pytest-xdist workers of one thread each (torch's and XLA:CPU's Eigen): one process kept 1.4 of the
+# 2 cores busy (its compiles are one thread); two workers of two threads each took 337 s, of one, 279 s
+# (one process: 380 s). worksteal: the long SPMD cases do not queue behind each other.
+OMP_NUM_THREADS=1 XLA_FLAGS="--xla_backend_optimization_level=0 --xla_cpu_multi_thread_eigen=false ${XLA_FLAGS:-}" \
+  python -m pytest tests/xla -q -p no:cacheprovider -rs --durations=10 -n 2 --dist worksteal "$@"
 echo "   (XLA tests: $((SECONDS - start)) s)"
 start=$SECONDS
 echo "== the API and ABI checks on torch $(python -c 'import torch, triton; print(torch.__version__, "+ Triton", triton.__version__)')"
-python -m pytest tests -q -p no:cacheprovider --api-only --ignore=tests/xla "$@"
+OMP_NUM_THREADS=1 python -m pytest tests -q -p no:cacheprovider --api-only --ignore=tests/xla -n 2 -m "not serial" "$@"
+python -m pytest tests -q -p no:cacheprovider --api-only --ignore=tests/xla -m serial "$@"
 echo "   (API and ABI checks: $((SECONDS - start)) s)"
