@@ -42,7 +42,6 @@ import hashlib
 import importlib
 import inspect
 import logging
-import operator
 import textwrap
 from dataclasses import dataclass, field
 
@@ -59,7 +58,10 @@ from fastgen.ops.pixel_norm import pixel_norm
 from fastgen.ops._util import memory_format
 from fastgen.ops.rms_norm_act import rms_norm_act
 from fastgen.paired import pair_rewrite
-from fastgen.ops.upsample_conv2d import SCALES, upsample_conv2d
+from fastgen.rules import FUNCTIONS as _FUNCTIONS, is_call as _is, only_for as _only_for
+from fastgen.rules import INTERPOLATE_ARGS as _INTERPOLATE_ARGS, pixel_norm_match as _pixel_norm_match
+from fastgen.rules import resampling as _resampling
+from fastgen.ops.upsample_conv2d import upsample_conv2d
 from fastgen.ops.upsample_conv3d import upsample_conv3d
 
 log = logging.getLogger("fastgen")
@@ -430,30 +432,6 @@ def _norm_refusal(norm: nn.Module) -> str:
     return ""
 
 
-# torch function -> (activation name, alpha) from the call, or None when its arguments make it another function
-def _leaky(node):
-    slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
-    return ("leaky_relu", float(slope)) if isinstance(slope, (int, float)) and not isinstance(slope, bool) else None
-
-
-def _gelu(node):
-    approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
-    return {"none": ("gelu", 0.01), "tanh": ("gelu_tanh", 0.01)}.get(approximate) if len(node.args) <= 2 else None
-
-
-def _defaults_only(name):
-    def parse(node):
-        extra = dict(node.kwargs)
-        inplace = extra.pop("inplace", False)
-        plain = len(node.args) == 1 and not extra and isinstance(inplace, bool)
-        return (name, 0.01) if plain else None
-    return parse
-
-
-_FUNCTIONS = {F.silu: _defaults_only("silu"), F.relu: _defaults_only("relu"), torch.relu: _defaults_only("relu"),
-              F.leaky_relu: _leaky, F.gelu: _gelu, torch.sigmoid: _defaults_only("sigmoid"),
-              F.sigmoid: _defaults_only("sigmoid"), torch.tanh: _defaults_only("tanh"), F.tanh: _defaults_only("tanh"),
-              F.elu: _defaults_only("elu"), F.selu: _defaults_only("selu"), F.softplus: _defaults_only("softplus")}
 _FUNCTION_LIST = tuple(_FUNCTIONS)  # generated code names a function by its place here
 _METHODS = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
 
@@ -476,32 +454,6 @@ def _activation_call(node: fx.Node, modules: dict):
         except TypeError:
             return None, None, f"{type(act).__name__} is not in fastgen's activation table"
     return None
-
-
-_INTERPOLATE_ARGS = ("input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
-
-
-def _resampling(settings: dict) -> tuple[int, str] | str:
-    """(integer scale, fused mode) of an upsampling, or why it does not fuse."""
-    scale, mode = settings.get("scale_factor"), settings.get("mode", "nearest")
-    if settings.get("size") is not None:
-        return "upsampling to a given size (the scale is not known before the call)"
-    if isinstance(scale, (tuple, list)):
-        if len(set(scale)) != 1:
-            return f"unequal scale factors {tuple(scale)}"
-        scale = scale[0]
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale != int(scale):
-        return f"scale_factor {scale!r} is not an integer"
-    if settings.get("antialias"):
-        return "antialias=True"
-    if settings.get("align_corners"):
-        return "align_corners=True"
-    scale = int(scale)
-    if mode == "nearest-exact" and scale in (2, 4):  # floor((i + 0.5) / s) == floor(i / s), bit for bit
-        mode = "nearest"
-    if mode not in SCALES or scale not in SCALES[mode]:
-        return f"{mode} x{scale} is not fused (fused: {SCALES})"
-    return scale, mode
 
 
 def _conv_refusal(conv: nn.Module) -> str:
@@ -681,52 +633,6 @@ def _fuse_upsampling(graph, node, modules, path, report) -> int:
     origin = type(modules[node.target]).__name__ if node.op == "call_module" else "F.interpolate"
     report.add("fused", where, f"{origin} + Conv2d -> upsample_conv2d({mode}, x{scale})")
     return 1
-
-
-def _is(node, functions=(), methods=()) -> bool:
-    return isinstance(node, fx.Node) and ((node.op == "call_function" and node.target in functions)
-                                          or (node.op == "call_method" and node.target in methods))
-
-
-def _only_for(node, user) -> bool:
-    return isinstance(node, fx.Node) and list(node.users) == [user]
-
-
-def _pixel_norm_match(node):
-    """(x, eps, divide, the nodes it replaces) where node computes x * rsqrt(mean(x^2, dim=1,
-    keepdim=True) + eps) or x / sqrt(...) (x^2 as x ** 2, x * x, x.square() or x.pow(2); the mean
-    and the root as torch functions or tensor methods), each intermediate used there alone."""
-    if _is(node, (operator.mul, torch.mul), ("mul",)) and len(node.args) == 2 and not node.kwargs:
-        pairs = [node.args, node.args[::-1]]
-        root_fns, root_methods, divide = (torch.rsqrt,), ("rsqrt",), False
-    elif _is(node, (operator.truediv, torch.div), ("div",)) and len(node.args) == 2 and not node.kwargs:
-        pairs = [node.args]
-        root_fns, root_methods, divide = (torch.sqrt,), ("sqrt",), True
-    else:
-        return None
-    for x, root in pairs:
-        if not (_is(root, root_fns, root_methods) and len(root.args) == 1 and _only_for(root, node)):
-            continue
-        shifted = root.args[0]
-        if not (_is(shifted, (operator.add, torch.add), ("add",)) and len(shifted.args) == 2 and not shifted.kwargs
-                and _only_for(shifted, root)):
-            continue
-        for mean, eps in (shifted.args, shifted.args[::-1]):
-            if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-                continue
-            if not (_is(mean, (torch.mean,), ("mean",)) and _only_for(mean, shifted)):
-                continue
-            args = dict(zip(("input", "dim", "keepdim"), mean.args)) | dict(mean.kwargs)
-            if set(args) != {"input", "dim", "keepdim"} or args["keepdim"] is not True \
-                    or args["dim"] not in (1, (1,), [1]) or not _only_for(args["input"], mean):
-                continue
-            square = args["input"]
-            squares = ((_is(square, (operator.pow, torch.pow), ("pow",)) and square.args == (x, 2))
-                       or (_is(square, (operator.mul, torch.mul), ("mul",)) and square.args == (x, x))
-                       or (_is(square, (torch.square,), ("square",)) and square.args == (x,)))
-            if squares and not square.kwargs:
-                return x, float(eps), divide, (root, shifted, mean, square)
-    return None
 
 
 def _fuse_pixel_norm(graph, node, path, report) -> int:
