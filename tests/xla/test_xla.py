@@ -176,6 +176,36 @@ def test_torch_compile_openxla_matches_eager():
     close(got, want, "openxla")
 
 
+@pytest.mark.parametrize("name", ["compvis-decoder", "guided-diffusion", "lucidrains", "pix2pixhd"])
+def test_the_fastgen_compile_backend_runs_on_xla(name):
+    """torch.compile(backend="fastgen") with the rewritten graph run as it is (Inductor has no XLA
+    target): the fused ops on the XLA device, as the original on the CPU (tests/test_compiler.py's models)."""
+    import functools
+    import sys
+    from pathlib import Path
+
+    from fastgen import compiler
+    from fastgen.dispatch import auto_choices
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from test_compiler import MODELS, _ran
+
+    build, make_inputs, ops_per_forward = MODELS[name]
+    torch.manual_seed(0)
+    model, inputs = build().eval(), make_inputs()
+    want = model(*inputs)
+    torch._dynamo.reset()
+    met.clear_all()
+    with auto_choices() as picks:
+        got = torch.compile(copy.deepcopy(model).to(DEVICE),
+                            backend=functools.partial(compiler.backend, options={"inductor": False}))(
+            *[t.to(DEVICE) for t in inputs])
+        sync()
+    assert_no_fallback()
+    assert _ran(picks) == ops_per_forward
+    close(got, want, name)
+
+
 def test_converted_hunyuan_video_decodes_on_xla_without_fallback():
     """A converted video VAE (diffusers' HunyuanVideo: GroupNorm + SiLU on clips, causal 3-D
     convolutions, and its 3-D upsampler, folded by upsample_conv3d: XLA has no upsample_nearest3d
