@@ -76,23 +76,21 @@ def _where(node: fx.Node) -> str:
 def rewrite(gm: fx.GraphModule, report: Report | None = None) -> int:
     """Fuses every rule occurrence in gm's graph in place; returns how many."""
     report = _REPORT if report is None else report
-    graph, gone, fused = gm.graph, set(), 0
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    for node in list(graph.nodes):
-        if node in gone:
-            continue
-        for match in RULES:
-            found = match(node)
-            if found is None:
+    graph, fused = gm.graph, 0
+    for match in RULES:  # rule by rule: the longer patterns claim their nodes first (an RMS norm holds a pixel norm)
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        gone: set = set()
+        for node in list(graph.nodes):
+            if node in gone:
                 continue
+            found = match(node)
             if isinstance(found, str):
                 report.left.append((_where(node), found))
-                break
-            report.fused.append((_where(node), f"{found.rule} -> {found.op}"))
-            _apply(graph, found, order)
-            gone.update([found.node, *found.erase])
-            fused += 1
-            break
+            elif found is not None:
+                report.fused.append((_where(node), f"{found.rule} -> {found.op}"))
+                _apply(graph, found, order)
+                gone.update([found.node, *found.erase])
+                fused += 1
     graph.lint()
     gm.recompile()
     return fused

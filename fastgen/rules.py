@@ -12,6 +12,7 @@ guards it.
       norm: F.group_norm, F.instance_norm (batch statistics),                     instance_norm_act
             F.batch_norm (training or eval, running statistics or none)           batch_norm_act (2)
     F.normalize(x, dim=1) * g * sqrt(C) activation           rms_norm_act         (3)
+    x * rsqrt(mean(x^2, dim=1, keepdim=True) + eps) * g act  rms_norm_act         (3)
     x * rsqrt(mean(x^2, dim=1, keepdim=True) + eps)          pixel_norm
     F.interpolate(x, scale, mode) -> conv2d                  upsample_conv2d      (4)
 
@@ -24,7 +25,8 @@ guards it.
   (2) batch_norm_act: no per-sample affine, so no scale-shift; its running statistics updated as
       F.batch_norm updates them.
   (3) g broadcasting over channels alone, the constant sqrt(C) (F.normalize's eps 1e-12 becomes
-      rms_norm_act's clamp); no scale-shift (no per-sample affine).
+      rms_norm_act's clamp; in the rsqrt spelling eps is added to the mean square); no scale-shift
+      (no per-sample affine).
   (4) integer scale (nearest 2/3/4x, nearest-exact 2/4x, bilinear 2x without align_corners), a
       stride-1, groups-1 convolution with an odd square kernel and symmetric zero padding.
 Each fused call also passes the op's own argument checks on the captured shapes and dtypes, or the
@@ -268,6 +270,18 @@ def match_rms_act(act: fx.Node) -> Match | str | None:
     name, alpha, y, readers = parsed
     if not (is_call(y, (operator.mul, torch.mul), ("mul",)) and len(y.args) == 2 and set(y.users) == set(readers)):
         return None
+    for pn, g in (y.args, y.args[::-1]):  # x * rsqrt(mean(x^2, dim=1, keepdim=True) + eps) * g
+        spelled = pixel_norm_match(pn) if only_for(pn, y) else None
+        if spelled is not None:
+            x, eps, _, replaced = spelled
+            what = f"x * rsqrt(mean(x^2, dim=1) + eps) * g -> {name}"
+            if not _per_channel(g, x):
+                return f"{what}: g is not one value per channel"
+            why = _fake_check(lambda x: _check_rms_norm_act(x, None, None, eps, False, name, alpha), x)
+            if why:
+                return f"{what}: {why}"
+            return Match(what, "rms_norm_act", act, _rms_act, (x, g, eps, name, alpha, False), [],
+                         [*readers[1:], y, pn, *replaced])
     found = None
     for inner, outer in (y.args, y.args[::-1]):  # (normalize * a) * b, a and b g and sqrt(C) in either order
         if is_call(inner, (operator.mul, torch.mul), ("mul",)) and len(inner.args) == 2 and only_for(inner, y):
@@ -285,20 +299,29 @@ def match_rms_act(act: fx.Node) -> Match | str | None:
         return f"{what}: not a 2-norm over dim 1"
     c = xv.shape[1]
     g, k = (a, b) if isinstance(a, fx.Node) else (b, a)
-    gv = _value(g)
     if isinstance(k, bool) or not isinstance(k, (int, float)) or not math.isclose(k, math.sqrt(c), rel_tol=1e-12) \
-            or not torch.is_tensor(gv) or gv.numel() != c or gv.dim() > xv.dim() \
-            or (gv.dim() >= xv.dim() - 1 and gv.shape[-(xv.dim() - 1)] != c):
+            or not _per_channel(g, x):
         return f"{what}: the factors are not a per-channel g and sqrt(C)"
     eps = args.get("eps", 1e-12) / math.sqrt(c)  # max(||x||, eps) = sqrt(C) * max(rms(x), eps / sqrt(C))
-    why = _fake_check(lambda x, w: _check_rms_norm_act(x, w, None, eps, True, name, alpha), x, gv.reshape(c))
+    why = _fake_check(lambda x: _check_rms_norm_act(x, None, None, eps, True, name, alpha), x)
     if why:
         return f"{what}: {why}"
-    return Match(what, "rms_norm_act", act, _rms_act, (x, g, eps, name, alpha), [], [*readers[1:], y, inner, norm])
+    return Match(what, "rms_norm_act", act, _rms_act, (x, g, eps, name, alpha, True), [],
+                 [*readers[1:], y, inner, norm])
 
 
-def _rms_act(x, g, eps, activation, alpha):
-    return rms_norm_act(x, g.reshape(-1).to(x.dtype), None, eps, activation, alpha, clamp=True)
+def _per_channel(g, x) -> bool:
+    """g broadcasts over x (N, C, ...) along the channels alone: (C,) placed there, (1, C, 1, ...), (C, 1, ...)."""
+    g, x = _value(g), _value(x)
+    if not (torch.is_tensor(g) and torch.is_tensor(x) and x.dim() >= 2 and g.numel() == x.shape[1]
+            and g.dim() <= x.dim()):
+        return False
+    at = x.dim() - g.dim()  # g's dimensions align with x's last ones
+    return all(n == (x.shape[1] if at + i == 1 else 1) for i, n in enumerate(g.shape))
+
+
+def _rms_act(x, g, eps, activation, alpha, clamp):
+    return rms_norm_act(x, g.reshape(-1).to(x.dtype), None, eps, activation, alpha, clamp=clamp)
 
 
 # --- x * rsqrt(mean(x^2, dim=1, keepdim=True) + eps) -> pixel_norm

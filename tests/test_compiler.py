@@ -157,6 +157,18 @@ class LucidResBlock(nn.Module):
         return x + self.block2(self.block1(x))
 
 
+# --- a channel RMS norm written with rsqrt (LTX's and HunyuanVideo's form), its weight indexed into place
+class RsqrtRMSBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv, self.weight = nn.Conv2d(c, c, 3, padding=1), nn.Parameter(torch.ones(c))
+
+    def forward(self, x):
+        x = self.conv(x)
+        x = x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + 1e-6) * self.weight[:, None, None]
+        return F.silu(x)
+
+
 # --- pix2pixHD style: the norm closes an inner Sequential, the ReLU opens the outer one
 def pix2pix_resblock(c):
     return nn.Sequential(nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(c, c, 3), nn.InstanceNorm2d(c)),
@@ -183,6 +195,7 @@ MODELS = {  # name: (build, inputs, fastgen ops per forward)
     "guided-diffusion": (lambda: GuidedUNetPiece(), lambda: (torch.randn(2, 8, 5, 4), torch.randn(2, 16)),
                          {"group_norm_act": 3, "upsample_conv2d": 1}),
     "lucidrains": (lambda: LucidResBlock(8), lambda: (torch.randn(2, 8, 6, 6),), {"rms_norm_act": 2}),
+    "rsqrt-rms": (lambda: RsqrtRMSBlock(8), lambda: (torch.randn(2, 8, 5, 4),), {"rms_norm_act": 1}),
     "progan": (lambda: ProGANBlock(8), lambda: (torch.randn(2, 8, 4, 5),), {"upsample_conv2d": 1, "pixel_norm": 1}),
     "pix2pixhd": (lambda: pix2pix_resblock(8), lambda: (torch.randn(2, 8, 7, 6),),
                   {"group_norm_act": 1, "batch_norm_act": 1}),
