@@ -38,3 +38,20 @@ def test_the_committed_record_names_its_runs():
     aot = load()
     assert aot.key("3.8.0", "ci", "80,90") == "triton 3.8.0 ci sm_80,sm_90"
     assert {"kernels/*.py", "csrc/*", "tools/triton_aot.py"} <= set(aot.INPUTS)
+
+
+def test_the_huge_tests_record_reads_its_own_inputs(tmp_path, monkeypatch):
+    aot = load()
+    tree = tmp_path / "tree"
+    (tree / "tests").mkdir(parents=True)
+    (tree / "kernels").mkdir()
+    (tree / "tests" / "test_huge.py").write_text("S = 16385\n")
+    (tree / "kernels" / "op.py").write_text("BLOCK = 64\n")
+    monkeypatch.setattr(aot, "ROOT", tree)
+    record = tmp_path / "huge.json"
+    aot.remember(aot.HUGE_KEY, "2.14.1", {}, record, aot.HUGE_INPUTS)
+    assert aot.passed_before(aot.HUGE_KEY, "2.14.1", record, aot.HUGE_INPUTS)
+    (tree / "kernels" / "op.py").write_text("BLOCK = 128\n")  # a Triton kernel: not what the CPU cases run
+    assert aot.passed_before(aot.HUGE_KEY, "2.14.1", record, aot.HUGE_INPUTS)
+    (tree / "tests" / "test_huge.py").write_text("S = 16387\n")
+    assert aot.passed_before(aot.HUGE_KEY, "2.14.1", record, aot.HUGE_INPUTS) is None

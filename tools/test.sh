@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # README's test command (CI runs exactly this: .ci/run), on a fresh machine in about 25 minutes:
 #   1. the main environment (torch 2.14) and fastgen built into it, the CUDA sources compiled for sm_90
-#      (and sm_80 when they changed since the last AOT run, 4.; no GPU needed); meanwhile, in the
+#      (and sm_80 when they changed since the last AOT run, 3.; no GPU needed); meanwhile, in the
 #      background, the oldest-torch stage's environment is downloaded (torch 2.9 + torch_xla, ~4 GB:
 #      network, not the cores the build needs);
-#   2. every test (each sweep as a greedy all-pairs subset: tests/conftest.py), on two pytest-xdist
-#      workers, then the tests marked serial alone (the oldest-torch build compiles beside them); Triton
-#      kernels through the interpreter when no GPU is visible;
-#   3. the benchmark files once at their quick shapes (run, not timed);
-#   4. every Triton variant compiled for sm_80 and sm_90, and with the GPU machine's Triton (3.6) for
+#   2. every test (each sweep as a greedy all-pairs subset: tests/conftest.py) and the benchmark files
+#      once at their quick shapes (run, not timed), on two pytest-xdist workers, then the tests marked
+#      serial alone (the oldest-torch build compiles beside them; the 2^31-element ones only when what
+#      they test changed since their last passing run: tools/aot_record.py); Triton kernels through the
+#      interpreter when no GPU is visible;
+#   3. every Triton variant compiled for sm_80 and sm_90, and with the GPU machine's Triton (3.6) for
 #      sm_90, with a resource report (tools/triton_aot.py) -- only when what they compile changed since
 #      the last passing run (tools/aot_record.py, benchmarks/results/triton-aot-passed.json);
-#   5. the oldest-torch stage (tools/test_xla.sh): the XLA tests, then the API and ABI checks on
+#   4. the oldest-torch stage (tools/test_xla.sh): the XLA tests, then the API and ABI checks on
 #      torch 2.9 + Triton 3.5.
 # At the end (or at a failure) each stage's seconds; pytest prints its slowest tests (--durations).
 # Arguments go to the main tests' pytest.
@@ -34,7 +35,7 @@ xla_log=$(mktemp) xla_env_rc=$(mktemp -u)
 (if FASTGEN_ENV_ONLY=1 FASTGEN_REQUIREMENTS="$root/requirements-xla.txt" bash "$here/env.sh" >"$xla_log" 2>&1
  then echo 0 >"$xla_env_rc"; else echo 1 >"$xla_env_rc"; fi) &
 
-# The Triton AOT stages (4. below) compile only what changed since their last passing run
+# The Triton AOT stages (3. below) compile only what changed since their last passing run
 FASTGEN_ENV_ONLY=1 bash "$here/env.sh"
 read -r torch_version triton_version < <(FASTGEN_ENV_ONLY=1 bash -c 'source "$1" >&2 &&
   python -c "import importlib.metadata as m; print(m.version(\"torch\"), m.version(\"triton\"))"' _ "$here/env.sh")
@@ -57,8 +58,10 @@ if ! nvidia-smi -L >/dev/null 2>&1; then export TRITON_INTERPRET=1; fi
 python -m fastgen info
 # two pytest-xdist workers of one thread each (measured 24% faster than one process of two threads);
 # the tests marked serial (threads, processes, the 2^31-element tests) after them, alone
-OMP_NUM_THREADS=1 python -m pytest tests -q -p no:cacheprovider -rs --durations=25 -n 2 -m "not serial" "$@"
-lap "main tests (2 workers)"
+# and the benchmark files, once each at their quick shapes (--benchmark-disable: run, not timed)
+OMP_NUM_THREADS=1 python -m pytest tests benchmarks -q -p no:cacheprovider -rs --durations=25 -n 2 -m "not serial" \
+  --benchmark-disable "$@"
+lap "main tests and benchmark files (2 workers)"
 # the oldest-torch stage's build compiles meanwhile (its environment made in the background since the
 # start): the serial tests keep one core busy at times, never two (the 2^31-element cases' references
 # run one sample)
@@ -66,11 +69,16 @@ lap "main tests (2 workers)"
  [ "$(cat "$xla_env_rc")" = 0 ] && env -u TRITON_INTERPRET -u TORCH_CUDA_ARCH_LIST FASTGEN_XLA_BUILD_ONLY=1 \
    bash "$here/test_xla.sh" >>"$xla_log" 2>&1) &
 xla_build=$!
-python -m pytest tests -q -p no:cacheprovider -rs --durations=10 -m serial "$@"
+# the 2^31-element tests (about 3 minutes, alone) when what they test changed since their last passing run
+if python3 "$here/aot_record.py" huge-check --torch "$torch_version"; then
+  python -m pytest tests -q -p no:cacheprovider -rs --durations=10 -m serial --ignore=tests/test_huge.py "$@"
+else
+  huge_start=$SECONDS
+  python -m pytest tests -q -p no:cacheprovider -rs --durations=10 -m serial "$@"
+  python3 "$here/aot_record.py" huge-pass --torch "$torch_version" --seconds $((SECONDS - huge_start)) \
+    --git-sha "$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+fi
 lap "main tests marked serial (alone; the oldest-torch build beside them)"
-echo "== the benchmark files, once each at their quick shapes (--benchmark-disable: run, not timed)"
-python -m pytest benchmarks -q -p no:cacheprovider --benchmark-disable
-lap "benchmark files (quick)"
 
 echo "== GPU code without a GPU: every Triton variant compiled for sm_80 and sm_90, with the CUDA kernels' resources"
 if [ $aot_ci = 1 ]; then
