@@ -2,11 +2,10 @@
 # README's test command (CI runs exactly this: .ci/run), on a fresh machine in about 25 minutes:
 #   1. the main environment (torch 2.14) and fastgen built into it, the CUDA sources compiled for sm_90
 #      (and sm_80 when they changed since the last AOT run, 3.; no GPU needed); meanwhile, in the
-#      background, the oldest-torch stage's environment (torch 2.9 + torch_xla, ~4 GB) and, at the
-#      lowest CPU priority, its build;
+#      background, the oldest-torch stage's environment is downloaded (torch 2.9 + torch_xla, ~4 GB);
 #   2. every test (each sweep as a greedy all-pairs subset: tests/conftest.py) and the benchmark files
 #      once at their quick shapes (run, not timed), on two pytest-xdist workers, then the tests marked
-#      serial alone (the 2^31-element ones only when what
+#      serial alone (the oldest-torch build compiles beside them; the 2^31-element ones only when what
 #      they test changed since their last passing run: tools/aot_record.py); Triton kernels through the
 #      interpreter when no GPU is visible;
 #   3. every Triton variant compiled for sm_80 and sm_90, and with the GPU machine's Triton (3.6) for
@@ -31,14 +30,10 @@ report() {
 }
 trap report EXIT
 
-# The oldest-torch stage's environment and build (4. below), in the background from the start, the build at
-# the lowest CPU priority: it takes the cycles the foreground leaves (the main environment's download,
-# the build's and the test workers' tails, the serial tests), and what is left waits before 4.
-xla_log=$(mktemp)
-(FASTGEN_ENV_ONLY=1 FASTGEN_REQUIREMENTS="$root/requirements-xla.txt" bash "$here/env.sh" &&
- env -u TRITON_INTERPRET -u TORCH_CUDA_ARCH_LIST FASTGEN_XLA_BUILD_ONLY=1 nice -n 19 bash "$here/test_xla.sh") \
-  >"$xla_log" 2>&1 &
-xla_build=$!
+# The oldest-torch stage's environment (4. below), downloaded in the background from the start
+xla_log=$(mktemp) xla_env_rc=$(mktemp -u)
+(if FASTGEN_ENV_ONLY=1 FASTGEN_REQUIREMENTS="$root/requirements-xla.txt" bash "$here/env.sh" >"$xla_log" 2>&1
+ then echo 0 >"$xla_env_rc"; else echo 1 >"$xla_env_rc"; fi) &
 
 # The Triton AOT stages (3. below) compile only what changed since their last passing run
 FASTGEN_ENV_ONLY=1 bash "$here/env.sh"
@@ -67,6 +62,12 @@ python -m fastgen info
 OMP_NUM_THREADS=1 python -m pytest tests benchmarks -q -p no:cacheprovider -rs --durations=25 -n 2 -m "not serial" \
   --benchmark-disable "$@"
 lap "main tests and benchmark files (2 workers)"
+# the oldest-torch stage's build compiles meanwhile: the serial tests keep one core busy at times, never
+# two (measured: started from the beginning at nice 19, it slowed the main tests by more than it saved)
+(while [ ! -s "$xla_env_rc" ]; do sleep 2; done
+ [ "$(cat "$xla_env_rc")" = 0 ] && env -u TRITON_INTERPRET -u TORCH_CUDA_ARCH_LIST FASTGEN_XLA_BUILD_ONLY=1 \
+   bash "$here/test_xla.sh" >>"$xla_log" 2>&1) &
+xla_build=$!
 # the 2^31-element tests (about 3 minutes, alone) when what they test changed since their last passing run
 if python3 "$here/aot_record.py" huge-check --torch "$torch_version"; then
   python -m pytest tests -q -p no:cacheprovider -rs --durations=10 -m serial --ignore=tests/test_huge.py "$@"
@@ -76,7 +77,7 @@ else
   python3 "$here/aot_record.py" huge-pass --torch "$torch_version" --seconds $((SECONDS - huge_start)) \
     --git-sha "$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)"
 fi
-lap "main tests marked serial (alone)"
+lap "main tests marked serial (alone; the oldest-torch build beside them)"
 
 echo "== GPU code without a GPU: every Triton variant compiled for sm_80 and sm_90, with the CUDA kernels' resources"
 if [ $aot_ci = 1 ]; then

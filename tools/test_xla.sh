@@ -37,6 +37,6 @@ OMP_NUM_THREADS=1 XLA_FLAGS="--xla_backend_optimization_level=0 --xla_cpu_multi_
 echo "   (XLA tests: $((SECONDS - start)) s)"
 start=$SECONDS
 echo "== the API and ABI checks on torch $(python -c 'import torch, triton; print(torch.__version__, "+ Triton", triton.__version__)')"
-OMP_NUM_THREADS=1 python -m pytest tests -q -p no:cacheprovider --api-only --ignore=tests/xla -n 2 -m "not serial" "$@"
-python -m pytest tests -q -p no:cacheprovider --api-only --ignore=tests/xla -m serial "$@"
+# (the tests marked serial among them too: they set thread counts, which only slows them beside a worker)
+OMP_NUM_THREADS=1 python -m pytest tests -q -p no:cacheprovider --api-only --ignore=tests/xla -n 2 "$@"
 echo "   (API and ABI checks: $((SECONDS - start)) s)"
